@@ -1,0 +1,316 @@
+"""Declarative weight-mapping tables between PyTorch state dicts and vjax parameter trees.
+
+A table is a list of :class:`Rule` s. ``Rule("model.layers.{i}.mlp.up_proj.weight",
+"layers_{i}/mlp/up_proj/kernel", "T")`` maps every layer index ``{i}`` (any ``{name}`` placeholder
+matches digits) and transposes on the way in and back out. :class:`Split` maps one fused tensor to
+several vjax parameters (e.g. a fused ``query_key_value`` weight) and joins them on export.
+
+:func:`convert` first plans the whole mapping from names and shapes only — nothing is read — and
+raises :class:`ConversionError` listing every missing, unexpected and mis-shaped tensor by name; only
+then does it read tensors one at a time (memory-mapped sources stay on disk until read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from vjax.convert.io import TensorSource
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+# name -> (to_vjax, to_torch, shape_to_vjax)
+TRANSFORMS: dict[str, tuple[Transform, Transform, Callable[[tuple], tuple]]] = {
+    "id": (lambda x: x, lambda x: x, lambda s: tuple(s)),
+    "T": (lambda x: np.transpose(x), lambda x: np.transpose(x), lambda s: tuple(reversed(s))),
+    # conv weights: torch [O, I, *K] <-> flax [*K, I, O]
+    "conv": (
+        lambda x: np.transpose(x, tuple(range(2, x.ndim)) + (1, 0)),
+        lambda x: np.transpose(x, (x.ndim - 1, x.ndim - 2) + tuple(range(x.ndim - 2))),
+        lambda s: tuple(s[2:]) + (s[1], s[0]),
+    ),
+}
+
+
+class ConversionError(ValueError):
+    """Raised before anything is loaded when a checkpoint does not fit the model; names every key."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), context: str = ""):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+
+        def show(xs, n=25):
+            xs = list(xs)
+            return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs) - n} more)" if len(xs) > n else "")
+
+        parts = [f"checkpoint does not match the model{' (' + context + ')' if context else ''}:"]
+        if self.missing:
+            parts.append(f"  missing {len(self.missing)} tensor(s) the model needs: {show(self.missing)}")
+        if self.unexpected:
+            parts.append(f"  {len(self.unexpected)} unexpected tensor(s) no parameter takes: {show(self.unexpected)}")
+        if self.mismatched:
+            parts.append("  shape mismatches: " + show(
+                f"{k} has {tuple(got)}, model expects {tuple(want)}" for k, got, want in self.mismatched))
+        parts.append("Nothing was loaded. Pass strict=False to load a partial checkpoint on purpose.")
+        super().__init__("\n".join(parts))
+
+
+def _compile(pattern: str) -> re.Pattern:
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)\}", pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>\\d+)")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One torch tensor <-> one vjax parameter. ``dst`` is a ``/``-separated path in ``params``."""
+
+    src: str
+    dst: str
+    transform: str = "id"
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}; known: {sorted(TRANSFORMS)}")
+
+    @property
+    def dsts(self) -> tuple[str, ...]:
+        return (self.dst,)
+
+    def plan(self, shape: tuple, fields: Mapping[str, str]) -> list[tuple[str, tuple]]:
+        return [(self.dst.format(**fields), TRANSFORMS[self.transform][2](shape))]
+
+    def load(self, x: np.ndarray) -> list[np.ndarray]:
+        return [TRANSFORMS[self.transform][0](x)]
+
+    def export(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return TRANSFORMS[self.transform][1](parts[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One fused torch tensor <-> several vjax parameters, split along torch ``axis`` by ``sizes``."""
+
+    src: str
+    dst: tuple[str, ...]
+    sizes: tuple[int, ...]
+    axis: int = 0
+    transform: str = "id"
+
+    @property
+    def dsts(self) -> tuple[str, ...]:
+        return self.dst
+
+    def plan(self, shape: tuple, fields: Mapping[str, str]) -> list[tuple[str, tuple]]:
+        if sum(self.sizes) != shape[self.axis]:
+            return [(d.format(**fields), ("split", tuple(shape), self.sizes)) for d in self.dst]
+        out = []
+        for d, n in zip(self.dst, self.sizes):
+            s = list(shape)
+            s[self.axis] = n
+            out.append((d.format(**fields), TRANSFORMS[self.transform][2](tuple(s))))
+        return out
+
+    def load(self, x: np.ndarray) -> list[np.ndarray]:
+        parts = np.split(x, np.cumsum(self.sizes)[:-1], axis=self.axis)
+        return [TRANSFORMS[self.transform][0](p) for p in parts]
+
+    def export(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([TRANSFORMS[self.transform][1](p) for p in parts], axis=self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A torch tensor that is accepted and dropped (e.g. ``lm_head.weight`` of a tied model,
+    rotary ``inv_freq`` buffers): it is neither loaded nor reported as unexpected."""
+
+    src: str
+
+    @property
+    def dsts(self) -> tuple[str, ...]:
+        return ()
+
+    def plan(self, shape, fields):
+        return []
+
+    def load(self, x):
+        return []
+
+
+Table = Sequence["Rule | Split | Skip"]
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": x}} -> {"a/b": x}`` (also unboxes Flax partitioning metadata)."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if hasattr(v, "unbox"):
+            v = v.unbox()
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_params`."""
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+@dataclasses.dataclass
+class Plan:
+    """The outcome of matching checkpoint names against a table and the model's expected shapes."""
+
+    assignments: list[tuple[str, Any, dict]]  # (torch key, rule, fields)
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple, tuple]]
+
+
+def plan_conversion(names_shapes: Mapping[str, tuple], table: Table, expected: Mapping[str, tuple]) -> Plan:
+    """Match torch names (with shapes) to vjax paths (with shapes) through ``table``; reads nothing."""
+    compiled = [(_compile(r.src), r) for r in table]
+    assignments, unexpected, mismatched = [], [], []
+    provided: set[str] = set()
+    mismatched_paths: set[str] = set()
+    for key, shape in names_shapes.items():
+        for rx, rule in compiled:
+            m = rx.match(key)
+            if m:
+                break
+        else:
+            unexpected.append(key)
+            continue
+        fields = m.groupdict()
+        targets = rule.plan(tuple(shape), fields)
+        ok = True
+        for path, shp in targets:
+            if path not in expected:
+                unexpected.append(f"{key} (-> {path})")
+                ok = False
+            elif tuple(expected[path]) != shp:
+                mismatched.append((key, tuple(shape), _torch_shape(rule, path, expected, fields)))
+                mismatched_paths.add(path)
+                ok = False
+            if path in provided:
+                unexpected.append(f"{key} (a second tensor for {path})")
+                ok = False
+        if ok:
+            provided.update(p for p, _ in targets)
+            assignments.append((key, rule, fields))
+    missing = [_torch_name(p, table) for p in expected if p not in provided and p not in mismatched_paths]
+    return Plan(assignments, missing, unexpected, mismatched)
+
+
+def _torch_name(path: str, table: Table) -> str:
+    """``"model.layers.0.mlp.up_proj.weight (-> layers_0/mlp/up_proj/kernel)"`` for error messages."""
+    for rule in table:
+        for d in rule.dsts:
+            m = _compile(d).match(path)
+            if m:
+                return f"{rule.src.format(**m.groupdict())} (-> {path})"
+    return f"(no rule) -> {path}"
+
+
+def _torch_shape(rule, path, expected, fields) -> tuple:
+    """The torch-side shape the model expects for ``path`` (for error messages)."""
+    want = tuple(expected[path])
+    if isinstance(rule, Rule):
+        inv = TRANSFORMS[rule.transform]
+        return tuple(inv[1](np.empty(want, np.uint8)).shape) if want else want
+    parts = [tuple(expected.get(d.format(**fields), ())) for d in rule.dst]
+    torch_parts = [np.empty(p, np.uint8) for p in parts]
+    try:
+        return tuple(rule.export(torch_parts).shape)
+    except ValueError:
+        return want
+
+
+def convert(
+    source: TensorSource,
+    table: Table,
+    expected: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    dtype: Any = None,
+    context: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Load ``source`` into a nested params dict shaped like ``expected``.
+
+    Args:
+      source: lazy tensors (see :mod:`vjax.convert.io`).
+      table: the layout's rules.
+      expected: vjax params (arrays or ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``), nested or
+        flat ``{"a/b": ...}``; gives the target shapes and, unless ``dtype`` is set, dtypes.
+      strict: raise :class:`ConversionError` on any missing/unexpected/mis-shaped tensor. With
+        ``strict=False`` mismatches are still errors; missing ones are left out and unexpected ones
+        ignored (the caller merges the partial tree).
+    Returns:
+      nested ``dict`` of NumPy arrays, read one tensor at a time.
+    """
+    flat_expected = expected if all("/" in k for k in expected) and not any(
+        isinstance(v, Mapping) for v in expected.values()) else flatten_params(expected)
+    want_shapes = {k: tuple(v.shape) for k, v in flat_expected.items()}
+    plan = plan_conversion({k: source.shape(k) for k in source.keys()}, table, want_shapes)
+    if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
+        raise ConversionError(plan.missing, plan.unexpected, plan.mismatched, context)
+    out: dict[str, np.ndarray] = {}
+    for key, rule, fields in tqdm(plan.assignments, desc="converting", disable=not progress, unit="tensor"):
+        parts = rule.load(source.get(key))
+        for path_t, arr in zip(rule.dsts, parts):
+            path = path_t.format(**fields)
+            target = np.dtype(dtype) if dtype is not None else np.dtype(flat_expected[path].dtype)
+            out[path] = np.array(arr, dtype=target, copy=True)
+    return unflatten_params(out)
+
+
+def export(params: Mapping[str, Any], table: Table, expected_keys: Sequence[str] | None = None
+           ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(torch key, array)`` for every parameter covered by ``table``; inverse of :func:`convert`.
+
+    Every vjax parameter must be covered by exactly one rule, else ``ConversionError`` names it.
+    """
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
+    used: set[str] = set()
+    items = []
+    for rule in table:
+        if not rule.dsts:
+            continue
+        rx_parts = [_compile(d) for d in rule.dsts]
+        for path in sorted(flat):
+            m = rx_parts[0].match(path)
+            if not m:
+                continue
+            fields = m.groupdict()
+            paths = [d.format(**fields) for d in rule.dsts]
+            if not all(p in flat for p in paths):
+                continue
+            used.update(paths)
+            items.append((rule.src.format(**fields), rule.export([flat[p] for p in paths])))
+    left = sorted(set(flat) - used)
+    if left:
+        raise ConversionError(unexpected=left, context="parameters with no export rule")
+    if expected_keys is not None:
+        names = {k for k, _ in items}
+        missing = sorted(set(expected_keys) - names)
+        if missing:
+            raise ConversionError(missing=missing, context="export")
+    yield from items

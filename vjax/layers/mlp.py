@@ -1,0 +1,89 @@
+"""Feed-forward blocks: ``Mlp`` (fc1 -> GELU -> fc2) and ``GatedMlp`` (SwiGLU, LLaMA family).
+
+GatedMlp (Shazeer 2020, "GLU Variants Improve Transformer"; LLaMA's ``LlamaMLP``):
+
+    y = down( act(gate(x)) * up(x) )
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU() / "gelu"
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # "gelu_pytorch_tanh", "gelu_new"
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Look up an activation by the name transformers configs use (``hidden_act``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    name: str | None = None,
+    kernel_init=nn.initializers.normal(0.02),
+) -> nn.Dense:
+    """A ``nn.Dense`` whose kernel ``[in, out]`` (torch weight transposed) carries logical axes."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class GatedMlp(nn.Module):
+    """SwiGLU MLP with ``gate_proj``, ``up_proj``, ``down_proj`` (LLaMA, Mistral, Qwen2)."""
+
+    hidden_size: int
+    intermediate_size: int
+    act: str = "silu"
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = activation(self.act)(gate) * up  # [..., I]
+        return dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP ``fc2(act(fc1(x)))`` (ViT blocks, projectors). Names ``fc1``/``fc2``."""
+
+    hidden_size: int
+    intermediate_size: int
+    act: str = "gelu"
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = activation(self.act)(h)
+        return dense(self.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)

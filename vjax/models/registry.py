@@ -1,0 +1,57 @@
+"""Model registry: a name -> (Config class, Flax module class), imported lazily.
+
+The seven video LLMs register here as they land (``video_llama``, ``video_chatgpt``,
+``minigpt4_video``, ``cogvlm2_video``, ``qwen2_vl``, ``ma_lmm``, ``chat_univi``); ``decoder`` is the
+LLaMA-family causal LM they share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Mapping
+
+_MODELS: dict[str, tuple[str, str, str]] = {
+    "decoder": ("vjax.models.decoder", "DecoderConfig", "CausalLM"),
+}
+
+
+def names() -> list[str]:
+    """Registered model names."""
+    return sorted(_MODELS)
+
+
+def get(name: str) -> tuple[type, type]:
+    """``(ConfigClass, ModuleClass)`` for a registered model name."""
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {names()}")
+    mod, cfg, cls = _MODELS[name]
+    m = importlib.import_module(mod)
+    return getattr(m, cfg), getattr(m, cls)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-able dict of a (nested) frozen config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def _restore(tp: Any, value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_restore(None, v) for v in value)
+    if isinstance(value, Mapping) and dataclasses.is_dataclass(tp):
+        return config_from_dict(tp, value)
+    return value
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(fields)}")
+    kw = {}
+    for k, v in data.items():
+        tp = fields[k].type
+        sub = getattr(cls, "_nested_configs", {}).get(k)
+        kw[k] = config_from_dict(sub, v) if sub is not None and isinstance(v, Mapping) else _restore(tp, v)
+    return cls(**kw)

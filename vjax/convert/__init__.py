@@ -33,6 +33,8 @@ HF_ARCHITECTURES: dict[str, Callable[[], tuple[str, Callable[..., Any], Callable
     "Qwen2ForCausalLM": _decoder_entry,
 }
 
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
 
 def hf_entry(hf_config: dict) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
     """The vjax entry for an HF ``config.json`` dict; a clear error for unsupported architectures."""
@@ -40,6 +42,8 @@ def hf_entry(hf_config: dict) -> tuple[str, Callable[..., Any], Callable[..., An
     for a in archs:
         if a in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[a]()
+    if not archs and hf_config.get("model_type") in HF_MODEL_TYPES:  # config.json without "architectures"
+        return HF_ARCHITECTURES[HF_MODEL_TYPES[hf_config["model_type"]]]()
     raise ValueError(
         f"unsupported architecture {archs or hf_config.get('model_type')!r} in config.json; "
         f"vjax converts {sorted(HF_ARCHITECTURES)}"

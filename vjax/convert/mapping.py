@@ -282,35 +282,35 @@ def convert(
     return unflatten_params(out)
 
 
-def export(params: Mapping[str, Any], table: Table, expected_keys: Sequence[str] | None = None
-           ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(torch key, array)`` for every parameter covered by ``table``; inverse of :func:`convert`.
+def export_plan(paths: Sequence[str], table: Table) -> list[tuple[str, Any, list[str]]]:
+    """``(torch key, rule, [vjax paths])`` for every vjax parameter path; reads no values.
 
-    Every vjax parameter must be covered by exactly one rule, else ``ConversionError`` names it.
+    Raises :class:`ConversionError` naming any parameter that no rule exports.
     """
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
+    available = set(paths)
     used: set[str] = set()
     items = []
     for rule in table:
         if not rule.dsts:
             continue
-        rx_parts = [_compile(d) for d in rule.dsts]
-        for path in sorted(flat):
-            m = rx_parts[0].match(path)
+        rx = _compile(rule.dsts[0])
+        for path in sorted(available):
+            m = rx.match(path)
             if not m:
                 continue
             fields = m.groupdict()
-            paths = [d.format(**fields) for d in rule.dsts]
-            if not all(p in flat for p in paths):
-                continue
-            used.update(paths)
-            items.append((rule.src.format(**fields), rule.export([flat[p] for p in paths])))
-    left = sorted(set(flat) - used)
+            parts = [d.format(**fields) for d in rule.dsts]
+            if all(p in available for p in parts) and not used.intersection(parts):
+                used.update(parts)
+                items.append((rule.src.format(**fields), rule, parts))
+    left = sorted(available - used)
     if left:
         raise ConversionError(unexpected=left, context="parameters with no export rule")
-    if expected_keys is not None:
-        names = {k for k, _ in items}
-        missing = sorted(set(expected_keys) - names)
-        if missing:
-            raise ConversionError(missing=missing, context="export")
-    yield from items
+    return items
+
+
+def export(params: Mapping[str, Any], table: Table) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(torch key, array)`` for every parameter; the inverse of :func:`convert`."""
+    flat = flatten_params(params)
+    for key, rule, parts in export_plan(list(flat), table):
+        yield key, rule.export([np.asarray(jax.device_get(flat[p])) for p in parts])

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vjax.convert.io import TensorSource
+from vjax.pytree import flatten_params, unflatten_params  # noqa: F401 (re-exported)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -146,32 +147,6 @@ class Skip:
 
 
 Table = Sequence["Rule | Split | Skip"]
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": x}} -> {"a/b": x}`` (also unboxes Flax partitioning metadata)."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if hasattr(v, "unbox"):
-            v = v.unbox()
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_params`."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from vjax.layers.attention import Attention, Cache, init_cache, make_attention_m
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
+from vjax.models.losses import next_token_loss
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -368,3 +369,13 @@ class CausalLM(nn.Module):
             hidden_states=h if return_hidden else None,
             next_position=next_position(position_ids, q_valid),
         )
+
+    def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """Training loss on a batch ``{"input_ids", "attention_mask", "loss_mask"}`` (see losses.py)."""
+        out = self(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+
+    def example_batch(self, batch: int = 2, length: int = 8) -> dict[str, jax.Array]:
+        """A batch of the documented format with every key the model reads (for tracing and tests)."""
+        ids = jnp.zeros((batch, length), jnp.int32)
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}

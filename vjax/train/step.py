@@ -107,7 +107,7 @@ class Trainer:
             return self._loss(optim.merge_trainable(tp, frozen), batch, sub)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

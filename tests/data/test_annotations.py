@@ -1,0 +1,117 @@
+"""Annotation formats: conversations JSON/JSONL, WebVid CSV, MVBench multiple choice, SRT/VTT."""
+
+import json
+
+import pytest
+
+from vjax.data import annotations as A
+from vjax.data.validate import TooManyBadRecords
+
+CONV = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A dog runs."}]
+
+
+def test_json_list_and_relative_paths(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([
+        {"id": "x", "video": "clips/x.mp4", "conversations": CONV},
+        {"video": "/abs/y.mp4", "conversations": CONV, "subtitles": "subs/y.srt"},
+    ]))
+    recs = A.load_conversations(tmp_path / "a.json")
+    assert [r["id"] for r in recs] == ["x", "a:2"]
+    assert recs[0]["video"] == str(tmp_path / "clips" / "x.mp4")
+    assert recs[1]["video"] == "/abs/y.mp4" and recs[1]["subtitles"] == str(tmp_path / "subs" / "y.srt")
+    assert recs[0]["conversations"] == CONV
+    recs = A.load_conversations(tmp_path / "a.json", video_root="/data")
+    assert recs[0]["video"] == "/data/clips/x.mp4"
+
+
+def test_jsonl_skips_bad_lines_and_enforces_fraction(tmp_path):
+    good = json.dumps({"video": "v.mp4", "conversations": CONV})
+    bad_turn = json.dumps({"video": "v.mp4", "conversations": [{"from": "robot", "value": "x"}]})
+    (tmp_path / "a.jsonl").write_text("\n".join([good, "{oops", good, "", bad_turn, "[1, 2]", good]) + "\n")
+    with pytest.raises(TooManyBadRecords, match=r"3 of 6 records bad.*a\.jsonl:2 \(invalid JSON"):
+        A.load_conversations(tmp_path / "a.jsonl", max_bad_fraction=0.25)
+    recs = A.load_conversations(tmp_path / "a.jsonl", max_bad_fraction=0.5)
+    assert [r["id"] for r in recs] == ["a:1", "a:3", "a:7"]
+
+
+def test_webvid_csv(tmp_path):
+    (tmp_path / "w.csv").write_text(
+        "videoid,contentUrl,duration,page_dir,name\n"
+        "1001,http://x/1.mp4,PT00H00M10S,000001_000050,\"A cat, sleeping on a sofa\"\n"
+        "1002,http://x/2.mp4,PT00H00M05S,000001_000050,\n"
+        "1003,http://x/3.mp4,PT00H00M12S,000051_000100,Waves at sunset\n")
+    recs = A.load_webvid_csv(tmp_path / "w.csv", "/webvid", path_template="{page_dir}/{videoid}.mp4",
+                             max_bad_fraction=0.5)
+    assert [r["id"] for r in recs] == ["1001", "1003"]
+    assert recs[0]["video"] == "/webvid/000001_000050/1001.mp4"
+    assert recs[0]["caption"] == "A cat, sleeping on a sofa"
+    assert recs[1]["conversations"] == [{"from": "human", "value": "<video>\nDescribe this video."},
+                                       {"from": "gpt", "value": "Waves at sunset"}]
+    (tmp_path / "bad.csv").write_text("id,caption\n1,x\n")
+    with pytest.raises(ValueError, match="videoid"):
+        A.load_webvid_csv(tmp_path / "bad.csv", "/webvid")
+
+
+def test_mvbench(tmp_path):
+    (tmp_path / "action.json").write_text(json.dumps([
+        {"video": "a.mp4", "question": "What is the man doing?", "candidates": ["running", "sitting", "jumping"],
+         "answer": "sitting", "start": 1.0, "end": 4.0},
+        {"video": "b.mp4", "question": "?", "candidates": ["x", "y"], "answer": "z"},
+    ]))
+    recs = A.load_mvbench(tmp_path / "action.json", "/mv", max_bad_fraction=0.5)
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["video"] == "/mv/a.mp4" and r["choices"] == ["running", "sitting", "jumping"]
+    assert r["answer_index"] == 1 and r["answer"] == "sitting" and r["start"] == 1.0
+    assert r["conversations"][0]["value"] == (
+        "<video>\nWhat is the man doing?\nOptions:\n(A) running\n(B) sitting\n(C) jumping\n"
+        "Answer with the option's letter from the given choices directly.")
+    assert r["conversations"][1]["value"] == "(B) sitting"
+
+
+SRT = """1
+00:00:01,000 --> 00:00:02,500
+Hello <i>there</i>
+
+2
+00:00:02,500 --> 00:00:04,000
+Second cue
+on two lines
+
+3
+01:02:03,040 --> 01:02:04,000
+Late
+"""
+
+VTT = """WEBVTT
+Kind: captions
+
+NOTE this is a comment
+
+intro
+00:01.000 --> 00:02.500 align:start position:0%
+Hello <c.colorE5E5E5>there</c>
+
+00:00:02.500 --> 00:00:04.000
+Second cue
+on two lines
+"""
+
+
+def test_srt_and_vtt():
+    srt = A.parse_srt(SRT)
+    assert srt == [A.Cue(1.0, 2.5, "Hello there"), A.Cue(2.5, 4.0, "Second cue on two lines"),
+                   A.Cue(3723.04, 3724.0, "Late")]
+    assert A.parse_vtt(VTT) == srt[:2]
+    with pytest.raises(ValueError, match="WEBVTT"):
+        A.parse_vtt(SRT)
+    assert [c.text for c in A.cues_at(srt, 2.5)] == ["Second cue on two lines"]
+    assert A.cues_at(srt, 0.5) == [] and A.cues_at(srt, 1.0)[0].text == "Hello there"
+
+
+def test_load_subtitles_by_extension(tmp_path):
+    (tmp_path / "a.srt").write_text(SRT)
+    (tmp_path / "a.vtt").write_text(VTT)
+    assert len(A.load_subtitles(tmp_path / "a.srt")) == 3 and len(A.load_subtitles(tmp_path / "a.vtt")) == 2
+    with pytest.raises(ValueError, match=r"\.srt or \.vtt"):
+        A.load_subtitles(tmp_path / "a.txt")

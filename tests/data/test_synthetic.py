@@ -1,0 +1,238 @@
+"""The synthetic video-QA set tells the truth: decode the written mp4s and recover the answers.
+
+The recovery below is written here, independently of the generator: objects are found by hue
+(saturated pixels against the grey background), shapes by how their mask fills its bounding box,
+motion from the centroid's displacement, appearance times from the first frame an object shows, and
+beeps from the short-time energy and the FFT peak of the audio decoded with PyAV.
+"""
+
+import json
+import os
+import re
+
+import av
+import numpy as np
+import pytest
+from decord import VideoReader, cpu
+
+from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+
+HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
+WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
+
+CFG = SyntheticConfig(seed=7, num_train=6, num_val=2, num_test=2, long_every=3, questions_per_clip=20,
+                      subtitle_fraction=0.5, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("synth"), CFG)
+
+
+def hue_of(rgb):
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    d = np.maximum(mx - mn, 1e-6)
+    h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return h * 60.0, mx - mn
+
+
+def colour_name(hue):
+    return min(HUES, key=lambda n: min(abs(hue - HUES[n]), 360 - abs(hue - HUES[n])))
+
+
+def recover_video(path):
+    """Per colour: first/last visible frame, centroids there, shape; plus fps and frame count."""
+    vr = VideoReader(path, ctx=cpu(0))
+    frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+    fps = vr.get_avg_fps()
+    hue, sat = hue_of(frames)
+    saturated = sat > 60
+    labels = np.full(hue.shape, -1)
+    names = list(HUES)
+    for k, n in enumerate(names):
+        dist = np.minimum(np.abs(hue - HUES[n]), 360 - np.abs(hue - HUES[n]))
+        labels[saturated & (dist < 30)] = k
+    objects = {}
+    for k, n in enumerate(names):
+        mask = labels == k  # [T, H, W]
+        counts = mask.sum(axis=(1, 2))
+        visible = np.nonzero(counts >= 30)[0]
+        if visible.size == 0:
+            continue
+        first, last = int(visible[0]), int(visible[-1])
+
+        def centroid(f):
+            ys, xs = np.nonzero(mask[f])
+            return xs.mean(), ys.mean()
+
+        (x0, y0), (x1, y1) = centroid(first), centroid(last)
+        dx, dy = x1 - x0, y1 - y0
+        if max(abs(dx), abs(dy)) < 5:
+            motion = "none"
+        elif abs(dx) > abs(dy):
+            motion = "right" if dx > 0 else "left"
+        else:
+            motion = "down" if dy > 0 else "up"
+        mid = int(visible[len(visible) // 2])
+        ys, xs = np.nonzero(mask[mid])
+        box = mask[mid, ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+        top, bottom = box[: box.shape[0] // 2].sum(), box[(box.shape[0] + 1) // 2:].sum()
+        fill = box.mean()
+        shape = "triangle" if top < 0.6 * bottom else ("square" if fill > 0.9 else "circle")
+        mean_hue = hue_of(frames[mid][mask[mid]].mean(axis=0))[0]
+        objects[n] = dict(first=first, last=last, motion=motion, shape=shape, hue_name=colour_name(mean_hue))
+    return objects, fps, len(vr)
+
+
+def recover_beeps(path):
+    """(count, [pitch per beep]) from PyAV-decoded audio: 10 ms RMS > 0.1, FFT peak per beep."""
+    with av.open(path) as box:
+        sr = box.streams.audio[0].rate
+        wav = np.concatenate([f.to_ndarray().reshape(-1) for f in box.decode(audio=0)])
+    win = sr // 100
+    rms = np.sqrt((wav[: len(wav) // win * win].reshape(-1, win) ** 2).mean(axis=1))
+    active = rms > 0.1
+    segments, start = [], None
+    for i, a in enumerate(np.append(active, False)):
+        if a and start is None:
+            start = i
+        if not a and start is not None:
+            if i - start >= 10:  # >= 100 ms
+                segments.append((start * win, i * win))
+            start = None
+    pitches = []
+    for s, e in segments:
+        spec = np.abs(np.fft.rfft(wav[s:e]))
+        peak = np.fft.rfftfreq(e - s, 1.0 / sr)[spec.argmax()]
+        pitches.append("low" if peak < 1000 else "high")
+    return len(segments), pitches
+
+
+def read_srt_text(path):
+    with open(path, encoding="utf-8") as f:
+        return " ".join(l.strip() for l in f if l.strip() and "-->" not in l and not l.strip().isdigit())
+
+
+def describe(objects, colour):
+    return f"the {colour} {objects[colour]['shape']}"
+
+
+def test_answers_match_the_decoded_clips(dataset):
+    checked = {}
+    for split in ("train", "val"):
+        with open(dataset.annotations[split]) as f:
+            records = [json.loads(l) for l in f]
+        cache = {}
+        for rec in records:
+            path = os.path.join(dataset.root, rec["video"])
+            if path not in cache:
+                cache[path] = (recover_video(path), recover_beeps(path))
+            (objs, fps, n_frames), (n_beeps, pitches) = cache[path]
+            for o in objs.values():
+                assert o["shape"] in ("circle", "square", "triangle")
+            q, a, t = rec["question"], rec["answer"], rec["question_type"]
+            if t == "colour":
+                shape = re.search(r"the (\w+)(?: have)?\?", q).group(1)
+                assert [c for c in objs if objs[c]["shape"] == shape] == [a], (rec, objs)
+            elif t == "shape":
+                colour = re.search(r"the (\w+) object", q).group(1)
+                assert objs[colour]["shape"] == a, (rec, objs)
+            elif t == "motion":
+                colour, shape = re.search(r"the (\w+) (\w+) (?:move|go)", q).groups()
+                assert objs[colour]["shape"] == shape
+                assert {"it stays still": "none"}.get(a, a) == objs[colour]["motion"], (rec, objs)
+            elif t == "count":
+                assert WORDS[a] == len(objs), (rec, objs)
+            elif t == "order":
+                which = re.search(r"appears? (first|last)|the (first|last) to", q)
+                which = which.group(1) or which.group(2)
+                order = sorted(objs, key=lambda c: objs[c]["first"])
+                target = order[0] if which == "first" else order[-1]
+                assert a == describe(objs, target), (rec, objs)
+            elif t == "appear_time":
+                colour, shape = re.search(r"the (\w+) (\w+) (?:first )?appear", q).groups()
+                seconds = float(re.search(r"at ([\d.]+) second", a).group(1))
+                assert objs[colour]["shape"] == shape
+                assert objs[colour]["first"] / fps == pytest.approx(seconds), (rec, objs)
+            elif t == "beep_count":
+                assert WORDS[a] == n_beeps, (rec, n_beeps)
+            elif t == "beep_pitch":
+                m = re.search(r"the (first|second|third) beep", q)
+                k = ("first", "second", "third").index(m.group(1)) if m else 0
+                assert pitches[k] == a, (rec, pitches)
+            elif t == "subtitle":
+                colour, shape = re.search(r"the (\w+) (\w+)(?: called)?\?", q).groups()
+                text = read_srt_text(os.path.join(dataset.root, rec["subtitles"]))
+                assert f"The {colour} {shape} is called {a}." in text
+            elif t == "recall":
+                kind = re.search(r"What (colour|shape) is it", q).group(1)
+                at_start = [c for c in objs if objs[c]["first"] == 0]
+                assert len(at_start) == 1 and objs[at_start[0]]["last"] < n_frames - 1
+                assert n_frames >= 100
+                c = at_start[0]
+                assert (c if kind == "colour" else objs[c]["shape"]) == a, (rec, objs)
+            else:
+                raise AssertionError(f"unknown question type {t}")
+            checked[t] = checked.get(t, 0) + 1
+            for o in objs.values():  # the colour read from the mean pixel agrees with the label
+                assert o["hue_name"] in HUES
+    assert set(checked) == {"colour", "shape", "motion", "count", "order", "appear_time", "beep_count",
+                            "beep_pitch", "subtitle", "recall"}, checked
+
+
+def test_record_format(dataset):
+    with open(dataset.annotations["train"]) as f:
+        records = [json.loads(l) for l in f]
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    for r in records:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<video>\n")
+        assert os.path.isfile(os.path.join(dataset.root, r["video"]))
+        if "choices" in r:
+            assert r["choices"][r["answer_index"]] == r["answer"]
+            assert gpt["value"] == f"({'ABCD'[r['answer_index']]}) {r['answer']}"
+            assert len(set(r["choices"])) == len(r["choices"]) >= 2
+        else:
+            assert gpt["value"] == r["answer"]
+    assert any("choices" in r for r in records) and any("choices" not in r for r in records)
+    assert any("subtitles" in r for r in records)
+
+
+def test_splits_are_disjoint(dataset):
+    a = open(os.path.join(dataset.root, "videos/train/000000.mp4"), "rb").read()
+    b = open(os.path.join(dataset.root, "videos/val/000000.mp4"), "rb").read()
+    c = open(os.path.join(dataset.root, "videos/test/000000.mp4"), "rb").read()
+    assert a != b and b != c and a != c
+
+
+def test_tokenizer_loads_with_autotokenizer(dataset):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dataset.tokenizer_dir)
+    assert tok.convert_tokens_to_ids(["<pad>", "<s>", "</s>", "<unk>", "<video>", "<image>", "<audio>"]) == list(range(7))
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+    text = "<video>\nWhat colour is the circle?<|im_end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 4 and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(ids) == text
+
+
+def test_generation_is_cached_and_deterministic(dataset, tmp_path):
+    mtime = os.path.getmtime(dataset.manifest)
+    again = ensure_synthetic_dataset(dataset.root, CFG)
+    assert os.path.getmtime(again.manifest) == mtime  # skipped: manifest valid
+    # A second root with the same config gives byte-identical annotations and scenes.
+    other = ensure_synthetic_dataset(tmp_path / "copy", CFG)
+    for split in ("train", "val", "test"):
+        assert open(other.annotations[split]).read() == open(dataset.annotations[split]).read()
+    # A missing file makes the cache invalid and triggers regeneration.
+    os.remove(os.path.join(other.root, "videos/train/000001.mp4"))
+    ensure_synthetic_dataset(other.root, CFG)
+    assert os.path.isfile(os.path.join(other.root, "videos/train/000001.mp4"))
+    # Different parameters -> different hash -> regenerated.
+    changed = ensure_synthetic_dataset(other.root, SyntheticConfig(**{**CFG.__dict__, "num_train": 3}))
+    with open(changed.annotations["train"]) as f:
+        assert len({json.loads(l)["video"] for l in f}) == 3

@@ -1,0 +1,257 @@
+"""Annotation formats -> one record shape: ``{"id", "video", "conversations", ...}`` with absolute paths.
+
+* JSON / JSONL conversations (LLaVA / VideoInstruct-100K / Video-ChatGPT style): each record has a
+  ``video`` path and ``conversations`` = ``[{"from": "human"|"gpt", "value": str}, ...]``.
+* WebVid-style CSV (``videoid``, ``name`` = caption, optional ``page_dir``): one caption record each.
+* MVBench-style multiple choice JSON (``video``, ``question``, ``candidates``, ``answer``).
+* SRT / WebVTT subtitles -> :class:`Cue` (start, end seconds, text).
+
+Unreadable lines / entries are skipped, counted in a :class:`~vjax.data.validate.SkipLog` (logged
+once with ``file:line``), and a file whose bad fraction passes ``max_bad_fraction`` raises
+:class:`~vjax.data.validate.TooManyBadRecords`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import os
+import re
+from typing import Any, NamedTuple, Sequence
+
+from vjax.data.validate import SkipLog
+
+VIDEO_TOKEN = "<video>"
+ROLES = ("human", "gpt", "system")
+
+
+def _resolve(video: str, root: str) -> str:
+    return video if os.path.isabs(video) else os.path.normpath(os.path.join(root, video))
+
+
+def _check_record(rec: Any) -> str | None:
+    """Reason a conversation record is malformed, or None."""
+    if not isinstance(rec, dict):
+        return f"record is a {type(rec).__name__}, not an object"
+    if not isinstance(rec.get("video"), str) or not rec["video"]:
+        return "missing 'video' path"
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "missing 'conversations' list"
+    for turn in conv:
+        if not (isinstance(turn, dict) and turn.get("from") in ROLES and isinstance(turn.get("value"), str)):
+            return f"bad conversation turn {turn!r:.80}"
+    return None
+
+
+def load_conversations(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike | None = None,
+    max_bad_fraction: float = 0.1,
+    skips: SkipLog | None = None,
+) -> list[dict]:
+    """Read a ``.json`` (a list) or ``.jsonl`` (one object a line) file of conversation records.
+
+    ``video`` paths are made absolute against ``video_root`` (default: the annotation file's folder);
+    ``subtitles`` paths likewise. Records without an ``id`` get ``"<file stem>:<line>"``. Malformed
+    lines are skipped and counted.
+    """
+    p = os.fspath(path)
+    root = os.fspath(video_root) if video_root is not None else os.path.dirname(os.path.abspath(p))
+    log = skips if skips is not None else SkipLog(max_bad_fraction)
+    stem = os.path.splitext(os.path.basename(p))[0]
+    with open(p, encoding="utf-8") as f:
+        text = f.read()
+    items: list[tuple[int, Any]] = []
+    if p.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((n, json.loads(line)))
+            except ValueError as err:
+                log.skip(f"{p}:{n}", f"invalid JSON ({err.msg})")
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{p} is not valid JSON: {err}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{p} must hold a JSON list of records, got {type(data).__name__}")
+        items = list(enumerate(data, start=1))
+    out = []
+    for n, rec in items:
+        reason = _check_record(rec)
+        if reason is not None:
+            log.skip(f"{p}:{n}", reason)
+            continue
+        rec = dict(rec)
+        rec.setdefault("id", f"{stem}:{n}")
+        rec["video"] = _resolve(rec["video"], root)
+        if isinstance(rec.get("subtitles"), str):
+            rec["subtitles"] = _resolve(rec["subtitles"], root)
+        log.ok()
+        out.append(rec)
+    log.check()
+    return out
+
+
+def load_webvid_csv(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike,
+    path_template: str = "{videoid}.mp4",
+    prompt: str = "Describe this video.",
+    max_bad_fraction: float = 0.1,
+    skips: SkipLog | None = None,
+) -> list[dict]:
+    """WebVid-style CSV (columns ``videoid``, ``name`` = caption, others such as ``page_dir``) ->
+    caption records ``{"id", "video", "caption", "conversations": [human "<video>\\n" + prompt, gpt
+    caption]}``. ``path_template`` formats the row's columns into the video path under
+    ``video_root`` (WebVid-2.5M's usual layout is ``"{page_dir}/{videoid}.mp4"``)."""
+    p = os.fspath(path)
+    log = skips if skips is not None else SkipLog(max_bad_fraction)
+    out = []
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"videoid", "name"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{p}: CSV header lacks column(s) {sorted(missing)}; has {reader.fieldnames}")
+        for n, row in enumerate(reader, start=2):
+            caption = (row.get("name") or "").strip()
+            vid = (row.get("videoid") or "").strip()
+            if not caption or not vid:
+                log.skip(f"{p}:{n}", "empty videoid or caption")
+                continue
+            try:
+                rel = path_template.format(**row)
+            except (KeyError, IndexError) as err:
+                log.skip(f"{p}:{n}", f"path_template needs column {err}")
+                continue
+            log.ok()
+            out.append({
+                "id": vid, "video": _resolve(rel, os.fspath(video_root)), "caption": caption,
+                "conversations": [{"from": "human", "value": f"{VIDEO_TOKEN}\n{prompt}"},
+                                  {"from": "gpt", "value": caption}],
+            })
+    log.check()
+    return out
+
+
+def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
+    """``"{question}\\nOptions:\\n(A) c0\\n(B) c1 ...\\nAnswer with the option's letter from the given
+    choices directly."`` — the MVBench-style prompt the synthetic set also uses."""
+    if not 2 <= len(choices) <= 26:
+        raise ValueError(f"need 2-26 choices, got {len(choices)}")
+    opts = "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+    return f"{question}\nOptions:\n{opts}\nAnswer with the option's letter from the given choices directly."
+
+
+def load_mvbench(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike,
+    max_bad_fraction: float = 0.1,
+    skips: SkipLog | None = None,
+) -> list[dict]:
+    """MVBench-style JSON list of ``{"video", "question", "candidates", "answer"}`` -> records with
+    ``choices``, ``answer``, ``answer_index`` and a conversation whose answer is ``"(X) answer"``.
+    Extra keys (``start``/``end`` of a segment, ``accurate_start``...) are kept."""
+    p = os.fspath(path)
+    log = skips if skips is not None else SkipLog(max_bad_fraction)
+    with open(p, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{p} must hold a JSON list, got {type(data).__name__}")
+    out = []
+    stem = os.path.splitext(os.path.basename(p))[0]
+    for n, item in enumerate(data, start=1):
+        ok = (isinstance(item, dict) and isinstance(item.get("video"), str)
+              and isinstance(item.get("question"), str) and isinstance(item.get("candidates"), list)
+              and len(item["candidates"]) >= 2 and item.get("answer") in item["candidates"])
+        if not ok:
+            log.skip(f"{p}:{n}", "needs video, question, >=2 candidates and an answer among them")
+            continue
+        choices = [str(c) for c in item["candidates"]]
+        ai = choices.index(str(item["answer"]))
+        rec = {k: v for k, v in item.items() if k != "candidates"}
+        rec.update(
+            id=item.get("id", f"{stem}:{n}"), video=_resolve(item["video"], os.fspath(video_root)),
+            choices=choices, answer=choices[ai], answer_index=ai, question_type=item.get("question_type", "mc"),
+            conversations=[
+                {"from": "human", "value": f"{VIDEO_TOKEN}\n" + format_multiple_choice(item["question"], choices)},
+                {"from": "gpt", "value": f"({chr(65 + ai)}) {choices[ai]}"},
+            ],
+        )
+        log.ok()
+        out.append(rec)
+    log.check()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Subtitles
+# ---------------------------------------------------------------------------------------------
+
+
+class Cue(NamedTuple):
+    """One subtitle cue: ``start``/``end`` in seconds, ``text`` (lines joined with a space)."""
+
+    start: float
+    end: float
+    text: str
+
+
+_TIME = re.compile(
+    r"(?:(\d+):)?(\d{1,2}):(\d{2})[,.](\d{1,3})\s*-->\s*(?:(\d+):)?(\d{1,2}):(\d{2})[,.](\d{1,3})")
+
+
+def _seconds(h, m, s, frac) -> float:
+    return int(h or 0) * 3600 + int(m) * 60 + int(s) + int(frac.ljust(3, "0")) / 1000.0
+
+
+def _parse_blocks(text: str) -> list[Cue]:
+    cues = []
+    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")):
+        lines = [l.strip() for l in block.strip().split("\n") if l.strip()]
+        for i, line in enumerate(lines):
+            m = _TIME.search(line)
+            if m:
+                g = m.groups()
+                body = " ".join(re.sub(r"<[^>]+>", "", l) for l in lines[i + 1:]).strip()
+                if body:
+                    cues.append(Cue(_seconds(*g[:4]), _seconds(*g[4:]), body))
+                break
+    return sorted(cues, key=lambda c: (c.start, c.end))
+
+
+def parse_srt(text: str) -> list[Cue]:
+    """Parse SRT text (``1\\n00:00:01,000 --> 00:00:02,500\\ntext``) -> cues sorted by start."""
+    return _parse_blocks(text)
+
+
+def parse_vtt(text: str) -> list[Cue]:
+    """Parse WebVTT text (``WEBVTT`` header, ``00:01.000 --> 00:02.500 align:start``, optional cue ids,
+    NOTE/STYLE blocks, inline ``<c>`` tags stripped) -> cues sorted by start."""
+    body = text.lstrip("\ufeff")
+    if not body.startswith("WEBVTT"):
+        raise ValueError("not a WebVTT file: missing 'WEBVTT' header")
+    return _parse_blocks(body)
+
+
+def load_subtitles(path: str | os.PathLike) -> list[Cue]:
+    """Read a ``.srt`` or ``.vtt`` file by extension -> cues."""
+    p = os.fspath(path)
+    ext = os.path.splitext(p)[1].lower()
+    if ext not in (".srt", ".vtt"):
+        raise ValueError(f"unknown subtitle format for {p!r}: expected .srt or .vtt")
+    with open(p, encoding="utf-8-sig") as f:
+        text = f.read()
+    return parse_vtt(text) if ext == ".vtt" else parse_srt(text)
+
+
+def cues_at(cues: Sequence[Cue], t: float) -> list[Cue]:
+    """The cues covering time ``t`` seconds (start <= t < end), as MiniGPT4-video looks up the
+    subtitle of each decoded frame."""
+    starts = [c.start for c in cues]
+    hi = bisect.bisect_right(starts, t)
+    return [c for c in cues[:hi] if c.end > t]

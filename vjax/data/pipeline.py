@@ -1,0 +1,332 @@
+"""Grain input pipeline: records -> seeded shuffle -> decode/sample -> format -> bucket-pad -> batch.
+
+::
+
+    loader = make_loader(records, format_fn, PipelineConfig(batch_size=8, worker_count=2),
+                         sampler=functools.partial(sampling.video_llama_uniform, num_samples=8))
+    it = iter(loader)
+    batch = next(it)                 # dict of numpy arrays with a leading batch axis
+    state = it.get_state()           # bytes; save it with the model checkpoint
+    it2 = iter(make_loader(...)); it2.set_state(state)   # continues exactly where `it` was
+
+Stages (all module-level, picklable; Grain workers are fresh processes that unpickle them):
+
+1. :class:`RecordSource` — a random-access list of records (dicts with an absolute ``video`` path).
+2. ``grain.samplers.IndexSampler`` — seeded shuffle per epoch, sharded by ``shard_options`` (use
+   :func:`shard_by_jax_process` on multi-host runs so each JAX process reads a disjoint part).
+3. :class:`LoadAndFormat` (a ``RandomMap``) — opens the video *inside the worker, per record*, samples
+   frames with ``sampler(num_frames, fps[, seed=])``, decodes only those (resized on decode), reads
+   16 kHz mono audio if asked, then calls the user's ``format_fn(record, frames, audio) -> dict of
+   numpy arrays``. The record passed on gets ``frame_indices``, ``timestamps`` (s), ``fps``,
+   ``num_frames``. Unreadable videos are skipped, logged once and counted per worker; past
+   ``max_bad_fraction`` (after ``min_records_for_check`` records) the worker raises
+   :class:`~vjax.data.validate.TooManyBadRecords`, which Grain re-raises in the main process.
+4. ``grain.transforms.Filter`` drops the skipped ones.
+5. ``grain.transforms.Batch`` with :class:`BucketPadBatch` — the variable-length keys (text ids,
+   masks, variable frame counts) are padded to the smallest static bucket that fits the longest
+   element of the batch, so a jitted step compiles once per bucket.
+
+The iterator state (``get_state``/``set_state``) is Grain's; it covers the sampler position and each
+worker's progress, with 0 or more workers.
+
+Notes: skip counts live in each worker process (the limit is checked per worker, once it has seen
+``min_records_for_check`` records; use ``prevalidate=True`` for small sets or a global count).
+``make_dataset`` runs ``format_fn`` on several threads, so import heavy modules (transformers) at the
+top of ``format_fn``'s module, not lazily inside it (lazy imports can race between threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from vjax.data import sampling as sampling_lib
+from vjax.data.validate import SkipLog, validate_records
+from vjax.data.video import UnreadableVideo, read_audio, read_sampled_frames
+
+FormatFn = Callable[[dict, np.ndarray, "np.ndarray | None"], Mapping[str, np.ndarray]]
+_SKIPPED = "__vjax_skipped__"
+
+
+class RecordSource:
+    """Random-access data source over a list of record dicts (``len`` and ``[i]``)."""
+
+    def __init__(self, records: Sequence[dict]):
+        self._records = list(records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._records[index]
+
+    def __repr__(self) -> str:
+        return f"RecordSource({len(self._records)} records)"
+
+
+def _takes_seed(fn: Callable) -> bool:
+    try:
+        return "seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class LoadAndFormat(grain.transforms.RandomMap):
+    """Decode one record's sampled frames (and audio) inside the worker, then ``format_fn``.
+
+    ``sampler(num_frames, fps)`` picks the frames (if it has a ``seed`` parameter it gets one drawn
+    from Grain's per-record rng, so random sampling is reproducible and resumable). ``frame_size``
+    ``(height, width)`` resizes on decode. Output: ``format_fn``'s dict, or a skip marker that the
+    following ``Filter`` drops.
+    """
+
+    def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
+                 load_audio: bool = False, audio_sample_rate: int = 16_000, max_bad_fraction: float = 0.1,
+                 min_records_for_check: int = 20, video_key: str = "video"):
+        self.format_fn = format_fn
+        self.sampler = sampler
+        self.frame_size = tuple(frame_size) if frame_size is not None else None
+        self.load_audio = load_audio
+        self.audio_sample_rate = audio_sample_rate
+        self.max_bad_fraction = max_bad_fraction
+        self.min_records_for_check = min_records_for_check
+        self.video_key = video_key
+        self.sampler_takes_seed = _takes_seed(sampler)
+        self.skips = SkipLog(max_bad_fraction)  # per process: each worker has its own copy
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        """Load and format one record (see the class docstring)."""
+        path = record.get(self.video_key)
+        seed = int(rng.integers(2**31 - 1))
+        sampler = self.sampler
+        if self.sampler_takes_seed:
+            sampler = functools.partial(sampler, seed=seed)
+        try:
+            if not isinstance(path, str):
+                raise UnreadableVideo(str(path), f"record {record.get('id', '?')} has no {self.video_key!r} path")
+            frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
+            audio = None
+            if self.load_audio:
+                audio, _ = read_audio(path, self.audio_sample_rate, duration=info.duration)
+        except UnreadableVideo as err:
+            self.skips.skip(err.path, err.reason)
+            self.skips.check(self.min_records_for_check)
+            return {_SKIPPED: True}
+        self.skips.ok()
+        self.skips.check(self.min_records_for_check)
+        rec = dict(record)
+        rec.update(frame_indices=sample.indices, timestamps=sample.timestamps, fps=info.fps,
+                   num_frames=info.num_frames)
+        out = self.format_fn(rec, frames, audio)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"format_fn must return a dict of numpy arrays, got {type(out).__name__}")
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+class DropSkipped(grain.transforms.Filter):
+    """Drops the records :class:`LoadAndFormat` could not read."""
+
+    def filter(self, element: dict) -> bool:
+        """True for a loaded element."""
+        return _SKIPPED not in element
+
+
+def pad_to_bucket(x: np.ndarray, buckets: Sequence[int], value: Any = 0, axis: int = 0) -> np.ndarray:
+    """Pad ``x`` along ``axis`` with ``value`` to the smallest bucket >= its length.
+
+    Raises ``ValueError`` naming the length and the largest bucket if it does not fit.
+    """
+    x = np.asarray(x)
+    n = x.shape[axis]
+    size = _bucket(n, buckets)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - n)
+    return np.pad(x, widths, constant_values=value)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    fits = [b for b in sorted(buckets) if b >= n]
+    if not fits:
+        raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)} (buckets {sorted(buckets)})")
+    return fits[0]
+
+
+class BucketPadBatch:
+    """Grain ``batch_fn``: pad the keys in ``buckets`` along axis 0 to the smallest bucket that fits
+    the longest element of the batch, then stack every key -> ``[B, ...]``.
+
+    ``buckets``: key -> allowed lengths, e.g. ``{"input_ids": (64, 128, 256), "labels": (64, 128,
+    256)}``; ``pad_values``: key -> pad value (default 0; use -100 or your ignore id for labels).
+    Keys not in ``buckets`` must have equal shapes within the batch.
+    """
+
+    def __init__(self, buckets: Mapping[str, Sequence[int]] | None = None,
+                 pad_values: Mapping[str, Any] | None = None):
+        self.buckets = {k: tuple(sorted(v)) for k, v in (buckets or {}).items()}
+        for k, v in self.buckets.items():
+            if not v or any(int(b) <= 0 for b in v):
+                raise ValueError(f"buckets for {k!r} must be positive lengths, got {v!r}")
+        self.pad_values = dict(pad_values or {})
+
+    def __call__(self, elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Pad and stack a list of element dicts into one batch dict."""
+        keys = list(elements[0])
+        out = {}
+        for k in keys:
+            arrays = [np.asarray(e[k]) for e in elements]
+            if k in self.buckets:
+                longest = max(a.shape[0] for a in arrays)
+                try:
+                    size = _bucket(longest, self.buckets[k])
+                except ValueError as err:
+                    raise ValueError(f"key {k!r}: {err}") from None
+                value = self.pad_values.get(k, 0)
+                arrays = [np.pad(a, [(0, size - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+                          for a in arrays]
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1:
+                raise ValueError(f"key {k!r} has different shapes in one batch {sorted(shapes)}; "
+                                 f"give it buckets to pad it")
+            out[k] = np.stack(arrays)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Loader settings. ``num_epochs=None`` repeats forever. Sharding: this process reads shard
+    ``shard_index`` of ``shard_count`` (remainder dropped so shards are equal); or pass
+    ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence."""
+
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1
+    drop_remainder: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 1
+    shard_index: int = 0
+    shard_count: int = 1
+    shard_options: Any = None
+    frame_size: tuple[int, int] | None = None
+    load_audio: bool = False
+    audio_sample_rate: int = 16_000
+    max_bad_fraction: float = 0.1
+    min_records_for_check: int = 20
+    prevalidate: bool = False
+    buckets: Mapping[str, Sequence[int]] | None = None
+    pad_values: Mapping[str, Any] | None = None
+
+
+def _shard(config: PipelineConfig) -> tuple[int, int]:
+    if config.shard_options is not None:
+        index, count = int(config.shard_options.shard_index), int(config.shard_options.shard_count)
+    else:
+        index, count = int(config.shard_index), int(config.shard_count)
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index must be in [0, shard_count={count}), got {index}")
+    return index, count
+
+
+def _load_and_format(format_fn: FormatFn, config: PipelineConfig, sampler: Callable) -> LoadAndFormat:
+    return LoadAndFormat(format_fn, sampler, config.frame_size, config.load_audio, config.audio_sample_rate,
+                         config.max_bad_fraction, config.min_records_for_check)
+
+
+def shard_by_jax_process(drop_remainder: bool = True):
+    """Shard options giving each JAX process (``jax.process_index()`` of ``jax.process_count()``) a
+    disjoint slice of the records."""
+    return grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
+
+
+def _prepare(records: Sequence[dict], config: PipelineConfig, sampler: Callable | None):
+    """Checks shared by both builders: batch size, optional pre-validation, default sampler, shard."""
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.prevalidate:
+        records, _ = validate_records(records, config.max_bad_fraction)
+    if not records:
+        raise ValueError("no records to load")
+    sampler = sampler or functools.partial(sampling_lib.video_llama_uniform, num_samples=8)
+    return records, sampler, _shard(config)
+
+
+def make_loader(
+    records: Sequence[dict],
+    format_fn: FormatFn,
+    config: PipelineConfig = PipelineConfig(),
+    sampler: Callable | None = None,
+) -> grain.DataLoader:
+    """Build the Grain ``DataLoader`` described in the module docstring.
+
+    ``records``: dicts with an absolute ``video`` path (see :mod:`vjax.data.annotations`).
+    ``format_fn(record, frames [T,H,W,3] uint8, audio [N] float32 | None) -> dict of arrays`` must be
+    picklable (a module-level function or class instance) when ``worker_count > 0``.
+    ``sampler`` defaults to Video-LLaMA's 8-frame uniform sampling. With ``prevalidate=True`` every
+    video is probed first (:func:`~vjax.data.validate.validate_records`) and bad ones are dropped.
+    """
+    records, sampler, (index, count) = _prepare(records, config, sampler)
+    shard = grain.sharding.ShardOptions(index, count, drop_remainder=count > 1)
+    index_sampler = grain.samplers.IndexSampler(
+        num_records=len(records), shard_options=shard, shuffle=config.shuffle,
+        num_epochs=config.num_epochs, seed=config.seed,
+    )
+    ops = [
+        _load_and_format(format_fn, config, sampler),
+        DropSkipped(),
+        grain.transforms.Batch(config.batch_size, drop_remainder=config.drop_remainder,
+                               batch_fn=BucketPadBatch(config.buckets, config.pad_values)),
+    ]
+    return grain.DataLoader(
+        data_source=RecordSource(records), sampler=index_sampler, operations=ops,
+        worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size,
+    )
+
+
+def make_dataset(
+    records: Sequence[dict],
+    format_fn: FormatFn,
+    config: PipelineConfig = PipelineConfig(),
+    sampler: Callable | None = None,
+) -> grain.IterDataset:
+    """The same pipeline with Grain's dataset API: ``MapDataset.source -> shard slice -> shuffle ->
+    repeat(num_epochs) (reshuffled each epoch) -> random_map(LoadAndFormat) -> to_iter_dataset ->
+    filter -> batch(BucketPadBatch) [-> mp_prefetch(worker_count)]``.
+
+    ``iter(dataset)`` gives a ``grain.DatasetIterator`` with ``get_state``/``set_state``. Same
+    arguments as :func:`make_loader`; ``shard_options`` only contributes its index/count.
+    """
+    records, sampler, (index, count) = _prepare(records, config, sampler)
+    ds = grain.MapDataset.source(RecordSource(records))
+    if count > 1:
+        ds = ds[: len(ds) // count * count][index::count]
+    ds = ds.seed(config.seed)
+    if config.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(config.num_epochs).random_map(_load_and_format(format_fn, config, sampler))
+    it = ds.to_iter_dataset().filter(DropSkipped()).batch(
+        config.batch_size, drop_remainder=config.drop_remainder,
+        batch_fn=BucketPadBatch(config.buckets, config.pad_values))
+    if config.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return it
+
+
+def resolve_records(records: Sequence[dict], root: str | os.PathLike, keys: Sequence[str] = ("video", "subtitles")
+                    ) -> list[dict]:
+    """Copy records with relative ``video``/``subtitles`` paths made absolute against ``root`` (as the
+    synthetic set stores them)."""
+    out = []
+    for r in records:
+        r = dict(r)
+        for k in keys:
+            if isinstance(r.get(k), str) and not os.path.isabs(r[k]):
+                r[k] = os.path.join(os.fspath(root), r[k])
+        out.append(r)
+    return out

@@ -1,0 +1,397 @@
+"""Frame and audio-clip samplers of the seven video LLMs, as pure functions.
+
+Every frame sampler maps ``(num_frames, fps, **config)`` to a :class:`FrameSample`: the frame
+``indices`` (int64 ``[T]``) to decode and their ``timestamps`` in seconds (float64 ``[T]``,
+``index / fps`` — the start time of each frame for a constant-rate video). Random samplers take an
+explicit ``seed`` and are deterministic given it. Nothing here opens a file; use
+:func:`vjax.data.video.read_sampled_frames` to decode what a sampler picked, e.g.
+``read_sampled_frames(path, functools.partial(video_llama_uniform, num_samples=8))``.
+
+Sources (formulas from ``shared/specs``, read from each official code base):
+
+==========================  =====================================================================
+sampler                     formula
+==========================  =====================================================================
+video_llama_uniform         n = min(8, L); idx_i = floor(i * L / n)                 (Video-LLaMA)
+video_llama_headtail        n/2 sorted random from [0, L//2), n/2 from [L//2, L)     (VL stage 1)
+video_chatgpt_uniform       T = min(L, 100); seg = (L-1)/T;
+                            idx_i = (round(seg*i) + round(seg*(i+1))) // 2, half-to-even rounding
+ma_lmm_uniform              rint(linspace(0, L-1, T))                                 (MA-LMM eval)
+ma_lmm_segment_random       one random index per segment of linspace(0, L, T+1)       (MA-LMM train)
+chat_univi_fps              stride = int(round(fps)); 0, stride, ... <= L-1; if more than
+                            max_frames: take positions[linspace(0, n-1, max_frames, dtype=int)]
+minigpt4_video_interval     interval = max(1, int(total / T)); every frame with i % interval == 0,
+                            the first T of them; training pads to T with the last frame
+qwen2_vl_fps                n = L / fps * 2.0, clamped to [ceil2(4), floor2(min(768, L))], rounded
+                            to a multiple of 2; idx = round(linspace(0, L-1, n))  (qwen-vl-utils)
+cogvlm2_chat_seconds        for s = 0..round(max_ts): frame with timestamp closest to s; <= 24
+cogvlm2_base_linspace       linspace(0, min(L, 60*fps) - 1, 24, dtype=int)
+video_llama_audio_clips     8 clips of 2 s, start_k = k * max(dur - 2, 0) / 7
+==========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import numpy as np
+
+
+class FrameSample(NamedTuple):
+    """Chosen frames: ``indices`` int64 ``[T]`` into the video, ``timestamps`` float64 ``[T]`` seconds."""
+
+    indices: np.ndarray
+    timestamps: np.ndarray
+
+
+def _check(num_frames: int, fps: float) -> tuple[int, float]:
+    if int(num_frames) != num_frames or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if not (isinstance(fps, (int, float, np.floating, np.integer)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    return int(num_frames), float(fps)
+
+
+def _positive(name: str, value: int) -> int:
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _sample(indices, fps: float) -> FrameSample:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    return FrameSample(indices=idx, timestamps=idx.astype(np.float64) / fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uniform samplers (they differ in rounding)
+# ---------------------------------------------------------------------------------------------
+
+
+def video_llama_uniform(num_frames: int, fps: float, num_samples: int = 8) -> FrameSample:
+    """Video-LLaMA ``load_video(sampling="uniform")``: n = min(num_samples, L), idx_i = floor(i*L/n).
+
+    Source: Video-LLaMA ``processors/video_processor.py`` (spec_qformer_family §2.4). A video shorter
+    than ``num_samples`` gives all its frames.
+    """
+    n_total, fps = _check(num_frames, fps)
+    n = min(_positive("num_samples", num_samples), n_total)
+    return _sample([(i * n_total) // n for i in range(n)], fps)
+
+
+def video_llama_headtail(num_frames: int, fps: float, num_samples: int = 8, seed: int = 0) -> FrameSample:
+    """Video-LLaMA stage-1 "headtail": sorted random frames, half from each half of the video.
+
+    ``num_samples // 2`` distinct indices from ``[0, L//2)`` and ``num_samples - num_samples // 2``
+    from ``[L//2, L)``, each group sorted, head first (spec_qformer_family §2.4; the official code
+    uses n//2 per half, so it differs only for odd ``num_samples``). When a half has fewer frames than
+    requested the draw is with replacement (the official code raises there). Deterministic in
+    ``seed`` (numpy ``default_rng``).
+    """
+    n_total, fps = _check(num_frames, fps)
+    n = _positive("num_samples", num_samples)
+    rng = np.random.default_rng(seed)
+    half = n_total // 2
+    n_head, n_tail = n // 2, n - n // 2
+
+    def draw(lo: int, hi: int, k: int) -> list[int]:
+        if k == 0:
+            return []
+        if hi <= lo:  # empty half (a 1-frame video): fall back to the frame at `lo`
+            return [min(lo, n_total - 1)] * k
+        replace = hi - lo < k
+        return sorted(int(v) for v in rng.choice(np.arange(lo, hi), size=k, replace=replace))
+
+    return _sample(draw(0, half, n_head) + draw(half, n_total, n_tail), fps)
+
+
+def video_chatgpt_uniform(num_frames: int, fps: float, num_samples: int = 100) -> FrameSample:
+    """Video-ChatGPT segment sampling: T = min(L, 100); seg = (L-1)/T;
+    idx_i = (round(seg*i) + round(seg*(i+1))) // 2 with numpy's round-half-to-even.
+
+    Source: Video-ChatGPT ``video_chatgpt/eval/model_utils.py`` ``get_seq_frames`` (spec_vit_family §2.2).
+    """
+    n_total, fps = _check(num_frames, fps)
+    t = min(_positive("num_samples", num_samples), n_total)
+    seg = (n_total - 1) / t
+    idx = [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(t)]
+    return _sample(idx, fps)
+
+
+def ma_lmm_uniform(num_frames: int, fps: float, num_samples: int = 20) -> FrameSample:
+    """MA-LMM evaluation sampling: ``np.rint(np.linspace(0, L-1, T))`` (T frames, repeats if L < T).
+
+    Source: MA-LMM ``lavis/datasets/datasets`` video loaders (spec_qformer_family §4.4).
+    """
+    n_total, fps = _check(num_frames, fps)
+    t = _positive("num_samples", num_samples)
+    return _sample(np.rint(np.linspace(0, n_total - 1, t)), fps)
+
+
+def ma_lmm_segment_random(num_frames: int, fps: float, num_samples: int = 20, seed: int = 0) -> FrameSample:
+    """MA-LMM training sampling: split ``[0, L)`` at ``linspace(0, L, T+1)`` (truncated to int) into T
+    segments and draw one index uniformly from each; an empty segment (L < T) gives its start frame.
+
+    Source: spec_qformer_family §4.4. Deterministic in ``seed``.
+    """
+    n_total, fps = _check(num_frames, fps)
+    t = _positive("num_samples", num_samples)
+    edges = np.linspace(0, n_total, t + 1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    idx = [
+        int(rng.integers(lo, hi)) if hi > lo else int(min(lo, n_total - 1))
+        for lo, hi in zip(edges[:-1], edges[1:])
+    ]
+    return _sample(idx, fps)
+
+
+def chat_univi_fps(num_frames: int, fps: float, max_frames: int = 64, sample_fps: float = 1.0) -> FrameSample:
+    """Chat-UniVi ``_get_rawvideo_dec``: one frame per second, at most ``max_frames``.
+
+    stride = int(round(fps / sample_fps)) (Python rounding, half-to-even; at least 1); positions
+    0, stride, 2*stride, ... <= L-1; if there are more than ``max_frames`` positions, keep
+    ``positions[np.linspace(0, n-1, max_frames, dtype=int)]`` (truncating). ``max_frames`` is 64 in
+    training/eval and 100 in the README demo (spec_vit_family §3.6).
+    """
+    n_total, fps = _check(num_frames, fps)
+    m = _positive("max_frames", max_frames)
+    stride = max(1, int(round(fps / sample_fps)))
+    pos = np.arange(0, n_total, stride)
+    if len(pos) > m:
+        pos = pos[np.linspace(0, len(pos) - 1, m, dtype=int)]
+    return _sample(pos, fps)
+
+
+def minigpt4_video_interval(
+    num_frames: int,
+    fps: float,
+    num_samples: int = 45,
+    total_frames: int | None = None,
+    pad: bool = False,
+) -> FrameSample:
+    """MiniGPT4-video fixed-interval sampling.
+
+    interval = max(1, int(total / T)) with total = ``total_frames`` (the official code uses moviepy's
+    ``int(duration * fps)``; default: ``num_frames``); keep every decoded frame with index % interval
+    == 0 until T are collected, so the tail is skipped when total / T is fractional. ``pad=True``
+    (training) repeats the last kept frame up to T. T is 45 for Llama-2 and 90 for Mistral
+    (spec_qformer_family §3.3).
+    """
+    n_total, fps = _check(num_frames, fps)
+    t = _positive("num_samples", num_samples)
+    total = n_total if total_frames is None else _positive("total_frames", total_frames)
+    interval = max(1, total // t)
+    idx = list(range(0, n_total, interval))[:t]
+    if pad and len(idx) < t:
+        idx += [idx[-1]] * (t - len(idx))
+    return _sample(idx, fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-VL (qwen-vl-utils)
+# ---------------------------------------------------------------------------------------------
+
+QWEN_IMAGE_FACTOR = 28  # patch 14 x spatial merge 2
+QWEN_FRAME_FACTOR = 2  # temporal patch size
+QWEN_FPS = 2.0
+QWEN_FPS_MIN_FRAMES = 4
+QWEN_FPS_MAX_FRAMES = 768
+QWEN_VIDEO_MIN_PIXELS = 128 * 28 * 28
+QWEN_VIDEO_MAX_PIXELS = 768 * 28 * 28
+QWEN_VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+QWEN_MAX_RATIO = 200
+
+
+def _round_by(x: float, f: int) -> int:
+    return round(x / f) * f  # Python round: half-to-even, as qwen-vl-utils
+
+
+def _ceil_by(x: float, f: int) -> int:
+    return math.ceil(x / f) * f
+
+
+def _floor_by(x: float, f: int) -> int:
+    return math.floor(x / f) * f
+
+
+def qwen2_vl_fps(
+    num_frames: int,
+    fps: float,
+    sample_fps: float = QWEN_FPS,
+    min_frames: int = QWEN_FPS_MIN_FRAMES,
+    max_frames: int = QWEN_FPS_MAX_FRAMES,
+    nframes: int | None = None,
+) -> FrameSample:
+    """Qwen2-VL ``qwen-vl-utils`` ``smart_nframes`` + ``linspace(...).round()``.
+
+    n = L / fps * sample_fps, clamped to [ceil2(min_frames), floor2(min(max_frames, L))], rounded to
+    a multiple of the temporal patch 2 (half-to-even); or an explicit ``nframes`` rounded to a
+    multiple of 2. Indices ``np.linspace(0, L-1, n).round()`` (spec_vit_family §5.2).
+
+    Deviation: qwen-vl-utils raises when fewer than 2 frames fit (a 1-frame video); here such a
+    video gives its frame twice, which is what the processor's padding to the temporal patch does.
+    """
+    n_total, fps = _check(num_frames, fps)
+    f = QWEN_FRAME_FACTOR
+    if nframes is not None:
+        n = _round_by(_positive("nframes", nframes), f)
+    else:
+        lo = _ceil_by(_positive("min_frames", min_frames), f)
+        hi = _floor_by(min(_positive("max_frames", max_frames), n_total), f)
+        n = n_total / fps * sample_fps
+        n = _round_by(min(max(n, lo), hi), f)
+    if n_total < f:
+        return _sample([0] * f, fps)
+    if not f <= n <= n_total:
+        raise ValueError(f"nframes should be in [{f}, {n_total}] for a {n_total}-frame video, got {n}")
+    return _sample(np.linspace(0, n_total - 1, n).round(), fps)
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = QWEN_IMAGE_FACTOR,
+    min_pixels: float = 56 * 56,
+    max_pixels: float = 28 * 28 * 16384,
+) -> tuple[int, int]:
+    """Qwen2-VL ``smart_resize``: (height, width) -> multiples of ``factor`` with area in [min, max].
+
+    Round each side to the nearest multiple of ``factor`` (at least ``factor``); if the area exceeds
+    ``max_pixels`` scale by beta = sqrt(h*w/max) and floor to multiples; if below ``min_pixels`` scale
+    by beta = sqrt(min/(h*w)) and ceil. The aspect ratio must be < 200 (spec_vit_family §5.2; defaults
+    are the released image ``preprocessor_config.json``).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive, got {(height, width)!r}")
+    if max(height, width) / min(height, width) > QWEN_MAX_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {QWEN_MAX_RATIO}, got "
+            f"{max(height, width) / min(height, width)} for {(height, width)!r}"
+        )
+    h = max(factor, _round_by(height, factor))
+    w = max(factor, _round_by(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, _floor_by(height / beta, factor))
+        w = max(factor, _floor_by(width / beta, factor))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = _ceil_by(height * beta, factor)
+        w = _ceil_by(width * beta, factor)
+    return h, w
+
+
+def qwen2_vl_video_size(
+    height: int,
+    width: int,
+    nframes: int,
+    min_pixels: float = QWEN_VIDEO_MIN_PIXELS,
+    max_pixels: float = QWEN_VIDEO_MAX_PIXELS,
+    total_pixels: float = QWEN_VIDEO_TOTAL_PIXELS,
+) -> tuple[int, int]:
+    """Per-frame (height, width) of a Qwen2-VL video: ``smart_resize`` with the video pixel budget
+    max_pixels' = max(min(max_pixels, total_pixels / nframes * 2), 1.05 * min_pixels)
+    (qwen-vl-utils ``fetch_video``; spec_vit_family §5.2)."""
+    n = _positive("nframes", nframes)
+    budget = max(min(max_pixels, total_pixels / n * QWEN_FRAME_FACTOR), min_pixels * 1.05)
+    return smart_resize(height, width, QWEN_IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=budget)
+
+
+# ---------------------------------------------------------------------------------------------
+# CogVLM2-Video
+# ---------------------------------------------------------------------------------------------
+
+
+def cogvlm2_chat_seconds(
+    num_frames: int,
+    fps: float,
+    max_frames: int = 24,
+    timestamps: np.ndarray | None = None,
+) -> FrameSample:
+    """CogVLM2-Video chat sampling: for each integer second s = 0, 1, ..., round(max_ts), the frame
+    whose timestamp is closest to s (first on ties), stopping at ``max_frames`` = 24.
+
+    ``timestamps`` are the frames' start times (decord ``get_frame_timestamp(...)[:, 0]``); default
+    ``arange(L) / fps``. The returned timestamps are the chosen frames' own times. The prompt labels
+    frame i with the integer i (= seconds at 1 fps) (spec_vit_family §4.3).
+    """
+    n_total, fps = _check(num_frames, fps)
+    m = _positive("max_frames", max_frames)
+    ts = np.arange(n_total) / fps if timestamps is None else np.asarray(timestamps, np.float64).reshape(-1)
+    if ts.shape[0] != n_total:
+        raise ValueError(f"timestamps has {ts.shape[0]} entries for a {n_total}-frame video")
+    idx = []
+    for s in range(int(round(float(ts.max()))) + 1):
+        idx.append(int(np.argmin(np.abs(ts - s))))
+        if len(idx) >= m:
+            break
+    idx_arr = np.asarray(idx, np.int64)
+    return FrameSample(indices=idx_arr, timestamps=ts[idx_arr])
+
+
+def cogvlm2_base_linspace(
+    num_frames: int, fps: float, num_samples: int = 24, clip_end_sec: float = 60.0
+) -> FrameSample:
+    """CogVLM2-Video base sampling: ``np.linspace(0, end-1, 24, dtype=int)`` with
+    end = min(L, int(clip_end_sec * fps)) — 24 frames over the first 60 s (spec_vit_family §4.3)."""
+    n_total, fps = _check(num_frames, fps)
+    t = _positive("num_samples", num_samples)
+    end = max(1, min(n_total, int(clip_end_sec * fps)))
+    return _sample(np.linspace(0, end - 1, t, dtype=int), fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio clips (Video-LLaMA / ImageBind)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioClips:
+    """Audio windows: ``starts``/``ends`` float64 ``[K]`` seconds; ``start_samples``/``end_samples``
+    int64 ``[K]`` (``int(t * sample_rate)``, end exclusive) at ``sample_rate``."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    start_samples: np.ndarray
+    end_samples: np.ndarray
+    sample_rate: int
+
+
+def video_llama_audio_clips(
+    duration: float, num_clips: int = 8, clip_duration: float = 2.0, sample_rate: int = 16_000
+) -> AudioClips:
+    """Video-LLaMA audio clips (ImageBind ``load_and_transform_audio_data``, pytorchvideo
+    ``ConstantClipsPerVideoSampler``): K = 8 clips of 2 s, start_k = k * max(duration - 2, 0) / (K-1),
+    end_k = start_k + 2; sample ranges ``[int(start*sr), int(end*sr))`` at 16 kHz. A clip running past
+    the end of a short audio is shorter; :func:`cut_audio_clips` zero-pads it (spec_qformer_family §2.4).
+    """
+    if not (math.isfinite(duration) and duration >= 0):
+        raise ValueError(f"duration must be a finite number of seconds >= 0, got {duration!r}")
+    k = _positive("num_clips", num_clips)
+    sr = _positive("sample_rate", sample_rate)
+    # Exact rational arithmetic, as pytorchvideo's sampler (Fractions): start_k = k * max_start / (K-1).
+    max_start = max(Fraction(duration) - Fraction(clip_duration), Fraction(0))
+    starts = [max_start * i / max(k - 1, 1) for i in range(k)]
+    ends = [s + Fraction(clip_duration) for s in starts]
+    return AudioClips(
+        starts=np.asarray([float(s) for s in starts], np.float64),
+        ends=np.asarray([float(e) for e in ends], np.float64),
+        start_samples=np.asarray([int(s * sr) for s in starts], np.int64),
+        end_samples=np.asarray([int(e * sr) for e in ends], np.int64),
+        sample_rate=sr,
+    )
+
+
+def cut_audio_clips(audio: np.ndarray, clips: AudioClips) -> np.ndarray:
+    """Cut a mono waveform ``[N]`` into the clips -> float32 ``[K, clip_len]`` zero-padded at the end,
+    where clip_len = max(end_samples - start_samples)."""
+    wav = np.asarray(audio, np.float32).reshape(-1)
+    length = int((clips.end_samples - clips.start_samples).max())
+    out = np.zeros((len(clips.starts), length), np.float32)
+    for i, (s, e) in enumerate(zip(clips.start_samples, clips.end_samples)):
+        piece = wav[s:e]
+        out[i, : piece.shape[0]] = piece
+    return out

@@ -36,8 +36,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
     """
     if head_dim % 2:
         raise ValueError(f"rotary head_dim must be even, got {head_dim}")
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    inv = inv.astype(np.float32)
+    # theta ** (2i / Dh) evaluated in float64 and rounded to float32, then inverted in float32: the
+    # operation order of the references with a correctly rounded power (a float32 pow differs from
+    # torch's in the last bit for many entries, which moves cos/sin by ~6e-5 at positions ~1e3).
+    exponent = (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)).astype(np.float64)
+    inv = (np.float32(1.0) / (float(theta) ** exponent).astype(np.float32)).astype(np.float32)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default", "mrope"):
         return inv

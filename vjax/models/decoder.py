@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vjax.layers.attention import Attention, Cache, init_cache, make_attention_mask
 from vjax.layers.mlp import GatedMlp, dense
+from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
 from vjax.models.losses import next_token_loss
@@ -300,8 +301,6 @@ class CausalLM(nn.Module):
         if position_ids.ndim == 3:
             if c.mrope_section is None:
                 raise ValueError("3-axis position_ids need a config with mrope_section (Qwen2-VL)")
-            from vjax.layers.mrope import mrope_cos_sin  # noqa: PLC0415 (M-RoPE is optional)
-
             return mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
         return rope_cos_sin(position_ids, inv)
 

@@ -1,0 +1,85 @@
+"""Parameter-free token pooling of per-frame patch features.
+
+* Video-ChatGPT spatio-temporal pooling (Maaz et al. 2023, arXiv 2306.05424, §3; mbzuai-oryx/Video-ChatGPT
+  ``get_spatio_temporal_features_torch`` / ``scripts/save_spatio_temporal_clip_features.py``).
+  For patch features ``F [T, N, C]`` of T real frames:
+
+      t_i = mean_n F[i, n]     i = 0 .. T-1, zero-padded at the end to ``num_temporal`` (100) tokens
+      s_n = mean_i F[i, n]     n = 0 .. N-1 (mean over the real frames only)
+      V   = [t_0 .. t_{99} ; s_0 .. s_{N-1}]                           -> [100 + N, C] (356 for CLIP-L/14)
+
+* MiniGPT4-video adjacent-token concatenation (Ataallah et al. 2024, arXiv 2404.03413; Vision-CAIR/MiniGPT4-video
+  ``mini_gpt4_llama_v2.py``, ``token_pooling``): the 256 patch tokens of a frame (CLS dropped), in raster
+  order, are viewed as 64 groups of 4 consecutive tokens and each group is concatenated channel-wise:
+  ``[256, C] -> [64, 4C]`` (1x4 horizontal groups inside each 16-patch row, not 2x2 squares).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def video_chatgpt_pool(
+    features: jax.Array, frame_mask: jax.Array | None = None, num_temporal: int | None = 100
+) -> jax.Array:
+    """Video-ChatGPT spatio-temporal pooling: ``[temporal tokens ; spatial tokens]``.
+
+    Temporal token i is the mean over the N patches of the i-th real frame; the real frames' tokens
+    come first (in frame order) and the remaining ``num_temporal - T_real`` slots are zero, as the
+    official code zero-pads to 100. Spatial token n is the mean of patch n over the real frames.
+    Padded frames (``frame_mask`` False, anywhere in the clip) change no output. Means accumulate in
+    float32; the output has the input dtype.
+
+    Args:
+      features: ``[B, T, N, C]`` per-frame patch features (CLIP layer -2, CLS dropped).
+      frame_mask: ``[B, T]`` bool, True for real frames (default: all real). A sample with no real
+        frame gets zero tokens.
+      num_temporal: number of temporal tokens (Video-ChatGPT: 100); ``None`` uses T. Must be ``>= T``.
+
+    Returns:
+      ``[B, num_temporal + N, C]``.
+
+    >>> import jax.numpy as jnp
+    >>> f = jnp.arange(2 * 3 * 1, dtype=jnp.float32).reshape(1, 2, 3, 1)   # T=2 frames, N=3 patches
+    >>> video_chatgpt_pool(f, num_temporal=4)[0, :, 0].tolist()
+    [1.0, 4.0, 0.0, 0.0, 1.5, 2.5, 3.5]
+    """
+    b, t, n, c = features.shape
+    num_temporal = t if num_temporal is None else num_temporal
+    if num_temporal < t:
+        raise ValueError(f"num_temporal={num_temporal} is smaller than the number of frames T={t}")
+    if frame_mask is None:
+        frame_mask = jnp.ones((b, t), bool)
+    frame_mask = jnp.asarray(frame_mask, bool)
+    x = features.astype(jnp.float32)
+    w = frame_mask.astype(jnp.float32)  # [B, T]
+    temporal = jnp.mean(x, axis=2) * w[..., None]  # [B, T, C]
+    # Move real frames to the front (stable: frame order kept); padded ones become zero slots at the end.
+    order = jnp.argsort(~frame_mask, axis=1, stable=True)  # [B, T]
+    temporal = jnp.take_along_axis(temporal, order[..., None], axis=1)  # [B, T, C]
+    temporal = jnp.pad(temporal, ((0, 0), (0, num_temporal - t), (0, 0)))  # [B, num_temporal, C]
+    n_real = jnp.sum(w, axis=1)  # [B]
+    spatial = jnp.einsum("btnc,bt->bnc", x, w, precision=jax.lax.Precision.HIGHEST)  # [B, N, C]
+    spatial = spatial / jnp.maximum(n_real, 1.0)[:, None, None]
+    return jnp.concatenate([temporal, spatial], axis=1).astype(features.dtype)  # [B, num_temporal + N, C]
+
+
+def concat_adjacent_tokens(tokens: jax.Array, group: int = 4) -> jax.Array:
+    """MiniGPT4-video token pooling: concatenate ``group`` consecutive tokens channel-wise.
+
+    ``out[..., j, :] = concat(x[..., group*j], ..., x[..., group*j + group - 1])``, i.e. a row-major
+    view ``[..., N, C] -> [..., N / group, group * C]`` (MiniGPT4-video: ``[256, 1408] -> [64, 5632]``).
+
+    Args:
+      tokens: ``[..., N, C]`` patch tokens in raster order, CLS already dropped; ``N % group == 0``.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(8.0).reshape(1, 8, 1)     # [B, N=8, C=1]
+    >>> concat_adjacent_tokens(x).tolist()
+    [[[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]]
+    """
+    *lead, n, c = tokens.shape
+    if n % group:
+        raise ValueError(f"number of tokens {n} is not divisible by the group size {group}")
+    return tokens.reshape(*lead, n // group, group * c)

@@ -149,6 +149,19 @@ class Skip:
 Table = Sequence["Rule | Split | Skip"]
 
 
+def with_prefix(table: Table, dst_prefix: str = "", src_prefix: str = "") -> list:
+    """The same rules with ``src_prefix`` before every torch key and ``dst_prefix`` before every vjax
+    path, to place a component's table inside a larger model (``"visual/"``, ``"llm/"``)."""
+    out = []
+    for rule in table:
+        kw = {"src": src_prefix + rule.src}
+        if hasattr(rule, "dst"):
+            kw["dst"] = (dst_prefix + rule.dst if isinstance(rule.dst, str)
+                         else tuple(dst_prefix + d for d in rule.dst))
+        out.append(dataclasses.replace(rule, **kw))
+    return out
+
+
 @dataclasses.dataclass
 class Plan:
     """The outcome of matching checkpoint names against a table and the model's expected shapes."""

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vjax.layers.lora import LoRADense
 from vjax.layers.mlp import dense
 from vjax.layers.rope import apply_rotary_pos_emb
 
@@ -123,6 +124,12 @@ class Attention(nn.Module):
       qkv_bias: bias on q/k/v projections, one bool or a triple (EVA's q and v bias without k).
       out_bias: bias on the output projection.
       scale: logit scale, default ``head_dim ** -0.5``.
+      bias_kv: learned key and value vectors ``bias_k``/``bias_v`` ``[K * Dh]`` appended after the
+        projected keys/values as one extra, always visible key slot (``torch.nn.MultiheadAttention``
+        with ``add_bias_kv=True``, used by ImageBind): ``S -> S + 1``. Not combinable with a cache.
+      lora_rank, lora_alpha, lora_targets: a LoRA adapter (:class:`vjax.layers.lora.LoRADense`) of rank
+        ``lora_rank`` and scale ``lora_alpha / lora_rank`` on the named projections (e.g. ``("q_proj",
+        "v_proj")``); ``lora_rank = 0`` (default) builds plain projections.
     """
 
     num_heads: int
@@ -132,8 +139,18 @@ class Attention(nn.Module):
     out_bias: bool = False
     out_features: int | None = None
     scale: float | None = None
+    bias_kv: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    lora_targets: tuple[str, ...] = ()
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+
+    def _proj(self, name: str, features: int, axes: tuple[str, str], use_bias: bool) -> nn.Module:
+        kw = dict(use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.lora_rank and name in self.lora_targets:
+            return LoRADense(features, axes, self.lora_rank, self.lora_alpha, **kw)
+        return dense(features, axes, **kw)
 
     @nn.compact
     def __call__(
@@ -155,23 +172,41 @@ class Attention(nn.Module):
         must then be ``[B, 1, L, S_cache]``.
         """
         bq, bk, bv = _bias_flags(self.qkv_bias)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, l, d = x.shape
         src = x if kv_inputs is None else kv_inputs
-        q = dense(self.num_heads * self.head_dim, ("embed", "heads"), use_bias=bq, name="q_proj", **kw)(x)
-        k = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), use_bias=bk, name="k_proj", **kw)(src)
-        v = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), use_bias=bv, name="v_proj", **kw)(src)
+        q = self._proj("q_proj", self.num_heads * self.head_dim, ("embed", "heads"), bq)(x)
+        k = self._proj("k_proj", self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), bk)(src)
+        v = self._proj("v_proj", self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), bv)(src)
         q = q.reshape(b, l, self.num_heads, self.head_dim)  # [B, L, H, Dh]
         k = k.reshape(b, src.shape[1], self.num_kv_heads, self.head_dim)  # [B, S, K, Dh]
         v = v.reshape(b, src.shape[1], self.num_kv_heads, self.head_dim)
         if cos is not None:
             q = apply_rotary_pos_emb(q, cos, sin)
             k = apply_rotary_pos_emb(k, cos, sin)
+        if self.bias_kv:
+            if cache is not None:
+                raise ValueError("bias_kv attention does not support a KV cache")
+            k, v = self._append_bias_kv(k, v)  # [B, S + 1, K, Dh]
+            if mask is not None:  # the learned slot is visible to every query
+                mask = jnp.concatenate([mask, jnp.ones(mask.shape[:-1] + (1,), bool)], axis=-1)
+            if bias is not None:
+                bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(0, 1)])
         new_cache = None
         if cache is not None:
             new_cache = update_cache(cache, k, v, cache_index)
             k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
         out = dot_product_attention(q, k, v, mask, bias=bias, scale=self.scale)  # [B, L, H, Dh]
         out = out.reshape(b, l, self.num_heads * self.head_dim)
-        out = dense(self.out_features or d, ("heads", "embed"), use_bias=self.out_bias, name="o_proj", **kw)(out)
+        out = self._proj("o_proj", self.out_features or d, ("heads", "embed"), self.out_bias)(out)
         return out, new_cache
+
+    def _append_bias_kv(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Append the learned ``bias_k``/``bias_v`` as one more key/value slot: ``[B, S+1, K, Dh]``."""
+        shape = (self.num_kv_heads * self.head_dim,)
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("kv_heads",))
+        extra = []
+        for name, x in (("bias_k", k), ("bias_v", v)):
+            b = self.param(name, init, shape, self.param_dtype).astype(x.dtype)
+            b = jnp.broadcast_to(b.reshape(1, 1, self.num_kv_heads, self.head_dim), (x.shape[0], 1) + x.shape[2:])
+            extra.append(jnp.concatenate([x, b], axis=1))
+        return extra[0], extra[1]

@@ -78,14 +78,15 @@ def _is_eos(tokens: jax.Array, eos: Sequence[int]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("module", "total_len"))
-def _prefill(module: nn.Module, params, input_ids, attention_mask, prefill_inputs, total_len: int):
+@functools.partial(jax.jit, static_argnames=("module", "total_len", "static_inputs"))
+def _prefill(module: nn.Module, params, input_ids, attention_mask, prefill_inputs, total_len: int,
+             static_inputs: tuple = ()):
     b, l = input_ids.shape
     cache = module.init_cache(b, total_len)
     full_mask = jnp.concatenate(
         [attention_mask.astype(jnp.int32), jnp.ones((b, total_len - l), jnp.int32)], axis=1)
     out = module.apply({"params": params}, input_ids=input_ids, attention_mask=full_mask, cache=cache,
-                       cache_index=0, **prefill_inputs)
+                       cache_index=0, **prefill_inputs, **dict(static_inputs))
     return out.logits[:, -1], out.cache, out.next_position, full_mask
 
 
@@ -156,7 +157,8 @@ def generate(
       rng: PRNG key for sampling (default key 0).
       stream: called with the new tokens ``[B]`` after every step (a Python loop over one compiled
         step); without it the whole decode is one ``lax.while_loop``.
-      prefill_inputs: extra model inputs used only at prefill (pixels, grids, audio ...).
+      prefill_inputs: extra model inputs used only at prefill (pixels, grids, audio ...); tuples and
+        Python scalars among them are passed as static values (one compile per distinct value).
     Returns:
       :class:`GenerateOutput`.
     """
@@ -166,8 +168,12 @@ def generate(
     if attention_mask is None:
         attention_mask = jnp.ones((b, l), jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
+    prefill_inputs = dict(prefill_inputs or {})
+    # tuples and Python scalars are static (e.g. Qwen2-VL's grids, which fix shapes); arrays are traced
+    static = tuple(sorted((k, v) for k, v in prefill_inputs.items() if isinstance(v, (tuple, int, float, str))))
+    arrays = {k: v for k, v in prefill_inputs.items() if k not in dict(static)}
     logits, cache, next_pos, full_mask = _prefill(
-        module, params, input_ids, jnp.asarray(attention_mask), prefill_inputs or {}, l + cfg.max_new_tokens)
+        module, params, input_ids, jnp.asarray(attention_mask), arrays, l + cfg.max_new_tokens, static)
     if stream is None:
         tokens = _decode_all(module, params, cfg, l, logits, cache, next_pos, full_mask, rng)
     else:

@@ -61,6 +61,10 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    # LoRA adapters on attention projections (MiniGPT4-video: r 64, alpha 16 on q_proj, v_proj); 0 = off
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -252,6 +256,13 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask == 1, pos, 1)
 
 
+def decoder_cache(config: DecoderConfig, batch: int, length: int, dtype=None) -> list[Cache]:
+    """An empty KV cache of ``length`` slots for every layer of a decoder with ``config``."""
+    dt = jnp.dtype(dtype or config.dtype)
+    return [init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
+            for _ in range(config.num_layers)]
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``."""
 
@@ -263,7 +274,8 @@ class DecoderLayer(nn.Module):
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         attn_out, cache = Attention(
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
-            qkv_bias=c.attention_bias, dtype=dt, param_dtype=pdt, name="self_attn",
+            qkv_bias=c.attention_bias, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+            lora_targets=tuple(c.lora_targets), dtype=dt, param_dtype=pdt, name="self_attn",
         )(RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(h), cos=cos, sin=sin, mask=mask,
           cache=cache, cache_index=cache_index)
         h = h + attn_out
@@ -306,9 +318,7 @@ class CausalLM(nn.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> list[Cache]:
         """An empty KV cache of ``length`` slots for every layer."""
-        c = self.config
-        dt = jnp.dtype(dtype or c.dtype)
-        return [init_cache(batch, length, c.num_kv_heads, c.resolved_head_dim, dt) for _ in range(c.num_layers)]
+        return decoder_cache(self.config, batch, length, dtype)
 
     def __call__(
         self,

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 _MODELS: dict[str, tuple[str, str, str]] = {
     "decoder": ("vjax.models.decoder", "DecoderConfig", "CausalLM"),
+    "video_chatgpt": ("vjax.models.video_chatgpt", "VideoChatGPTConfig", "VideoChatGPT"),
+    "chat_univi": ("vjax.models.chat_univi", "ChatUniViConfig", "ChatUniVi"),
+    "qwen2_vl": ("vjax.models.qwen2_vl", "Qwen2VLConfig", "Qwen2VL"),
 }
 
 

@@ -1,0 +1,119 @@
+"""Qwen2-VL equals transformers' Qwen2VLForConditionalGeneration on text + images + a video
+(max |Δ logits| <= 1e-4, float32), greedy generation token for token."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from vjax.convert.io import open_checkpoint
+from vjax.convert.mapping import convert
+from vjax.convert.qwen2_vl import detect_layout, qwen2_vl_table
+from vjax.generate import generate
+from vjax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig, qwen2_vl_patchify
+from vjax.pretrained import abstract_params
+
+IMG, VID, VS, VE = 10, 11, 12, 13
+TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, mlp_ratio=2),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    cfg._attn_implementation = "eager"
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def converted(tmpdir: str):
+    hf = hf_model()
+    hf.save_pretrained(tmpdir)
+    config = Qwen2VLConfig.from_hf(hf.config.to_dict())
+    module = Qwen2VL(config)
+    src = open_checkpoint(tmpdir)
+    params = convert(src, qwen2_vl_table(config, detect_layout(src.keys())), abstract_params(module))
+    return module, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def batch():
+    """Row 0 (left-padded): an image 4x4 patches; row 1: an image 4x6 and a 4-frame video 2x4x4."""
+    rng = np.random.default_rng(0)
+    img_grid = np.array([[1, 4, 4], [1, 4, 6]])
+    vid_grid = np.array([[2, 4, 4]])
+    pix_img = rng.normal(size=(16 + 24, 3 * 2 * 14 * 14)).astype(np.float32)
+    frames = rng.normal(size=(4, 56, 56, 3)).astype(np.float32)
+    pix_vid = np.asarray(qwen2_vl_patchify(jnp.asarray(frames)))
+    row0 = [1, 20, 21, VS] + [IMG] * 4 + [VE, 30, 31, 32]
+    row1 = [1, VS] + [IMG] * 6 + [VE, 22, VS] + [VID] * 8 + [VE, 40, 41, 42]
+    length = len(row1)
+    ids = np.zeros((2, length), np.int64)
+    mask = np.zeros((2, length), np.int64)
+    ids[0, length - len(row0):] = row0
+    mask[0, length - len(row0):] = 1
+    ids[1] = row1
+    mask[1] = 1
+    return ids, mask, pix_img, img_grid, pix_vid, vid_grid, frames
+
+
+def test_logits_match_transformers(tmp_path_factory):
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl")))
+    ids, mask, pix_img, img_grid, pix_vid, vid_grid, _ = batch()
+    with torch.no_grad():
+        ref = hf_model()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         pixel_values=torch.tensor(pix_img), image_grid_thw=torch.tensor(img_grid),
+                         pixel_values_videos=torch.tensor(pix_vid), video_grid_thw=torch.tensor(vid_grid),
+                         mm_token_type_ids=torch.tensor((ids == IMG) * 1 + (ids == VID) * 2)).logits.numpy()
+    out = module.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                       pixel_values=jnp.asarray(pix_img), image_grid_thw=img_grid,
+                       pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=vid_grid)
+    err = np.abs(np.asarray(out.logits) - ref)[mask.astype(bool)].max()
+    print(f"qwen2_vl: max |Δ logits| = {err:.2e}")
+    assert err <= TOL
+
+
+def test_greedy_generation_matches_transformers(tmp_path_factory):
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl_gen")))
+    ids, mask, pix_img, img_grid, pix_vid, vid_grid, _ = batch()
+    n = 12
+    with torch.no_grad():
+        ref = hf_model().generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                  pixel_values=torch.tensor(pix_img), image_grid_thw=torch.tensor(img_grid),
+                                  pixel_values_videos=torch.tensor(pix_vid), video_grid_thw=torch.tensor(vid_grid),
+                                  mm_token_type_ids=torch.tensor((ids == IMG) * 1 + (ids == VID) * 2),
+                                  max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)
+    ref_new = ref[:, ids.shape[1]:].numpy()
+    out = generate(module, params, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=n, eos_token_ids=(2,),
+                   pad_token_id=0, prefill_inputs=dict(
+                       pixel_values=jnp.asarray(pix_img), image_grid_thw=tuple(map(tuple, img_grid.tolist())),
+                       pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=tuple(map(tuple, vid_grid.tolist()))))
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, : ref_new.shape[1]], ref_new)
+
+
+def test_frames_path_equals_packed_path(tmp_path_factory):
+    """Training batches carry frames [B, T, H, W, 3]; they must give the packed-patch result."""
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl_frames")))
+    module = module.clone(config=module.config.replace(num_frames=4, image_size=56))
+    _, _, _, _, pix_vid, vid_grid, frames = batch()
+    ids = jnp.asarray([[1, VS] + [VID] * 8 + [VE, 40, 41]])
+    a = module.apply({"params": params}, ids, pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=vid_grid)
+    b = module.apply({"params": params}, ids, frames=jnp.asarray(frames)[None])
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)

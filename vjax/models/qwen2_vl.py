@@ -1,0 +1,201 @@
+"""Qwen2-VL (Wang et al. 2024, arXiv 2409.12191): a ViT at native resolution (3-D patches of 2 frames
+x 14 x 14, 2-D RoPE, block-diagonal attention per image / frame pair, 2x2 patch merger) feeding a
+Qwen2 decoder with M-RoPE over (temporal, height, width).
+
+    patches  = pack(images, videos)                         [N, 3*2*14*14]   (merge-block-major order)
+    features = merger(ViT(patches, grid_thw))               [N / 4, D]
+    embeds   = embed(ids) with image/video pad tokens <- features (in order)
+    pos      = rope_index(ids, grids)                       [3, B, L]        (original Qwen2-VL rule)
+    logits   = Qwen2(embeds, M-RoPE(pos))
+
+Source: spec_vit_family.md §5; the transformers ``Qwen2VLForConditionalGeneration`` is the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vjax.layers.mrope import get_rope_index_jax
+from vjax.layers.splice import splice_tokens
+from vjax.models.decoder import CausalLM, DecoderConfig
+from vjax.models.encoders import Encoder, EncoderConfig, qwen2_vl_vision_inputs
+from vjax.models.video_llm import VideoLLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    vision: EncoderConfig = EncoderConfig.tiny("qwen2_vl", out_dim=64)
+    llm: DecoderConfig = DecoderConfig.tiny(arch="qwen2", attention_bias=True, mrope_section=(2, 3, 3),
+                                            rope_theta=1e6, vocab_size=256)
+    num_frames: int = 4
+    image_size: int = 56  # frames are resized to image_size x image_size in the synthetic pipeline
+    image_token_id: int = 10
+    video_token_id: int = 11
+    vision_start_token_id: int = 12
+    max_visual_blocks: int = 4
+    _nested_configs = {"vision": EncoderConfig, "llm": DecoderConfig}
+
+    def __post_init__(self):
+        if self.vision.out_dim != self.llm.hidden_size:
+            raise ValueError(f"vision.out_dim={self.vision.out_dim} must equal llm.hidden_size={self.llm.hidden_size}")
+
+    def replace(self, **kw) -> "Qwen2VLConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def placeholder_id(self) -> int:
+        return self.video_token_id
+
+    @property
+    def video_grid(self) -> tuple[int, int, int]:
+        """Patch grid ``(t, h, w)`` of a ``num_frames x image_size^2`` clip."""
+        p, tp = self.vision.patch_size, self.vision.temporal_patch_size
+        return (max(1, self.num_frames // tp), self.image_size // p, self.image_size // p)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens per clip ``t * h * w / 4`` (a 10 s 640x360 clip at 2 fps: 20 x 26 x 46 / 4 = 5980)."""
+        t, h, w = self.video_grid
+        return t * h * w // self.vision.spatial_merge_size**2
+
+    @classmethod
+    def tiny(cls, **kw) -> "Qwen2VLConfig":
+        return cls(**kw)
+
+    @classmethod
+    def qwen2_vl_7b(cls, **kw) -> "Qwen2VLConfig":
+        """Qwen2-VL-7B(-Instruct)."""
+        base = dict(vision=EncoderConfig.qwen2_vl_vision(out_dim=3584),
+                    llm=DecoderConfig.qwen2_7b(mrope_section=(16, 24, 24)), num_frames=16, image_size=448,
+                    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, max_visual_blocks=8)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def qwen2_vl_2b(cls, **kw) -> "Qwen2VLConfig":
+        """Qwen2-VL-2B(-Instruct): Qwen2-1.5B LLM (tied embeddings)."""
+        return cls.qwen2_vl_7b(**{"vision": EncoderConfig.qwen2_vl_vision(out_dim=1536),
+                                  "llm": DecoderConfig.qwen2_1_5b(mrope_section=(16, 24, 24)), **kw})
+
+    @classmethod
+    def from_hf(cls, cfg: dict, **kw) -> "Qwen2VLConfig":
+        """From a Qwen2-VL ``config.json`` (release layout: text keys at top level; transformers 5:
+        ``text_config``), with its ``vision_config``."""
+        text = dict(cfg.get("text_config") or cfg)
+        text.setdefault("architectures", ["Qwen2ForCausalLM"])
+        text["architectures"] = ["Qwen2ForCausalLM"]
+        if "rope_scaling" in cfg and "rope_parameters" not in text:
+            text["rope_scaling"] = cfg["rope_scaling"]
+        text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+        llm = DecoderConfig.from_hf(text)
+        v = cfg["vision_config"]
+        width = v.get("embed_dim", 1280)
+        vision = EncoderConfig.qwen2_vl_vision(
+            width=width, depth=v.get("depth", 32), num_heads=v.get("num_heads", 16),
+            mlp_dim=int(width * v.get("mlp_ratio", 4)), patch_size=v.get("patch_size", 14),
+            temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
+            in_channels=v.get("in_chans", v.get("in_channels", 3)), out_dim=v.get("hidden_size", llm.hidden_size))
+        ids = dict(image_token_id=cfg.get("image_token_id", 151655), video_token_id=cfg.get("video_token_id", 151656),
+                   vision_start_token_id=cfg.get("vision_start_token_id", 151652))
+        return cls(**{"vision": vision, "llm": llm, **ids, **kw})
+
+    STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^visual/merger/", r"^llm/")}
+
+
+def qwen2_vl_patchify(frames: jax.Array, patch: int = 14, temporal: int = 2, merge: int = 2) -> jax.Array:
+    """``[T, H, W, C]`` normalised frames -> Qwen2-VL's flattened patches ``[t*h*w, C*temporal*patch*patch]``.
+
+    Patch order is ``(t, h/m, w/m, m, m)`` (merge blocks contiguous), each patch flattened as
+    ``(C, temporal, patch, patch)``: the layout of the reference image processor. ``T`` is padded to a
+    multiple of ``temporal`` by repeating the last frame.
+    """
+    t, h, w, c = frames.shape
+    if t % temporal:
+        frames = jnp.concatenate([frames, jnp.repeat(frames[-1:], temporal - t % temporal, axis=0)])
+        t = frames.shape[0]
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    x = frames.reshape(gt, temporal, gh // merge, merge, patch, gw // merge, merge, patch, c)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # [gt, gh/m, gw/m, m, m, C, temporal, p, p]
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch)
+
+
+def _host_grid(grid: Any, name: str) -> np.ndarray:
+    if isinstance(grid, jax.core.Tracer):
+        raise TypeError(f"{name} must be a host array or tuple (static shapes), not a traced value; pass it "
+                        f"as a tuple of (t, h, w) rows (generate treats tuples as static)")
+    return np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+class Qwen2VL(VideoLLM):
+    config: Qwen2VLConfig
+
+    def setup(self):
+        self.visual = Encoder(self.config.vision)
+        self.llm = CausalLM(self.config.llm)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        cache: Any = None,
+        cache_index: jax.Array | int = 0,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None,
+        pixel_values_videos: jax.Array | None = None,
+        video_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None,
+        frames: jax.Array | None = None,
+        frame_mask: jax.Array | None = None,
+    ):
+        """Logits for text with packed images/videos (reference layout) or a batch of clips ``frames``.
+
+        Args:
+          pixel_values / image_grid_thw: packed image patches ``[N_i, 1176]`` and their grids (host).
+          pixel_values_videos / video_grid_thw: the same for videos.
+          frames: ``[B, T, H, W, 3]`` normalised clips (one video per row, static grid); ``frame_mask``
+            is accepted for the shared batch format (Qwen2-VL encodes every frame it is given).
+        """
+        c = self.config
+        b, l = input_ids.shape
+        if frames is not None:
+            grid = c.video_grid
+            pixel_values_videos = jax.vmap(lambda f: qwen2_vl_patchify(
+                f, c.vision.patch_size, c.vision.temporal_patch_size, c.vision.spatial_merge_size))(frames)
+            pixel_values_videos = pixel_values_videos.reshape(-1, pixel_values_videos.shape[-1])
+            video_grid_thw = np.asarray([grid] * b, np.int64)
+        embeds = self.llm.embed(input_ids)  # [B, L, D]
+        grids = {}
+        for name, pix, grid, token in (("image", pixel_values, image_grid_thw, c.image_token_id),
+                                       ("video", pixel_values_videos, video_grid_thw, c.video_token_id)):
+            if pix is None:
+                continue
+            g = _host_grid(grid, f"{name}_grid_thw")
+            pos2d, seg = qwen2_vl_vision_inputs(g, c.vision.spatial_merge_size)
+            feats = self.visual(pix, positions=pos2d, segment_ids=seg).features  # [N / 4, D]
+            flat = splice_tokens(embeds.reshape(1, b * l, -1), feats[None], (input_ids == token).reshape(1, b * l))
+            embeds = flat.reshape(b, l, -1)
+            grids[name] = jnp.asarray(g, jnp.int32)
+        if position_ids is None and grids:
+            mask = attention_mask if attention_mask is not None else jnp.ones((b, l), jnp.int32)
+            position_ids, _ = get_rope_index_jax(
+                input_ids, grids.get("image"), grids.get("video"), mask[:, :l], image_token_id=c.image_token_id,
+                video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id,
+                spatial_merge_size=c.vision.spatial_merge_size, max_visual_blocks=c.max_visual_blocks)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, cache_index=cache_index)
+
+    def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
+        c = self.config
+        n = c.num_visual_tokens
+        ids = jnp.concatenate([
+            jnp.ones((batch, 1), jnp.int32), jnp.full((batch, 1), c.vision_start_token_id, jnp.int32),
+            jnp.full((batch, n), c.video_token_id, jnp.int32), jnp.full((batch, 8), 5, jnp.int32)], axis=1)
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+                "loss_mask": jnp.zeros_like(ids).at[:, -4:].set(1),
+                "frames": jnp.zeros((batch, c.num_frames, c.image_size, c.image_size, 3), jnp.float32),
+                "frame_mask": jnp.ones((batch, c.num_frames), bool)}

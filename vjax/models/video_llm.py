@@ -1,0 +1,92 @@
+"""What the seven video LLMs share: splice visual tokens into the LLM's input embeddings, the loss,
+the KV cache and the documented batch format.
+
+Batch format (every model reads the keys it needs; shapes are static per bucket):
+
+| key | shape | meaning |
+|---|---|---|
+| ``input_ids`` | ``int32[B, L]`` | prompt + answer, with ``placeholder_id`` where visual tokens go |
+| ``attention_mask`` | ``int32[B, L]`` | 1 on real tokens (right padding in training, left in generation) |
+| ``loss_mask`` | ``int32[B, L]`` | 1 on answer tokens |
+| ``frames`` | ``float32[B, T, H, W, 3]`` | normalised frames (images are one-frame videos) |
+| ``frame_mask`` | ``bool[B, T]`` | real frames |
+| ``audio`` | ``float32[B, C, mel, frames]`` | fbank clips (Video-LLaMA) with ``audio_mask bool[B, C]`` |
+
+A model subclasses :class:`VideoLLM`, builds ``self.llm`` (a :class:`~vjax.models.decoder.CausalLM`)
+in ``setup`` and implements ``encode(**visual) -> [B, N, D_llm]``; its visual tokens, in prompt order,
+replace the placeholder positions (``vjax.layers.splice``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vjax.layers.splice import splice_tokens
+from vjax.models.decoder import CausalLMOutput, decoder_cache
+from vjax.models.losses import next_token_loss
+
+VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "timestamps", "grid_thw", "pixel_values",
+               "token_type_ids", "image_positions", "visual_positions", "mrope_position_ids")
+TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+class VideoLLM(nn.Module):
+    """Base class; subclasses define ``config`` (with ``llm`` and ``placeholder_id``), ``setup``,
+    ``encode(**visual) -> [B, N, D]`` and ``example_batch(batch) -> dict``."""
+
+    def positions(self, input_ids, attention_mask, **visual) -> jax.Array | None:
+        """Position ids of a prefill; ``None``: the decoder's default (``cumsum(mask) - 1``)."""
+        return None
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        cache: Any = None,
+        cache_index: jax.Array | int = 0,
+        **visual: Any,
+    ) -> CausalLMOutput:
+        """Logits for ``input_ids`` with the visual inputs spliced in (when given: prefill/training)."""
+        embeds = self.llm.embed(input_ids)  # [B, L, D]
+        present = {k: v for k, v in visual.items() if v is not None}
+        if present:
+            tokens = self.encode(**present)  # [B, N, D]
+            embeds = splice_tokens(embeds, tokens, input_ids == self.config.placeholder_id)
+            if position_ids is None:
+                mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)
+                position_ids = self.positions(input_ids, mask[:, : input_ids.shape[1]], **present)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, cache_index=cache_index)
+
+    def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """Next-token cross-entropy over ``loss_mask`` (answer tokens)."""
+        visual = {k: batch[k] for k in VISUAL_KEYS if k in batch}
+        out = self(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch.get("position_ids"), **visual)
+        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+
+    def init_cache(self, batch: int, length: int, dtype=None):
+        """An empty KV cache of the LLM (works on an unbound module, as ``generate`` calls it)."""
+        return decoder_cache(self.config.llm, batch, length, dtype)
+
+    def example_inputs(self) -> dict[str, Any]:
+        """Inputs that trace every parameter (used by ``abstract_params``)."""
+        b = self.example_batch(1)
+        return {"input_ids": b["input_ids"], **{k: b[k] for k in VISUAL_KEYS if k in b}}
+
+
+def example_text(batch: int, num_visual: int, placeholder_id: int, text: int = 8) -> dict[str, jax.Array]:
+    """``input_ids`` with ``num_visual`` placeholders after one BOS, then ``text`` tokens; masks."""
+    ids = jnp.concatenate([
+        jnp.ones((batch, 1), jnp.int32),
+        jnp.full((batch, num_visual), placeholder_id, jnp.int32),
+        jnp.full((batch, text), 5, jnp.int32),
+    ], axis=1)
+    loss_mask = jnp.zeros_like(ids).at[:, -text // 2:].set(1)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": loss_mask}

@@ -44,7 +44,11 @@ def abstract_params(module: nn.Module) -> dict[str, Any]:
 def init_params(module: nn.Module, rng: jax.Array | int = 0) -> dict[str, Any]:
     """Randomly initialised parameters as a plain nested dict (logical-axis boxes removed)."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    return nn.meta.unbox(module.init(rng, **init_example_inputs(module)))["params"]
+    inputs = init_example_inputs(module)
+    arrays = {k: v for k, v in inputs.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in inputs.items() if k not in arrays}
+    init = jax.jit(lambda r, a: module.init(r, **a, **static))  # one compile instead of op-by-op dispatch
+    return nn.meta.unbox(init(rng, arrays))["params"]
 
 
 def _with_dtype(config: Any, dtype: Any) -> Any:

@@ -16,6 +16,7 @@ _MODELS: dict[str, tuple[str, str, str]] = {
     "video_chatgpt": ("vjax.models.video_chatgpt", "VideoChatGPTConfig", "VideoChatGPT"),
     "chat_univi": ("vjax.models.chat_univi", "ChatUniViConfig", "ChatUniVi"),
     "qwen2_vl": ("vjax.models.qwen2_vl", "Qwen2VLConfig", "Qwen2VL"),
+    "cogvlm2_video": ("vjax.models.cogvlm2_video", "CogVLM2VideoConfig", "CogVLM2Video"),
 }
 
 

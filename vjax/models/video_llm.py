@@ -83,10 +83,11 @@ class VideoLLM(nn.Module):
 
 def example_text(batch: int, num_visual: int, placeholder_id: int, text: int = 8) -> dict[str, jax.Array]:
     """``input_ids`` with ``num_visual`` placeholders after one BOS, then ``text`` tokens; masks."""
+    text_id = 3 if placeholder_id != 3 else 4
     ids = jnp.concatenate([
         jnp.ones((batch, 1), jnp.int32),
         jnp.full((batch, num_visual), placeholder_id, jnp.int32),
-        jnp.full((batch, text), 5, jnp.int32),
+        jnp.full((batch, text), text_id, jnp.int32),
     ], axis=1)
     loss_mask = jnp.zeros_like(ids).at[:, -text // 2:].set(1)
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": loss_mask}

@@ -25,7 +25,7 @@ from vjax.layers.visual_expert import (
     build_position_ids,
     vision_expert_mask,
 )
-from vjax.models.visual_expert_lm import VisualExpertCausalLM
+from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.pretrained import abstract_params
 
 from tests.layers.golden import DictSource, load_case, with_prefix
@@ -94,7 +94,7 @@ def test_decoder_layer_matches_official():
 def lm_from_golden(case: str):
     t, meta = load_case(FOLDER, case)
     config = config_of(meta)
-    lm = VisualExpertCausalLM(config)
+    lm = CausalLM(DecoderConfig.from_expert_config(config))
     sd = {k: v for k, v in with_prefix(t, "param/").items() if not k.startswith("model.vision.")}  # vision tower
     params = convert(DictSource(sd), visual_expert_lm_table(config), abstract_params(lm))
     return t, lm, params
@@ -148,8 +148,9 @@ def test_one_compilation_serves_any_token_type_layout():
 
 
 def test_parameters_carry_logical_axes():
-    boxed = jax.eval_shape(lambda: VisualExpertCausalLM(VisualExpertConfig.tiny()).init(
-        jax.random.key(0), **VisualExpertCausalLM(VisualExpertConfig.tiny()).example_inputs()))["params"]
+    lm = CausalLM(DecoderConfig.from_expert_config(VisualExpertConfig.tiny()))
+    boxed = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                                           token_type_ids=jnp.array([[1, 1]], jnp.int32)))["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
     layer = boxed["layers_0"]["self_attn"]

@@ -50,13 +50,13 @@ def visual_expert_layer_rules(config: VisualExpertConfig, src: str = "model.laye
 
 def visual_expert_lm_table(config: VisualExpertConfig, prefix: str = "model.", dst_prefix: str = "",
                            lm_head: str = "lm_head.weight") -> list[Rule | Split | Skip]:
-    """Rules for :class:`vjax.models.visual_expert_lm.VisualExpertCausalLM` (the language model only).
+    """Rules for a visual-expert :class:`vjax.models.decoder.CausalLM` (the language model only).
 
     >>> from vjax.convert.mapping import flatten_params, plan_conversion
-    >>> from vjax.models.visual_expert_lm import VisualExpertCausalLM
+    >>> from vjax.models.decoder import CausalLM, DecoderConfig
     >>> from vjax.pretrained import abstract_params
     >>> cfg = VisualExpertConfig.tiny(num_layers=1)
-    >>> want = {k: v.shape for k, v in flatten_params(abstract_params(VisualExpertCausalLM(cfg))).items()}
+    >>> want = {k: v.shape for k, v in flatten_params(abstract_params(CausalLM(DecoderConfig.from_expert_config(cfg)))).items()}
     >>> names = {"model.layers.0.self_attn.language_expert_query_key_value.weight": (128, 64),
     ...          "model.layers.0.self_attn.rotary_emb.inv_freq": (8,)}
     >>> plan = plan_conversion(names, visual_expert_lm_table(cfg), want)

@@ -4,9 +4,9 @@ adapter, each frame followed by its timestamp, CogVLM's position ids, and a Llam
     per frame:  V_t = [boi ; GLU(conv2x2(EVA2(frame_t))) ; eoi]       [66, D]   (224 px)
     sequence:   BOS, V_0, "0", V_1, "1", ..., V_{T-1}, "T-1", "Question: ... Answer:"
     positions:  build_position_ids(token types): boi p, all patches p+1, eoi p+2, timestamp p+3
-    decoder:    ``visual_experts=True``  — CogVLM's visual-expert layers in every decoder layer (the survey's
+    decoder:    ``llm.visual_experts=True``  — CogVLM's visual-expert layers in every decoder layer (the survey's
                 form; separate q/k/v/o and MLP weights for vision tokens), trained end to end in ``tiny``;
-                ``visual_experts=False`` — plain Llama-3 (the released ``cogvlm2-video-llama3-chat`` has no
+                ``llm.visual_experts=False`` — plain Llama-3 (the released ``cogvlm2-video-llama3-chat`` has no
                 experts: spec_vit_family.md §4.1), so its weights load.
 """
 
@@ -19,18 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from vjax.layers.splice import splice_tokens
-from vjax.layers.visual_expert import VisualExpertConfig, build_position_ids
-from vjax.models.decoder import CausalLM, CausalLMOutput, DecoderConfig, next_position
+from vjax.layers.visual_expert import build_position_ids
+from vjax.models.decoder import CausalLM, CausalLMOutput, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
 from vjax.models.video_llm import VideoLLM, example_text
-from vjax.models.visual_expert_lm import VisualExpertCausalLM
 
 
 @dataclasses.dataclass(frozen=True)
 class CogVLM2VideoConfig:
     vision: EncoderConfig = EncoderConfig.tiny("eva2", out_dim=64, glu_dim=128)
-    llm: DecoderConfig = DecoderConfig.tiny(rope_theta=500000.0, rms_norm_eps=1e-5)
-    visual_experts: bool = True
+    llm: DecoderConfig = DecoderConfig.tiny(rope_theta=500000.0, rms_norm_eps=1e-5, visual_experts=True)
     num_frames: int = 4
     placeholder_id: int = 6  # the pad id (128002) that marks vision slots in the release
     _nested_configs = {"vision": EncoderConfig, "llm": DecoderConfig}
@@ -53,15 +51,6 @@ class CogVLM2VideoConfig:
         """Vision tokens per clip (24 frames x 66 = 1584, plus one timestamp token per frame)."""
         return self.num_frames * self.tokens_per_frame
 
-    @property
-    def expert_config(self) -> VisualExpertConfig:
-        c = self.llm
-        return VisualExpertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                  intermediate_size=c.intermediate_size, num_layers=c.num_layers,
-                                  num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps,
-                                  rope_theta=c.rope_theta, hidden_act=c.hidden_act, dtype=c.dtype,
-                                  param_dtype=c.param_dtype)
-
     @classmethod
     def tiny(cls, **kw) -> "CogVLM2VideoConfig":
         return cls(**kw)
@@ -71,13 +60,14 @@ class CogVLM2VideoConfig:
         """The released ``THUDM/cogvlm2-video-llama3-chat``: 24 frames, plain Llama-3-8B (no experts)."""
         base = dict(vision=EncoderConfig.eva2_clip_e(), llm=DecoderConfig.llama3_8b(
             max_position_embeddings=2048, eos_token_id=128001, pad_token_id=128002),
-            visual_experts=False, num_frames=24, placeholder_id=128002)
+            num_frames=24, placeholder_id=128002)
         return cls(**{**base, **kw})
 
     @classmethod
     def cogvlm2_video_experts(cls, **kw) -> "CogVLM2VideoConfig":
         """The survey's form at the published size: visual experts in all 32 layers (CogVLM2-19B LM)."""
-        return cls.cogvlm2_video_llama3_chat(**{"visual_experts": True, **kw})
+        base = cls.cogvlm2_video_llama3_chat()
+        return cls.cogvlm2_video_llama3_chat(**{"llm": base.llm.replace(visual_experts=True), **kw})
 
     STAGES = {"full": None, "llm": (r"^llm/",), "adapter": (r"^vision/(conv|glu|boi|eoi)",)}
 
@@ -88,7 +78,7 @@ class CogVLM2Video(VideoLLM):
     def setup(self):
         c = self.config
         self.vision = Encoder(c.vision)
-        self.llm = VisualExpertCausalLM(c.expert_config) if c.visual_experts else CausalLM(c.llm)
+        self.llm = CausalLM(c.llm)  # llm.visual_experts switches CogVLM's expert layers on
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         """``[B, T, H, W, 3]`` -> ``[B, T * 66, D]`` in frame order (padded frames are never referenced)."""
@@ -108,14 +98,9 @@ class CogVLM2Video(VideoLLM):
             if not (isinstance(cache_index, int) and cache_index == 0):
                 raise ValueError("position_ids are required when decoding from a non-empty cache")
             position_ids = build_position_ids(types, mask[:, :l])
-        if self.config.visual_experts:
-            out = self.llm(inputs_embeds=embeds, token_type_ids=types, attention_mask=attention_mask,
-                           position_ids=position_ids, cache=cache, cache_index=cache_index)
-            q_valid = jax.lax.dynamic_slice_in_dim(mask, jnp.asarray(cache_index, jnp.int32), l, axis=1)
-            return CausalLMOutput(logits=out.logits, cache=out.cache,
-                                  next_position=next_position(position_ids, q_valid))
+        experts = {"token_type_ids": types} if self.config.llm.visual_experts else {}
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=cache, cache_index=cache_index)
+                        cache=cache, cache_index=cache_index, **experts)
 
     def example_batch(self, batch: int = 2) -> dict[str, Any]:
         c = self.config

@@ -25,6 +25,12 @@ from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
+from vjax.layers.visual_expert import (
+    VisualExpertConfig,
+    VisualExpertDecoderLayer,
+    build_position_ids,
+    vision_expert_mask,
+)
 from vjax.models.losses import next_token_loss
 
 ARCHITECTURES = {
@@ -58,6 +64,8 @@ class DecoderConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     arch: str = "llama"  # llama | mistral | qwen2 (the HF layout used for export)
+    visual_experts: bool = False  # CogVLM: separate vision/language weights in every layer
+    vision_qkv_bias: bool = True  # CogVLM's vision expert q/k/v bias (only with visual_experts)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
@@ -82,6 +90,25 @@ class DecoderConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def expert_config(self) -> VisualExpertConfig:
+        """The visual-expert layer configuration with this decoder's sizes (CogVLM)."""
+        return VisualExpertConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, hidden_act=self.hidden_act,
+            vision_qkv_bias=self.vision_qkv_bias, language_qkv_bias=self.attention_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype)
+
+    @classmethod
+    def from_expert_config(cls, c: VisualExpertConfig, **kw) -> "DecoderConfig":
+        """A visual-expert decoder (CogVLM's language model) from the layer configuration."""
+        return cls(**{**dict(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta, hidden_act=c.hidden_act, attention_bias=c.language_qkv_bias,
+            visual_experts=True, vision_qkv_bias=c.vision_qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype), **kw})
 
     def replace(self, **kw) -> "DecoderConfig":
         return dataclasses.replace(self, **kw)
@@ -234,12 +261,13 @@ class DecoderConfig:
 
 @flax.struct.dataclass
 class CausalLMOutput:
-    """``logits [B, L, V]`` (float32), the updated ``cache`` (or None), last ``hidden_states [B, L, D]``,
-    and ``next_position [B]``: the position id of the token that would follow (for decoding)."""
+    """``logits [B, L, V]`` (float32), the updated ``cache`` (or None), ``hidden_states`` (when asked:
+    the input embeddings and every layer's output, the last one after the final norm) and
+    ``next_position [B]``: the position id of the token that would follow (for decoding)."""
 
     logits: jax.Array
     cache: Any = None
-    hidden_states: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
     next_position: jax.Array | None = None
 
 
@@ -296,8 +324,12 @@ class CausalLM(nn.Module):
             c.vocab_size, c.hidden_size, param_dtype=pdt, dtype=jnp.dtype(c.dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        layer = nn.remat(DecoderLayer, static_argnums=()) if c.remat else DecoderLayer
-        self.layers = [layer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        if c.visual_experts:
+            layer = nn.remat(VisualExpertDecoderLayer) if c.remat else VisualExpertDecoderLayer
+            self.layers = [layer(c.expert_config, name=f"layers_{i}") for i in range(c.num_layers)]
+        else:
+            layer = nn.remat(DecoderLayer) if c.remat else DecoderLayer
+            self.layers = [layer(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, pdt)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), param_dtype=pdt)
@@ -329,6 +361,7 @@ class CausalLM(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Sequence[Cache] | None = None,
         cache_index: jax.Array | int = 0,
+        token_type_ids: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> CausalLMOutput:
         """Run the decoder.
@@ -339,6 +372,8 @@ class CausalLM(nn.Module):
             cache length with one (1 = real token, 0 = padding). Default: all ones.
           position_ids: ``[B, L]`` or ``[3, B, L]``; default HF's ``cumsum(mask) - 1``.
           cache / cache_index: the KV cache and the slot where this chunk starts.
+          token_type_ids: ``[B, L]`` 1 on image tokens, 0 on text — routes the visual experts and sets
+            CogVLM's default positions (``build_position_ids``); only with ``visual_experts``.
         Returns:
           ``CausalLMOutput`` with float32 ``logits [B, L, V]`` and the updated cache.
         """
@@ -357,16 +392,27 @@ class CausalLM(nn.Module):
         if position_ids is None:
             if not (isinstance(cache_index, int) and cache_index == 0):
                 raise ValueError("position_ids are required when decoding from a non-empty cache")
-            position_ids = default_position_ids(attention_mask[:, :l])
+            if c.visual_experts and token_type_ids is not None:
+                position_ids = build_position_ids(token_type_ids, attention_mask[:, :l])
+            else:
+                position_ids = default_position_ids(attention_mask[:, :l])
         if position_ids.ndim == 2 and c.mrope_section is not None:
             position_ids = jnp.broadcast_to(position_ids, (3,) + position_ids.shape)  # text: t = h = w
         cos, sin = self.rotary(position_ids)
         mask = make_attention_mask(attention_mask, l, query_offset=cache_index, sliding_window=c.sliding_window)
-        new_cache = []
+        extra = ()
+        if c.visual_experts:
+            types = token_type_ids if token_type_ids is not None else jnp.zeros((b, l), jnp.int32)
+            extra = (vision_expert_mask(types),)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids route visual experts; this decoder has visual_experts=False")
+        hidden, new_cache = [h], []
         for i, layer in enumerate(self.layers):
-            h, layer_cache = layer(h, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            h, layer_cache = layer(h, *extra, cos, sin, mask, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
+            hidden.append(h)
         h = self.norm(h)
+        hidden[-1] = h
         if c.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)
         else:
@@ -375,7 +421,7 @@ class CausalLM(nn.Module):
         return CausalLMOutput(
             logits=logits.astype(jnp.float32),
             cache=None if cache is None else new_cache,
-            hidden_states=h if return_hidden else None,
+            hidden_states=tuple(hidden) if return_hidden else None,
             next_position=next_position(position_ids, q_valid),
         )
 

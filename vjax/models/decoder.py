@@ -13,7 +13,7 @@ set); masks are over cache slots, so left-padded batches and KV-cache decoding s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct

@@ -16,6 +16,9 @@ _MODELS: dict[str, tuple[str, str, str]] = {
     "video_chatgpt": ("vjax.models.video_chatgpt", "VideoChatGPTConfig", "VideoChatGPT"),
     "chat_univi": ("vjax.models.chat_univi", "ChatUniViConfig", "ChatUniVi"),
     "qwen2_vl": ("vjax.models.qwen2_vl", "Qwen2VLConfig", "Qwen2VL"),
+    "video_llama": ("vjax.models.video_llama", "VideoLLaMAConfig", "VideoLLaMA"),
+    "ma_lmm": ("vjax.models.ma_lmm", "MALMMConfig", "MALMM"),
+    "minigpt4_video": ("vjax.models.minigpt4_video", "MiniGPT4VideoConfig", "MiniGPT4Video"),
     "cogvlm2_video": ("vjax.models.cogvlm2_video", "CogVLM2VideoConfig", "CogVLM2Video"),
 }
 
@@ -32,6 +35,14 @@ def get(name: str) -> tuple[type, type]:
     mod, cfg, cls = _MODELS[name]
     m = importlib.import_module(mod)
     return getattr(m, cfg), getattr(m, cls)
+
+
+def tokens_per_clip(name: str, variant: str = "tiny") -> int:
+    """Visual tokens one clip costs the LLM context at a model's settings (``Config.num_visual_tokens``)."""
+    cfg_cls, _ = get(name)
+    if not hasattr(cfg_cls, variant):
+        raise KeyError(f"{name} has no variant {variant!r}")
+    return int(getattr(cfg_cls, variant)().num_visual_tokens)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Batch format (every model reads the keys it needs; shapes are static per bucket)
 | ``frames`` | ``float32[B, T, H, W, 3]`` | normalised frames (images are one-frame videos) |
 | ``frame_mask`` | ``bool[B, T]`` | real frames |
 | ``audio`` | ``float32[B, C, mel, frames]`` | fbank clips (Video-LLaMA) with ``audio_mask bool[B, C]`` |
+| ``qformer_input_ids`` | ``int32[B, Lq]`` | the instruction given to an InstructBLIP Q-Former (MA-LMM), with ``qformer_attention_mask`` |
 
 A model subclasses :class:`VideoLLM`, builds ``self.llm`` (a :class:`~vjax.models.decoder.CausalLM`)
 in ``setup`` and implements ``encode(**visual) -> [B, N, D_llm]``; its visual tokens, in prompt order,
@@ -29,9 +30,7 @@ from vjax.layers.splice import splice_tokens
 from vjax.models.decoder import CausalLMOutput, decoder_cache
 from vjax.models.losses import next_token_loss
 
-VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "timestamps", "grid_thw", "pixel_values",
-               "token_type_ids", "image_positions", "visual_positions", "mrope_position_ids")
-TEXT_KEYS = ("input_ids", "attention_mask", "position_ids")
+VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "qformer_input_ids", "qformer_attention_mask")
 
 
 class VideoLLM(nn.Module):

@@ -7,7 +7,6 @@ arrays whose leading axis is the batch (sharded over ``data`` x ``fsdp``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn

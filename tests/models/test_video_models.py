@@ -139,3 +139,15 @@ def test_unpublished_combination_trains_by_configuration_alone():
         state, m = trainer.train_step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", VIDEO_MODELS)
+def test_an_image_is_a_one_frame_video(name):
+    """Images enter as one-frame videos (Chat-UniVi switches to its image path for <= 2 frames)."""
+    cfg_cls, mod_cls = registry.get(name)
+    module = mod_cls(cfg_cls.tiny(num_frames=1))
+    params = init_params(module, 0)
+    batch = _random_batch(module, batch=1, seed=4)
+    assert batch["frames"].shape[1] == 1
+    loss = jax.jit(lambda p, b: module.apply({"params": p}, b, method="loss")[0])(params, batch)
+    assert np.isfinite(float(loss))

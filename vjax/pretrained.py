@@ -9,6 +9,7 @@ Two directory layouts are read:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vjax.convert import hf_entry, open_checkpoint
+from vjax.convert import combine, hf_entry, open_checkpoint
 from vjax.convert.mapping import convert, export, flatten_params
 from vjax.convert.io import save_sharded_safetensors
 from vjax.models import registry
@@ -52,10 +53,19 @@ def init_params(module: nn.Module, rng: jax.Array | int = 0) -> dict[str, Any]:
 
 
 def _with_dtype(config: Any, dtype: Any) -> Any:
+    """``config`` with ``dtype``/``param_dtype`` set on it and on every nested config that has them."""
     if dtype is None:
         return config
+    import dataclasses  # noqa: PLC0415
+
     name = jnp.dtype(dtype).name
-    return config.replace(dtype=name, param_dtype=name)
+    fields = {f.name for f in dataclasses.fields(config)}
+    kw = {k: name for k in ("dtype", "param_dtype") if k in fields}
+    for f in fields:
+        v = getattr(config, f)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            kw[f] = _with_dtype(v, dtype)
+    return dataclasses.replace(config, **kw)
 
 
 def from_pretrained(
@@ -87,16 +97,20 @@ def from_pretrained(
     if not cfg_file.exists():
         raise FileNotFoundError(f"{p}: neither {VJAX_CONFIG} (vjax checkpoint) nor config.json (HF layout) found")
     hf = json.loads(cfg_file.read_text())
-    name, from_hf, table_fn = hf_entry(hf)
+    lay = hf_entry(hf)
+    name = lay.model
     if model is not None and model != name:
         raise ValueError(f"{p} holds a {name!r} model, not {model!r}")
     config_cls, module_cls = registry.get(name)
-    config = getattr(config_cls, variant)() if variant else from_hf(hf)
+    source = combine([(str(p), "", open_checkpoint(p))], lay)
+    shapes = {k: source.shape(k) for k in source.keys()}
+    config = getattr(config_cls, variant)() if variant else lay.config_from_hf(hf, shapes)
     config = _with_dtype(config, dtype)
     module = module_cls(config)
     expected = abstract_params(module)
-    source = open_checkpoint(p)
-    params = convert(source, table_fn(config), expected, strict=strict, context=str(p), progress=progress)
+    context = str(p) + (f"; {lay.hint}" if lay.hint else "")
+    params = convert(source, lay.table(config, list(shapes)), expected, strict=strict, context=context,
+                     progress=progress)
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -121,18 +135,43 @@ def _load_vjax(p: Path, *, model: str | None, dtype: Any) -> tuple[nn.Module, di
     return module, params
 
 
+def _model_name(module: nn.Module) -> str:
+    name = next((n for n in registry.names() if registry.get(n)[1] is type(module)), None)
+    if name is None:
+        raise ValueError(f"{type(module).__name__} is not a registered vjax model")
+    return name
+
+
+@contextlib.contextmanager
+def _numpy_leaves_written_in_place(ocp):
+    """Orbax deep-copies NumPy leaves before its asynchronous write (a second copy of the whole tree);
+    ``save_pretrained`` waits for the write, so the copy is not needed: write them in place."""
+    import logging  # noqa: PLC0415
+
+    previous = ocp.type_handlers.get_type_handler(np.ndarray)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "overriding np.ndarray" warnings
+    ocp.type_handlers.register_type_handler(np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False),
+                                            override=True)
+    try:
+        yield
+    finally:
+        ocp.type_handlers.register_type_handler(np.ndarray, previous, override=True)
+        absl_logger.setLevel(level)
+
+
 def save_pretrained(path: str | os.PathLike, module: nn.Module, params: dict[str, Any], *, name: str | None = None) -> Path:
     """Write a vjax checkpoint directory: ``vjax_config.json`` + Orbax ``params``."""
     p = Path(path).absolute()
     p.mkdir(parents=True, exist_ok=True)
-    name = name or next((n for n in registry.names() if registry.get(n)[1] is type(module)), None)
-    if name is None:
-        raise ValueError(f"{type(module).__name__} is not a registered vjax model")
+    name = name or _model_name(module)
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(p / "params", params, force=True)
-        ckptr.wait_until_finished()
+    # Synchronous, one TensorStore array per leaf (no OCDBT: its batched write buffers the whole tree),
+    # NumPy leaves written in place: peak memory stays near the size of ``params`` (tests/convert/streaming.py).
+    with _numpy_leaves_written_in_place(ocp), ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ck:
+        ck.save(p / "params", args=ocp.args.StandardSave(params), force=True)
     meta = {"format": "vjax", "model": name, "config": registry.config_to_dict(module.config)}
     (p / VJAX_CONFIG).write_text(json.dumps(meta, indent=2))
     return p
@@ -141,14 +180,18 @@ def save_pretrained(path: str | os.PathLike, module: nn.Module, params: dict[str
 def export_hf(path: str | os.PathLike, module: nn.Module, params: dict[str, Any], *,
               max_shard_bytes: int = 2 * 1024**3, dtype: Any = np.float32) -> Path:
     """Export to an HF-layout directory (config.json + safetensors) that transformers loads."""
-    from vjax.convert import HF_ARCHITECTURES  # noqa: PLC0415
+    from vjax.convert import layout  # noqa: PLC0415
 
+    name = _model_name(module)
+    lay = layout(name)
+    if lay.to_hf is None:
+        raise ValueError(f"{name!r} has no HF layout to export to (export_hf writes: decoder family, qwen2_vl, "
+                         f"chat_univi, video_chatgpt)")
     config = module.config
-    hf = config.to_hf()
-    _, _, table_fn = HF_ARCHITECTURES[hf["architectures"][0]]()
+    hf = lay.to_hf(config)
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    tensors = ((k, np.asarray(v, dtype)) for k, v in export(params, table_fn(config)))
+    tensors = ((k, np.asarray(v, dtype)) for k, v in export(params, lay.table(config, None)))
     save_sharded_safetensors(tensors, p, max_shard_bytes=max_shard_bytes)
     hf["torch_dtype"] = np.dtype(dtype).name
     (p / "config.json").write_text(json.dumps(hf, indent=2))

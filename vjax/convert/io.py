@@ -63,11 +63,15 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """Memory-mapped safetensors files; ``get`` returns a view into the map (copy before mutating)."""
+    """Safetensors files, indexed from their headers; ``get`` reads one tensor's bytes into a fresh array.
+
+    Nothing but the JSON headers is read up front. Each ``get`` is one positioned read of exactly that
+    tensor (no file mapping stays resident), so converting a sharded checkpoint holds one tensor of the
+    input at a time, whatever the total size.
+    """
 
     def __init__(self, files: Iterable[str | os.PathLike]):
         super().__init__()
-        self._maps: dict[str, np.memmap] = {}
         for f in files:
             f = str(f)
             try:
@@ -88,11 +92,33 @@ class SafetensorsSource(TensorSource):
                 self._where[name] = (f, tuple(info["shape"]), info["dtype"], base + start, base + end)
 
     def get(self, key: str) -> np.ndarray:
+        shape = self._where[key][1]
+        return self.get_rows(key, 0, shape[0]) if shape else self._read(key, (), 0)
+
+    def get_rows(self, key: str, start_row: int, stop_row: int) -> np.ndarray:
+        """Rows ``start_row:stop_row`` of a tensor (contiguous bytes), read from disk into a fresh array."""
         f, shape, dtype, start, end = self._where[key]
-        if f not in self._maps:
-            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
-        raw = self._maps[f][start:end]
-        return raw.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        dt = SAFETENSORS_DTYPES[dtype]
+        if (end - start) != dt.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise CheckpointError(f"{f}: tensor {key!r} has {end - start} bytes, {shape} {dtype} needs "
+                                  f"{dt.itemsize * int(np.prod(shape, dtype=np.int64))}")
+        row = dt.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        return self._read(key, (stop_row - start_row, *shape[1:]), start_row * row)
+
+    def _read(self, key: str, shape: tuple, offset: int) -> np.ndarray:
+        f, _, dtype, start, end = self._where[key]
+        out = np.empty(shape, SAFETENSORS_DTYPES[dtype])
+        start, end = start + offset, start + offset + out.nbytes
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(start)
+            view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+            got = 0
+            while got < end - start:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{f}: truncated while reading tensor {key!r}")
+                got += n
+        return out
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -180,6 +206,52 @@ class MultiSource(TensorSource):
                     raise CheckpointError(f"tensor {name!r} is provided twice")
                 self._src[name] = (src, k)
                 self._where[name] = ("", src.shape(k))
+
+    def get(self, key: str) -> np.ndarray:
+        src, k = self._src[key]
+        return src.get(k)
+
+
+class OverlaySource(TensorSource):
+    """Several sources combined in order: a key present in more than one is taken from the **last** one
+    (the official loaders apply ``load_state_dict`` in sequence, later files overwriting earlier ones).
+
+    Each source may carry a key ``prefix`` (placing e.g. a bare ``eva_vit_g.pth`` under ``visual_encoder.``)
+    and ``rename`` maps every key to its canonical spelling first (layout aliases). ``overridden`` lists
+    ``(key, earlier label, later label)`` for every replaced key, so callers can report it.
+    """
+
+    def __init__(self, sources: Iterable[tuple[str, str, TensorSource]], rename=None):
+        super().__init__()
+        self._src: dict[str, tuple[TensorSource, str]] = {}
+        self._label: dict[str, str] = {}
+        self.overridden: list[tuple[str, str, str]] = []
+        for label, prefix, src in sources:
+            seen: dict[str, str] = {}
+            for k in src.keys():
+                name = prefix + k
+                if rename is not None:
+                    name = rename(name)
+                if name in seen:
+                    raise CheckpointError(f"{label}: tensors {seen[name]!r} and {k!r} are both {name!r}")
+                seen[name] = k
+                if name in self._src:
+                    self.overridden.append((name, self._label[name], label))
+                self._src[name] = (src, k)
+                self._label[name] = label
+                self._where[name] = (label, src.shape(k))
+
+    def origin(self, key: str) -> str:
+        return self._label[key]
+
+    def get_rows(self, key: str, start_row: int, stop_row: int) -> np.ndarray:
+        src, k = self._src[key]
+        if hasattr(src, "get_rows"):
+            return src.get_rows(k, start_row, stop_row)
+        return src.get(k)[start_row:stop_row]
+
+    def can_read_rows(self, key: str) -> bool:
+        return hasattr(self._src[key][0], "get_rows")
 
     def get(self, key: str) -> np.ndarray:
         src, k = self._src[key]

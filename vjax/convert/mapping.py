@@ -61,10 +61,11 @@ class ConversionError(ValueError):
 
 
 def _compile(pattern: str) -> re.Pattern:
+    """``{name}`` matches digits (a layer index); ``**`` matches anything (only useful in :class:`Skip`)."""
     out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)\}", pattern):
+    for m in re.finditer(r"\{(\w+)\}|\*\*", pattern):
         out.append(re.escape(pattern[pos:m.start()]))
-        out.append(f"(?P<{m.group(1)}>\\d+)")
+        out.append(".*" if m.group(0) == "**" else f"(?P<{m.group(1)}>\\d+)")
         pos = m.end()
     out.append(re.escape(pattern[pos:]))
     return re.compile("".join(out) + r"\Z")
@@ -131,7 +132,8 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Skip:
     """A torch tensor that is accepted and dropped (e.g. ``lm_head.weight`` of a tied model,
-    rotary ``inv_freq`` buffers): it is neither loaded nor reported as unexpected."""
+    rotary ``inv_freq`` buffers): it is neither loaded nor reported as unexpected. ``**`` in ``src``
+    matches any run of characters (``Skip("text_model.**")`` drops a whole sub-model)."""
 
     src: str
 
@@ -146,7 +148,41 @@ class Skip:
         return []
 
 
-Table = Sequence["Rule | Split | Skip"]
+@dataclasses.dataclass(frozen=True)
+class PadRows:
+    """A torch ``[n, D]`` row table (embedding / LM head) <-> a vjax parameter with ``rows >= n`` rows.
+
+    Rows ``n..rows-1`` are filled with the mean of the stored rows: the initialisation LLaVA and
+    Video-ChatGPT give the rows of tokens they add (``initialize_vision_tokenizer``). With ``n == rows``
+    this is a plain :class:`Rule`. Export writes all ``rows`` rows.
+    """
+
+    src: str
+    dst: str
+    rows: int
+    transform: str = "id"
+
+    @property
+    def dsts(self) -> tuple[str, ...]:
+        return (self.dst,)
+
+    def plan(self, shape: tuple, fields: Mapping[str, str]) -> list[tuple[str, tuple]]:
+        path = self.dst.format(**fields)
+        if len(shape) != 2 or shape[0] > self.rows:
+            return [(path, ("rows", tuple(shape), self.rows))]  # never a real shape: reported as mismatch
+        return [(path, TRANSFORMS[self.transform][2]((self.rows, shape[1])))]
+
+    def load(self, x: np.ndarray) -> list[np.ndarray]:
+        if x.shape[0] < self.rows:
+            mean = x.astype(np.float64).mean(axis=0).astype(x.dtype)
+            x = np.concatenate([x, np.broadcast_to(mean, (self.rows - x.shape[0], x.shape[1]))], axis=0)
+        return [TRANSFORMS[self.transform][0](x)]
+
+    def export(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return TRANSFORMS[self.transform][1](parts[0])
+
+
+Table = Sequence["Rule | Split | Skip | PadRows"]
 
 
 def with_prefix(table: Table, dst_prefix: str = "", src_prefix: str = "") -> list:
@@ -220,10 +256,10 @@ def _torch_name(path: str, table: Table) -> str:
 def _torch_shape(rule, path, expected, fields) -> tuple:
     """The torch-side shape the model expects for ``path`` (for error messages)."""
     want = tuple(expected[path])
-    if isinstance(rule, Rule):
+    if isinstance(rule, (Rule, PadRows)):
         inv = TRANSFORMS[rule.transform]
         return tuple(inv[1](np.empty(want, np.uint8)).shape) if want else want
-    parts = [tuple(expected.get(d.format(**fields), ())) for d in rule.dst]
+    parts = [tuple(expected.get(d.format(**fields), ())) for d in rule.dsts]
     torch_parts = [np.empty(p, np.uint8) for p in parts]
     try:
         return tuple(rule.export(torch_parts).shape)
@@ -262,12 +298,50 @@ def convert(
         raise ConversionError(plan.missing, plan.unexpected, plan.mismatched, context)
     out: dict[str, np.ndarray] = {}
     for key, rule, fields in tqdm(plan.assignments, desc="converting", disable=not progress, unit="tensor"):
+        if _blockwise(source, key, rule):  # a transposed matrix, filled block by block: no full-size temporary
+            path = rule.dst.format(**fields)
+            target = np.dtype(dtype) if dtype is not None else np.dtype(flat_expected[path].dtype)
+            out[path] = _read_transposed(source, key, target)
+            continue
         parts = rule.load(source.get(key))
         for path_t, arr in zip(rule.dsts, parts):
             path = path_t.format(**fields)
             target = np.dtype(dtype) if dtype is not None else np.dtype(flat_expected[path].dtype)
-            out[path] = np.array(arr, dtype=target, copy=True)
+            out[path] = _owned(arr, target)
+        del parts
     return unflatten_params(out)
+
+
+_BLOCK_BYTES = 8 << 20
+
+
+def _blockwise(source: TensorSource, key: str, rule) -> bool:
+    shape = source.shape(key)
+    return (type(rule) is Rule and rule.transform == "T" and len(shape) == 2 and hasattr(source, "get_rows")
+            and getattr(source, "can_read_rows", lambda k: True)(key))
+
+
+def _read_transposed(source: TensorSource, key: str, dtype: np.dtype) -> np.ndarray:
+    """``source[key].T`` as a new C-contiguous array, reading ~8 MiB of rows at a time."""
+    rows, cols = source.shape(key)
+    out = np.empty((cols, rows), dtype)
+    step = max(1, _BLOCK_BYTES // max(1, cols * 4))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out[:, r0:r1] = source.get_rows(key, r0, r1).T
+    return out
+
+
+def _owned(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` as a C-contiguous array of ``dtype`` that owns its memory (copied only when needed, so
+    converting holds one transient copy of one tensor at most)."""
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None and isinstance(base.base, np.ndarray):
+        base = base.base
+    fresh = isinstance(base, np.ndarray) and base.flags.owndata and not isinstance(base, np.memmap)
+    if fresh and arr.dtype == dtype and arr.flags.c_contiguous and arr.flags.writeable and arr.size == base.size:
+        return arr
+    return np.array(arr, dtype=dtype, order="C", copy=True)
 
 
 def export_plan(paths: Sequence[str], table: Table) -> list[tuple[str, Any, list[str]]]:

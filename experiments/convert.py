@@ -1,0 +1,180 @@
+r"""Convert released PyTorch checkpoints to a vjax checkpoint (or a vjax checkpoint back to HF).
+
+    python -m experiments.convert --model=video_chatgpt \
+        --src=/ckpt/LLaVA-7B-Lightening-v1-1,/ckpt/clip-vit-large-patch14,/ckpt/video_chatgpt-7B.bin \
+        --dst=/ckpt/vjax/video_chatgpt_7b
+    python -m experiments.convert --model=qwen2_vl --src=/ckpt/Qwen2-VL-7B-Instruct --dst=/ckpt/vjax/qwen2_vl_7b
+    python -m experiments.convert --model=qwen2_vl --src=/ckpt/vjax/qwen2_vl_7b --dst=/ckpt/hf/qwen2_vl --to=hf
+
+* ``--src``: files or directories, in loading order; a tensor present in several sources is taken from the
+  **last** one (as the official loaders apply their files one after another), and every such replacement
+  is printed. ``PREFIX=PATH`` puts a source's keys under ``PREFIX`` (e.g. a bare state dict).
+  A directory holding both safetensors and ``.bin``/``.pth`` is read from its safetensors.
+  ``.pth``/``.bin`` files are read with ``torch.load(weights_only=True)``: one whose pickle would run code is
+  refused, naming the file. A vjax checkpoint directory as the only source re-exports it (``--to=hf``).
+* The config comes from the ``config.json`` files of the source directories, or ``--variant`` (a published
+  config, e.g. ``video_chatgpt_7b``).
+* Every missing, unexpected and mis-shaped tensor is listed by name before anything is read, and nothing
+  is written; ``--nostrict`` writes anyway, leaving missing parameters at their random initialisation
+  (listed) and ignoring unexpected tensors.
+* Output: ``--to=vjax`` (default) a ``vjax.save_pretrained`` directory (``vjax_config.json`` + Orbax params)
+  that ``vjax.from_pretrained`` loads and ``experiments.train`` starts from (``--config.init_params``);
+  ``--to=hf`` an HF directory (config.json + sharded safetensors) where an HF layout exists.
+
+Tensors are read one at a time (safetensors by positioned reads, nothing mapped), so peak host memory is
+about the output size plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "vjax model name (decoder, video_chatgpt, chat_univi, cogvlm2_video, qwen2_vl)")
+flags.DEFINE_string("variant", None, "published config variant (Config.<variant>()) instead of the sources' config.json")
+flags.DEFINE_list("src", None, "[PREFIX=]PATH,... checkpoint files or directories, in loading order")
+flags.DEFINE_string("dst", None, "output directory")
+flags.DEFINE_enum("to", "vjax", ["vjax", "hf"], "output format")
+flags.DEFINE_bool("strict", True, "refuse checkpoints with missing or unexpected tensors")
+flags.DEFINE_string("dtype", None, "parameter dtype of the output (float32, bfloat16, float16); default float32")
+flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_integer("max_shard_mb", 2048, "--to=hf: largest safetensors shard, MiB")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_src(item: str) -> tuple[str, Path]:
+    head, sep, tail = item.partition("=")
+    if sep and head.endswith(".") and "/" not in head:
+        return head, Path(tail)
+    return "", Path(item)
+
+
+def _open(path: Path):
+    from vjax.convert.io import SafetensorsSource, TorchSource, checkpoint_files  # noqa: PLC0415
+
+    kind, files = checkpoint_files(path)
+    if path.is_dir() and kind == "safetensors" and (any(path.glob("*.bin")) or any(path.glob("*.pth"))):
+        _log(f"{path}: both safetensors and .bin/.pth present; reading the safetensors only")
+    return SafetensorsSource(files) if kind == "safetensors" else TorchSource(files)
+
+
+def _show(xs, n=10) -> str:
+    xs = list(xs)
+    return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs) - n} more)" if len(xs) > n else "")
+
+
+def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to: str = "vjax", strict: bool = True,
+        dtype: str | None = None, progress: bool = True, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """The command as a function; raises ``ValueError`` (``ConversionError``, ``CheckpointError``) on refusal."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    import vjax  # noqa: PLC0415
+    from vjax.convert import combine, layout  # noqa: PLC0415
+    from vjax.convert.mapping import (  # noqa: PLC0415
+        ConversionError,
+        PadRows,
+        convert,
+        flatten_params,
+        plan_conversion,
+        unflatten_params,
+    )
+    from vjax.models import registry  # noqa: PLC0415
+    from vjax.pretrained import VJAX_CONFIG, _with_dtype, abstract_params, init_params  # noqa: PLC0415
+
+    lay = layout(model)
+    parsed = [_parse_src(s) for s in srcs]
+    if len(parsed) == 1 and (parsed[0][1] / VJAX_CONFIG).exists():  # vjax checkpoint -> re-export
+        module, params = vjax.from_pretrained(parsed[0][1], model=model, dtype=dtype)
+        _log(f"read vjax checkpoint {parsed[0][1]}")
+        return _write(module, params, dst, to, max_shard_bytes)
+
+    configs, sources = [], []
+    for prefix, path in parsed:
+        if path.is_dir() and (path / "config.json").exists():
+            configs.append(json.loads((path / "config.json").read_text()))
+        src = _open(path)
+        _log(f"source {path}{' (keys under ' + prefix + ')' if prefix else ''}: {len(src)} tensors")
+        sources.append((str(path), prefix, src))
+    source = combine(sources, lay)
+    if source.overridden:
+        by_pair: dict[tuple[str, str], list[str]] = {}
+        for key, old, new in source.overridden:
+            by_pair.setdefault((old, new), []).append(key)
+        for (old, new), keys in by_pair.items():
+            _log(f"{len(keys)} tensor(s) of {old} replaced by {new}: {_show(keys)}")
+    shapes = {k: source.shape(k) for k in source.keys()}
+
+    config_cls, module_cls = registry.get(model)
+    if variant:
+        config = getattr(config_cls, variant)()
+    elif configs:
+        config = lay.config_from_hf(configs, shapes)
+    else:
+        raise ValueError(f"no config.json among the sources: pass --variant (a {config_cls.__name__} classmethod)")
+    config = _with_dtype(config, dtype)
+    module = module_cls(config)
+    expected = abstract_params(module)
+    flat_expected = flatten_params(expected)
+    table = lay.table(config, list(shapes))
+
+    plan = plan_conversion(shapes, table, {k: tuple(v.shape) for k, v in flat_expected.items()})
+    context = ", ".join(srcs) + (f"; {lay.hint}" if lay.hint and plan.missing else "")
+    if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
+        raise ConversionError(plan.missing, plan.unexpected, plan.mismatched, context)
+    if plan.missing:
+        _log(f"--nostrict: {len(plan.missing)} parameter(s) left at random initialisation: {_show(plan.missing)}")
+    if plan.unexpected:
+        _log(f"--nostrict: {len(plan.unexpected)} tensor(s) ignored: {_show(plan.unexpected)}")
+    for key, rule, _ in plan.assignments:
+        if isinstance(rule, PadRows) and shapes[key][0] < rule.rows:
+            _log(f"{key}: {shapes[key][0]} rows padded to {rule.rows} with their mean (tokens added after it was saved)")
+
+    params = convert(source, table, expected, strict=strict, dtype=dtype, context=context, progress=progress)
+    if plan.missing:  # only with --nostrict
+        flat = flatten_params(params)
+        rand = flatten_params(jax.tree_util.tree_map(np.asarray, init_params(module)))
+        params = unflatten_params({k: flat.get(k, rand[k]) for k in flat_expected})
+    return _write(module, params, dst, to, max_shard_bytes)
+
+
+def _write(module, params, dst: str, to: str, max_shard_bytes: int) -> Path:
+    import vjax  # noqa: PLC0415
+
+    if to == "hf":
+        out = vjax.export_hf(dst, module, params, max_shard_bytes=max_shard_bytes)
+    else:
+        out = vjax.save_pretrained(dst, module, params)
+    _log(f"wrote {to} checkpoint {out}")
+    return Path(out)
+
+
+def main(argv):
+    del argv
+    from absl import logging  # noqa: PLC0415
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
+    if not FLAGS.model or not FLAGS.src or not FLAGS.dst:
+        _log("--model, --src and --dst are required")
+        return 2
+    from vjax.convert.io import CheckpointError  # noqa: PLC0415
+    from vjax.convert.mapping import ConversionError  # noqa: PLC0415
+
+    try:
+        run(FLAGS.model, FLAGS.src, FLAGS.dst, variant=FLAGS.variant, to=FLAGS.to, strict=FLAGS.strict,
+            dtype=FLAGS.dtype, progress=FLAGS.progress, max_shard_bytes=FLAGS.max_shard_mb * 1024**2)
+    except (ConversionError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
+        _log(f"error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+r"""Chat-UniVi on the synthetic video-QA set (tiny, CPU) or its published recipes.
+
+COMMAND: python -m experiments.train --config=chat_univi[:tiny|stage1|stage2|13b] [--workdir=DIR] [--config.a.b=value]
+
+Variants:
+  tiny     2-layer 128-wide LLM, CLIP-style tower at 56 px, 4 frames -> 1 event x (8+4+2) = 14 visual tokens.
+  stage1   multimodal pre-training: only ``mm_projector`` trains (CLIP, LLM frozen); lr 2e-3, cosine,
+           warmup 3 %, 1 epoch, global batch 128 (spec_vit_family §3.7).
+  stage2   joint instruction tuning: ``mm_projector`` + the LLM; lr 2e-5, cosine, warmup 3 %, 2 epochs,
+           global batch 128, 64 frames at 1 fps.
+  13b      stage 2 with Vicuna-13B v1.5.
+Real-data variants read ``~/data/chat_univi/<stage>/{train,val}.json``, a local Vicuna tokenizer and
+converted weights; edit the paths or override ``--config.data.train_annotations=...``.
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str = "tiny"):
+    c = common.base("chat_univi", variant)
+    c.model_overrides.llm = common.llm_overrides()
+    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<image>"]
+    c.placeholder_tokens.placeholder_id = "<image>"
+    c.data.sampler = "chat_univi_fps"
+    c.data.sampler_kwargs.max_frames = c.data.get_ref("num_frames")
+    c.data.sampler_kwargs.sample_fps = 2.0  # 2-4 s synthetic clips: >= 4 frames (the release: 1 fps)
+    c.data.num_frames = 4
+    c.data.image_size = 56
+    if variant == "tiny":
+        return c
+    common_args = dict(frames=64, image_size=224, tokenizer="~/models/vicuna-7b-v1.5",
+                       init_params="~/models/Chat-UniVi")
+    if variant == "stage1":
+        common.published(c, preset="chat_univi_7b", stage="pretrain", lr=2e-3, warmup=150, steps=5000, batch=128,
+                         data_dir="~/data/chat_univi/stage1", **common_args)
+    elif variant in ("stage2", "7b"):
+        common.published(c, preset="chat_univi_7b", stage="finetune", lr=2e-5, warmup=300, steps=10000, batch=128,
+                         data_dir="~/data/chat_univi/stage2", **common_args)
+    elif variant == "13b":
+        common.published(c, preset="chat_univi_13b", stage="finetune", lr=2e-5, warmup=300, steps=10000, batch=128,
+                         data_dir="~/data/chat_univi/stage2",
+                         **{**common_args, "tokenizer": "~/models/vicuna-13b-v1.5",
+                            "init_params": "~/models/Chat-UniVi-13B"})
+    else:
+        raise ValueError(f"unknown chat_univi variant {variant!r}; known: tiny, stage1, stage2, 13b")
+    c.data.sampler_kwargs.sample_fps = 1.0
+    return c

@@ -1,0 +1,37 @@
+r"""CogVLM2-Video on the synthetic video-QA set (tiny, CPU; visual experts, frame timestamps) or a
+fine-tuning recipe for the released chat model.
+
+COMMAND: python -m experiments.train --config=cogvlm2_video[:tiny|chat] [--workdir=DIR] [--config.a.b=value]
+
+Variants:
+  tiny  2-layer 128-wide Llama-3-style LLM with visual experts; EVA2-style tower at 56 px -> 2 x 2 patches
+        after the 2x2 conv + boi/eoi = 6 tokens per frame, one frame per second (up to 4), each followed
+        by its timestamp.
+  chat  the released ``cogvlm2-video-llama3-chat`` (plain Llama-3-8B, 24 frames at 224 px): the LLM
+        trains, the vision tower frozen (stage ``llm``). No official training code exists: lr 1e-5,
+        cosine, warmup 3 % are this recipe's choice (spec_vit_family §4.9, unverified).
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str = "tiny"):
+    c = common.base("cogvlm2_video", variant)
+    c.model_overrides.llm = common.llm_overrides()
+    c.model_overrides.vision = {"out_dim": common.TINY_WIDTH, "glu_dim": 2 * common.TINY_WIDTH}  # out_dim = llm.hidden_size
+    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<|image_pad|>"]
+    c.placeholder_tokens.placeholder_id = "<|image_pad|>"
+    c.data.sampler = "cogvlm2_chat_seconds"
+    c.data.sampler_kwargs.max_frames = c.data.get_ref("num_frames")
+    c.data.num_frames = 4
+    c.data.image_size = 56
+    if variant == "tiny":
+        return c
+    if variant == "chat":
+        common.published(c, preset="cogvlm2_video_llama3_chat", stage="llm", lr=1e-5, warmup=300, steps=10000,
+                         batch=32, frames=24, image_size=224, data_dir="~/data/cogvlm2_video",
+                         tokenizer="~/models/cogvlm2-video-llama3-chat",
+                         init_params="~/models/cogvlm2-video-llama3-chat")
+        c.data.sampler_kwargs = {"max_frames": c.data.get_ref("num_frames")}
+        return c
+    raise ValueError(f"unknown cogvlm2_video variant {variant!r}; known: tiny, chat")

@@ -1,0 +1,122 @@
+"""Pieces every experiment config shares (big_vision style: configs are code, overridable by flag).
+
+Keys of a config (``experiments/train.py`` validates all of them before compiling anything):
+
+  model, variant          registry name; the variant name (for the default workdir)
+  model_preset            ``Config.<preset>()`` of the model (``tiny``, ``chat_univi_7b`` ...)
+  model_overrides         nested fields replaced in that config (``llm.vocab_size`` ...)
+  placeholder_tokens      model-config field -> tokenizer token whose id it must equal
+  stage                   key of the model's ``STAGES`` (which parameter paths train)
+  init_params             '' (random init) or a directory for ``vjax.from_pretrained`` (HF or vjax)
+  data.*                  synthetic set or real annotations, sampler, frames, buckets, batch
+  optim.*                 ``vjax.train.optim.OptimConfig`` fields (``total_steps`` follows the top level)
+  eval.*                  generation-based validation (records, batch, max_new_tokens)
+  mesh                    (data, fsdp, tensor); one -1 takes the remaining devices
+  total_steps, log_every, eval_every, save_every, keep_checkpoints, seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from vjax.data.synthetic import SPECIAL_TOKENS, TEMPLATE_TOKENS, SyntheticConfig
+from vjax.train.optim import OptimConfig
+
+# Token ids of the synthetic set's tokenizer (specials first, then the template markers, in order).
+SYNTHETIC_IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEMPLATE_TOKENS)}
+SYNTHETIC_VOCAB = SyntheticConfig().vocab_size
+
+
+def base(model: str, variant: str) -> ml_collections.ConfigDict:
+    """A tiny CPU run of ``model`` on the synthetic video-QA set; model files fill in the rest."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.variant = variant
+    c.model_preset = "tiny"
+    c.model_overrides = ml_collections.ConfigDict()
+    c.placeholder_tokens = ml_collections.ConfigDict()
+    c.stage = "full"
+    c.init_params = ""
+
+    c.total_steps = 3000
+    c.log_every = 20
+    c.eval_every = 500
+    c.save_every = 500
+    c.keep_checkpoints = 2
+    c.seed = 0
+    c.mesh = (-1, 1, 1)
+
+    d = c.data = ml_collections.ConfigDict()
+    d.root = ""  # synthetic set directory; '' -> ~/.cache/vjax/synthetic/<hash of data.synthetic>
+    d.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
+    d.synthetic.num_train = 1000  # ~3000 QA records; generated once (about a minute), then cached
+    d.train_annotations = ""  # real data: JSON/JSONL conversation records ('' = the synthetic set)
+    d.val_annotations = ""
+    d.video_root = ""  # relative video paths of real annotations resolve here ('' = the file's folder)
+    d.tokenizer = ""  # '' = the synthetic set's tokenizer
+    d.template_variant = ""  # '' = the model's default chat template variant
+    d.sampler = "video_llama_uniform"  # a function of vjax.data.sampling
+    d.sampler_kwargs = ml_collections.ConfigDict()
+    d.num_frames = 4  # static frame count T (the model's num_frames)
+    d.image_size = 56  # frames are resized on decode to image_size^2 (the model's vision input)
+    d.text_buckets = (64, 128, 192, 256)  # token-length buckets; the clip's visual tokens are added
+    d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
+    d.worker_count = 0  # Grain worker processes (0: decode in the training process)
+    d.load_audio = False
+
+    o = c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
+    o.total_steps = c.get_ref("total_steps")
+    o.learning_rate = 1e-3
+    o.warmup_steps = 100
+
+    e = c.eval = ml_collections.ConfigDict()
+    e.records = 32  # validation records generated with the KV cache at each eval (0: no eval)
+    e.batch_size = 8
+    e.max_new_tokens = 12
+    return c
+
+
+TINY_WIDTH = 128  # LLM width of the tiny runs (Qwen2-VL's merger / CogVLM2's adapter output it too)
+
+
+def llm_overrides(vocab: int = SYNTHETIC_VOCAB, hidden: int = TINY_WIDTH, layers: int = 2, heads: int = 8,
+                  kv_heads: int = 4, mlp: int = 2 * TINY_WIDTH) -> ml_collections.ConfigDict:
+    """The tiny LLM, sized to the synthetic tokenizer (BOS <s> = 1, EOS </s> = 2, pad = 0); head_dim 16
+    (Qwen2-VL's tiny M-RoPE sections (2, 3, 3) need head_dim 16)."""
+    return ml_collections.ConfigDict(dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                          num_kv_heads=kv_heads, intermediate_size=mlp, bos_token_id=1,
+                                          eos_token_id=2, pad_token_id=0))
+
+
+def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: float, warmup: int, steps: int,
+              batch: int, frames: int, image_size: int, data_dir: str, tokenizer: str, init_params: str,
+              text_len: int = 2048, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,
+              mesh=(1, -1, 1)) -> ml_collections.ConfigDict:
+    """Switch ``c`` to a published recipe on real data: ``data_dir/train.json`` (+ ``val.json``) in the
+    VideoInstruct conversation format, a local tokenizer and converted weights. These paths must exist
+    (``train.py`` fails early naming the key)."""
+    c.model_preset = preset
+    c.model_overrides = ml_collections.ConfigDict()
+    c.placeholder_tokens = ml_collections.ConfigDict()
+    c.stage = stage
+    c.init_params = init_params
+    c.total_steps = steps
+    c.log_every, c.eval_every, c.save_every = 50, 1000, 1000
+    c.mesh = mesh
+    c.data.train_annotations = f"{data_dir}/train.json"
+    c.data.val_annotations = f"{data_dir}/val.json"
+    c.data.tokenizer = tokenizer
+    c.data.num_frames = frames
+    c.data.image_size = image_size
+    c.data.text_buckets = (512, 1024, text_len)
+    c.data.batch_size = batch
+    c.data.worker_count = 8
+    c.optim.learning_rate = lr
+    c.optim.warmup_steps = warmup
+    c.optim.weight_decay = weight_decay
+    c.optim.min_lr_ratio = min_lr_ratio
+    c.eval.records = 256
+    c.eval.max_new_tokens = 64
+    return c

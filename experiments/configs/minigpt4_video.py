@@ -1,0 +1,48 @@
+r"""MiniGPT4-video on the synthetic video-QA set (tiny, CPU; frames interleaved with subtitles) or its
+published stages.
+
+COMMAND: python -m experiments.train --config=minigpt4_video[:tiny|stage2|stage3|mistral] [--workdir=DIR] [--config.a.b=value]
+
+Variants:
+  tiny     2-layer 128-wide LLM with LoRA r 4; EVA-style tower at 56 px -> 16 patches -> 4 tokens per
+           frame (1x4 concat), 4 frames with their subtitles; everything trains (random init).
+  stage2   video captioning (CMD + WebVid): ``llama_proj`` + LoRA train (EVA, base Llama-2 frozen);
+           lr 1e-4 -> 8e-5 cosine, 50 x 1000 iterations, batch 4, 45 frames (spec_qformer_family §3.4).
+  stage3   video instruction tuning on VideoInstruct-100K with subtitles; same parts, lr 1e-5.
+  mistral  stage 3 with Mistral-7B-Instruct-v0.2, 90 frames.
+Real-data variants read ``~/data/minigpt4_video/<stage>/{train,val}.json``.
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str = "tiny"):
+    c = common.base("minigpt4_video", variant)
+    c.model_overrides.llm = common.llm_overrides()
+    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<ImageHere>"]
+    c.placeholder_tokens.placeholder_id = "<ImageHere>"
+    c.data.sampler = "minigpt4_video_interval"
+    c.data.sampler_kwargs.num_samples = c.data.get_ref("num_frames")
+    c.data.sampler_kwargs.pad = True
+    c.data.num_frames = 4
+    c.data.image_size = 56
+    if variant == "tiny":
+        return c
+    args = dict(preset="minigpt4_video_llama2", stage="video", frames=45, image_size=224, text_len=4096,
+                tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/MiniGPT4-video-llama2")
+    if variant == "stage2":
+        common.published(c, lr=1e-4, warmup=1000, steps=50000, batch=4, min_lr_ratio=0.8,
+                         data_dir="~/data/minigpt4_video/stage2", **args)
+    elif variant == "stage3":
+        common.published(c, lr=1e-5, warmup=1000, steps=10000, batch=4, min_lr_ratio=0.8,
+                         data_dir="~/data/minigpt4_video/stage3", **args)
+    elif variant == "mistral":
+        common.published(c, lr=1e-5, warmup=1000, steps=10000, batch=1, min_lr_ratio=0.8,
+                         data_dir="~/data/minigpt4_video/stage3",
+                         **{**args, "preset": "minigpt4_video_mistral", "frames": 90, "text_len": 8192,
+                            "tokenizer": "~/models/Mistral-7B-Instruct-v0.2",
+                            "init_params": "~/models/MiniGPT4-video-mistral"})
+    else:
+        raise ValueError(f"unknown minigpt4_video variant {variant!r}; known: tiny, stage2, stage3, mistral")
+    c.data.sampler_kwargs = {"num_samples": c.data.get_ref("num_frames"), "pad": True}
+    return c

@@ -1,0 +1,260 @@
+"""Train a video LLM: ``python -m experiments.train --config=<name>[:<variant>] [--workdir=DIR] [--config.a.b=v]``.
+
+    --config=chat_univi                 experiments/configs/chat_univi.py, get_config("tiny")
+    --config=video_llama:stage1         a published variant (real data paths must exist)
+    --config.total_steps=200            any key of the config (types checked)
+    --workdir=DIR                       default ./workdirs/<name>_<variant>; re-running resumes there
+
+Steps: parse and validate the whole config before anything is compiled (an unknown key, a wrong type,
+a mesh that does not divide the devices or a missing path is a one-line error naming the key, exit
+code 2); ``jax.distributed.initialize()`` on multi-process launches (``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` or the flags of the same names), each process reading its
+shard of the data; the synthetic video-QA set generated on first use (cached); the model from the
+registry; the Grain pipeline with the model's frame sampler, template and placeholders
+(:mod:`vjax.data.formats`); :func:`vjax.train.loop.run` (Orbax checkpoints with the iterator state,
+metrics.jsonl, TensorBoard, curves.png); validation by greedy generation with the KV cache, accuracy
+per question type. The config (with the full model config) is saved as ``<workdir>/config.json`` and
+inside every checkpoint, so chat/eval can rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: <name>[:<variant>] or a .py file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (default ./workdirs/<name>_<variant>)")
+_COORD = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                             "multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                              "multi-process: number of processes (env JAX_NUM_PROCESSES)")
+_PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                            "multi-process: this process's index (env JAX_PROCESS_ID)")
+
+_NAME_VARIANT: list[str] = []  # (name, variant) of --config, filled by the parser
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for a in argv:
+        if a.startswith("--config."):
+            key, _, value = a[len("--config."):].partition("=")
+            out.append((key, value))
+    return out
+
+
+def _unknown_override(argv: list[str], path: str, variant: str) -> str | None:
+    """The first ``--config.a.b`` whose key the config does not have (loaded without overrides)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("_vjax_config_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = mod.get_config(variant)
+    for key, _ in _override_keys(argv):
+        node = base
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return key
+            node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing with ``--config=<name>[:<variant>]`` resolved to its file; every flag/config error
+    becomes one line naming the key, exit code 2 (absl's default would be 1 with the usage text)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            try:
+                path, name, variant = lib.config_path(a[len("--config="):])
+            except lib.ConfigError as err:
+                _fail(str(err))
+            _NAME_VARIANT[:] = [name, variant]
+            argv[i] = f"--config={path}:{variant}"
+            break
+    else:
+        _fail(f"config key 'config': --config=<name>[:<variant>] is required; known: {lib.config_names()}")
+    try:
+        return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as err:
+        msg = str(err).splitlines()[0]
+        if msg.startswith("flag --config."):
+            key = msg[len("flag --config."):].split("=", 1)[0]
+            _fail(f"config key '{key}': wrong type or value ({msg.split(': ', 1)[-1]})")
+        _fail(msg)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
+        key = _unknown_override(argv, argv[i][len("--config="):].rpartition(":")[0], _NAME_VARIANT[1])
+        if key is not None:
+            _fail(f"config key '{key}': unknown key (not in experiments/configs/{_NAME_VARIANT[0]}.py)")
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return []  # unreachable
+
+
+def _initialize_distributed() -> None:
+    import jax  # noqa: PLC0415
+
+    if _COORD.value and _NPROC.value > 1:
+        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    c = _CONFIG.value
+    name, variant = _NAME_VARIANT
+    workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", f"{name}_{variant}"))
+    try:
+        lib.validate(c)  # everything that needs neither devices nor data: before JAX starts
+    except lib.ConfigError as err:
+        _fail(str(err))
+
+    _initialize_distributed()
+    import jax  # noqa: PLC0415
+
+    try:
+        plan = lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
+    except lib.ConfigError as err:
+        _fail(str(err))
+    return train(c, plan, name, variant, workdir)
+
+
+def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
+    import jax  # noqa: PLC0415
+
+    from vjax.data import formats, pipeline  # noqa: PLC0415
+    from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
+    from vjax.train.loop import LoopConfig, run  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    main_process = jax.process_index() == 0
+    mcfg, spec = plan["model_config"], plan["spec"]
+
+    # --- data: the synthetic set (generated once, cached) or real annotations
+    paths = None
+    if not c.data.train_annotations:
+        root = lib.synthetic_root(c)
+        syn = SyntheticConfig(**c.data.synthetic.to_dict())
+        if main_process:
+            t0 = time.perf_counter()
+            paths = ensure_synthetic_dataset(root, syn)
+            if time.perf_counter() - t0 > 1:
+                print(f"synthetic video-QA set ready in {root} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices("vjax_synthetic_set")
+        paths = ensure_synthetic_dataset(root, syn) if paths is None else paths
+    tok_dir = lib._expand(c.data.tokenizer) if c.data.tokenizer else paths.tokenizer_dir
+    tokenizer = formats.TextTokenizer(tok_dir)
+    train_records = lib.records(c, "train", paths)
+    val_records = lib.records(c, "val", paths)
+    fmt = formats.VideoQAFormat(spec, tokenizer)
+    try:
+        lib.check_tokenizer(c, tokenizer, mcfg)
+        longest = lib.check_lengths(c, fmt, train_records)
+    except lib.ConfigError as err:
+        _fail(str(err))
+    if not train_records:
+        _fail("config key 'data.train_annotations': no training records")
+
+    # --- model, mesh, trainer
+    module = plan["module_class"](mcfg)
+    mesh = make_mesh(plan["mesh_shape"])
+    trainer = Trainer(module, plan["optim"], mesh, plan["trainable"])
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    n_train = sum(x.size for k, x in _flat(trainer.abstract_state.params).items() if trainer.mask[k])
+    init_params = None
+    if c.init_params:
+        import vjax  # noqa: PLC0415
+
+        _, init_params = vjax.from_pretrained(lib._expand(c.init_params), model=name)
+
+    # --- pipeline
+    nproc = jax.process_count()
+    visual = spec.tokens_per_clip()
+    pcfg = pipeline.PipelineConfig(
+        batch_size=c.data.batch_size // nproc, seed=c.seed, shuffle=True, num_epochs=None,
+        worker_count=c.data.worker_count, shard_index=jax.process_index(), shard_count=nproc,
+        frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
+        buckets={k: tuple(b + visual for b in c.data.text_buckets) for k in lib.TEXT_KEYS})
+    data = iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"]))
+
+    cfg_json = lib.config_json(c, name, mcfg)
+    if main_process:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg_json, f, indent=1)
+    evaluator = None
+    if c.eval.records and val_records:
+        evaluator = lib.Evaluator(c, module, spec, tokenizer, val_records, plan["sampler"], trainer)
+    if main_process:
+        print(f"{name}:{variant}  {n_params:,} parameters ({n_train:,} trainable, stage {c.stage!r})  "
+              f"mesh {dict(mesh.shape)}  {len(train_records)} train records  "
+              f"{len(evaluator) if evaluator else 0} eval records  {visual} visual tokens per clip  "
+              f"longest text {longest} tokens  workdir {workdir}", flush=True)
+
+    def on_restore(step: int) -> None:
+        if main_process:
+            print(f"resumed from step {step}", flush=True)
+
+    loop = LoopConfig(total_steps=c.total_steps, log_every=c.log_every, eval_every=c.eval_every,
+                      save_every=c.save_every, keep_checkpoints=c.keep_checkpoints, seed=c.seed)
+    t0 = time.perf_counter()
+    run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
+        on_restore=on_restore)
+    if main_process:
+        report(workdir, evaluator, visual, spec, time.perf_counter() - t0)
+    return 0
+
+
+def _flat(tree):
+    from vjax.pytree import flatten_params  # noqa: PLC0415
+
+    return flatten_params(tree)
+
+
+def report(workdir: str, evaluator, visual: int, spec, seconds: float) -> None:
+    """The final table: last train metrics, accuracy per question type, visual tokens per clip."""
+    rows = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in rows if r.get("split", "train") == "train" and "loss" in r]
+    print(f"\ndone in {seconds:.0f} s; workdir {workdir}")
+    if train_rows:
+        r = train_rows[-1]
+        print(f"final train loss {r['loss']:.4f} at step {r['step']}"
+              + (f", {r['steps_per_second']:.2f} steps/s" if "steps_per_second" in r else ""))
+    if evaluator is not None and evaluator.correct:
+        print(evaluator.table())
+        for rec, pred in list(zip(evaluator.records, evaluator.predictions))[:3]:
+            print(f"  e.g. [{rec.get('question_type')}] {rec.get('question', '')!r} -> {pred!r} "
+                  f"(answer {rec.get('answer')!r})")
+    per_frame = {n: k for n, _, k in spec.visual if n == "frame"}
+    extra = f" ({per_frame['frame']} per frame x {spec.num_frames} frames)" if per_frame else ""
+    print(f"visual tokens per clip: {visual}{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,116 @@
+"""``python -m experiments.train``: every registered model trains 3 steps at tiny size on a tiny
+synthetic set, writes metrics and a checkpoint, and the same command with more steps resumes from it;
+bad configurations fail fast (no compilation) with exit code 2 and the key named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import lib
+from vjax.models import registry
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = [m for m in registry.names() if m in lib.config_names()]
+# A handful of short clips; one text bucket so each run compiles one train step.
+TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num_val=2",
+             "--config.data.synthetic.num_test=0", "--config.data.synthetic.long_every=0",
+             "--config.data.synthetic.show_progress=False", "--config.data.batch_size=2",
+             "--config.data.text_buckets=(256,)", "--config.log_every=1", "--config.save_every=100",
+             "--config.eval.records=0"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One synthetic set and one persistent compilation cache for every run of this module."""
+    d = tmp_path_factory.mktemp("train_cli")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return d, env
+
+
+def _train(args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_registered_model_has_a_config():
+    assert set(lib.config_names()) >= set(registry.names()) - {"decoder"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_train_three_steps_then_resume_to_five(model, shared):
+    d, env = shared
+    workdir = d / model
+    args = [f"--config={model}", f"--workdir={workdir}", f"--config.data.root={d / 'synthetic'}", *TINY_DATA]
+    if model == "chat_univi":  # one model also runs the generation-based evaluation
+        args[-1] = "--config.eval.records=2"
+        args += ["--config.eval.max_new_tokens=2", "--config.eval.batch_size=2"]
+    r = _train([*args, "--config.total_steps=3"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _metrics(workdir)
+    train = [x for x in rows if x["split"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3]
+    assert all(x["loss"] > 0 and x["finite"] == 1.0 for x in train)
+    assert (workdir / "checkpoints" / "3").is_dir()
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert cfg["model"] == model and cfg["experiment"]["total_steps"] == 3
+    assert "visual tokens per clip:" in r.stdout
+    if model == "chat_univi":
+        val = [x for x in rows if x["split"] == "val"]
+        assert val and "accuracy/all" in val[-1] and "loss" in val[-1]
+        assert "question type" in r.stdout
+
+    r = _train([*args, "--config.total_steps=5"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step 3" in r.stdout
+    train = [x for x in _metrics(workdir) if x["split"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3, 4, 5]  # steps 1-3 were not re-run
+    assert (workdir / "checkpoints" / "5").is_dir()
+
+
+BAD = [
+    (["--config.total_stepz=3"], "total_stepz"),
+    (["--config.data.batch_size=two"], "data.batch_size"),
+    (["--config.mesh=(2,1,1)"], "mesh"),
+    (["--config.data.train_annotations=/nonexistent/vjax/train.json"], "data.train_annotations"),
+    (["--config.model_overrides.llm.hidden_size=2.5"], "model_overrides.llm.hidden_size"),
+    (["--config.stage=everything"], "stage"),
+    (["--config.data.sampler_kwargs.fps_typo=2"], "data.sampler_kwargs.fps_typo"),
+]
+
+
+@pytest.mark.parametrize("extra,key", BAD, ids=[b[1] for b in BAD])
+def test_bad_configuration_exits_2_naming_the_key_before_compiling(extra, key, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    r = _train(["--config=chat_univi", f"--workdir={tmp_path / 'w'}", f"--config.data.root={tmp_path / 'syn'}",
+                *extra], env, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"'{key}'" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "w").exists()  # failed before any work
+    assert time.perf_counter() - t0 < 60
+
+
+def test_published_variant_without_its_data_fails_early_naming_the_path(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}  # ~/data/... cannot exist
+    r = _train(["--config=qwen2_vl:7b", f"--workdir={tmp_path / 'w'}"], env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "'data.train_annotations'" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_unknown_config_name_exits_2():
+    r = _train(["--config=no_such_model"], {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 2 and "'config'" in r.stderr and "chat_univi" in r.stderr

@@ -1,0 +1,262 @@
+"""Video-QA records -> the documented model batch (``vjax.models.video_llm``), for any of the seven
+templates, described by a plain :class:`FormatSpec` (ints and strings — this module imports no model).
+
+    record, frames uint8 [t, H, W, 3], audio float32 [N] | None
+      frames   -> (frames / 255 - mean) / std, padded to T by repeating the last frame  [T, H, W, 3]
+      frame_mask = [1] * t + [0] * (T - t)                                                [T]
+      pieces   = templates.render(template, question, answer, context=VisualContext(t, times, subs, audio))
+      ids, loss_mask = templates.tokenize(pieces, tokenizer, {piece: (placeholder_id, count)})
+      audio    -> ImageBind fbank clips [K, mel, frames] (Video-LLaMA), audio_mask [K]
+      question -> qformer_input_ids / _attention_mask [Lq] (MA-LMM's Q-Former instruction)
+
+The spec is computed from a model config by the experiment code (``experiments/``), so chat, eval
+and training share one format, and a user with their own model can fill a spec by hand.
+:class:`VideoQAFormat` is a picklable module-level class, as Grain workers need.
+
+:func:`score_answer` is the accuracy rule of the synthetic set: normalised exact match (lower case,
+punctuation and articles dropped, whitespace collapsed); for a multiple-choice record a prediction
+counts when its option letter or its option text names the right choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import string
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vjax.data import templates
+from vjax.data.annotations import cues_at, load_subtitles
+from vjax.layers.audio import imagebind_audio_features
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MARKERS = ("<video>\n", "<video>", "<image>\n", "<image>")
+
+
+class TextTokenizer:
+    """A thread-safe, picklable view of a Hugging Face tokenizer directory.
+
+    ``encode(text, add_special_tokens=False)`` runs the Rust backend directly (Grain maps records on
+    several threads; the Python wrapper mutates truncation state per call); the wrapper is kept for
+    ``decode`` and the special ids. Pickles as its path (workers reload it).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._load()
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer  # noqa: PLC0415  (loaded once per process, not per record)
+
+        hf = AutoTokenizer.from_pretrained(self.path)
+        self._hf = hf
+        self._backend = getattr(hf, "backend_tokenizer", None)
+        self.bos_token_id = hf.bos_token_id
+        self.eos_token_id = hf.eos_token_id
+        self.pad_token_id = hf.pad_token_id if hf.pad_token_id is not None else 0
+        self.vocab_size = len(hf)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._load()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a single (special) token, or None if the vocabulary lacks it."""
+        i = self._hf.convert_tokens_to_ids(token)
+        return None if i is None or i == self._hf.unk_token_id and token != self._hf.unk_token else int(i)
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """What a model needs from a record.
+
+    ``visual``: ``(piece, placeholder_id, count)`` per visual piece of the template (``video``:
+    count per clip; ``frame``: count per frame; ``audio``: count per clip). ``num_frames``: the static
+    frame count T. ``audio_clips`` > 0 adds ImageBind fbank clips of ``audio_mel_bins`` x
+    ``audio_frames``. ``qformer_text_len`` > 0 adds the Q-Former instruction ids. ``subtitles``: pass
+    each sampled frame's subtitle to the template (MiniGPT4-video).
+    """
+
+    template: str
+    visual: tuple[tuple[str, int, int], ...]
+    num_frames: int
+    template_variant: str | None = None
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    audio_clips: int = 0
+    audio_mel_bins: int = 128
+    audio_frames: int = 204
+    audio_sample_rate: int = 16_000
+    qformer_text_len: int = 0
+    subtitles: bool = False
+    stop_strings: tuple[str, ...] = ("</s>",)
+
+    def visual_counts(self, frames: int | None = None) -> dict[str, int]:
+        """Placeholder tokens per visual piece kind for a clip of ``frames`` real frames."""
+        t = self.num_frames if frames is None else frames
+        return {name: count * (t if name == "frame" else 1) for name, _, count in self.visual}
+
+    def tokens_per_clip(self, frames: int | None = None) -> int:
+        return sum(self.visual_counts(frames).values())
+
+
+def question_answer(record: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str, str | None]:
+    """``(history, question, answer)`` of a conversation record (markers such as ``<video>`` removed)."""
+    conv = [c for c in record["conversations"] if c.get("from") in ("human", "gpt")]
+    pairs: list[tuple[str, str | None]] = []
+    for turn in conv:
+        if turn["from"] == "human":
+            q = turn["value"]
+            for m in _MARKERS:
+                q = q.replace(m, "")
+            pairs.append((q.strip(), None))
+        elif pairs and pairs[-1][1] is None:
+            pairs[-1] = (pairs[-1][0], turn["value"])
+    if not pairs:
+        raise ValueError(f"record {record.get('id', '?')} has no human turn")
+    *history, (question, answer) = pairs
+    return [(q, a or "") for q, a in history], question, answer
+
+
+class VideoQAFormat:
+    """``format_fn(record, frames, audio) -> dict of numpy arrays`` for :mod:`vjax.data.pipeline`.
+
+    ``prompt_only=True`` renders the generation prompt (no answer; ``loss_mask`` all 0).
+    """
+
+    def __init__(self, spec: FormatSpec, tokenizer: TextTokenizer, prompt_only: bool = False):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.prompt_only = prompt_only
+        self._mean = np.asarray(spec.mean, np.float32)
+        self._std = np.asarray(spec.std, np.float32)
+
+    def frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """uint8 ``[t, H, W, 3]`` -> normalised ``float32 [T, H, W, 3]``, ``bool [T]`` mask, real ``t``
+        (more than T frames are subsampled uniformly)."""
+        frames = np.asarray(frames)
+        t_max = self.spec.num_frames
+        if frames.shape[0] > t_max:
+            frames = frames[np.linspace(0, frames.shape[0] - 1, t_max).round().astype(int)]
+        t = frames.shape[0]
+        x = (frames.astype(np.float32) / 255.0 - self._mean) / self._std  # [t, H, W, 3]
+        if t < t_max:
+            x = np.concatenate([x, np.repeat(x[-1:], t_max - t, axis=0)])
+        mask = np.arange(t_max) < t
+        return x, mask, t
+
+    def context(self, record: Mapping[str, Any], t: int) -> templates.VisualContext:
+        times = record.get("timestamps")
+        times = [float(x) for x in np.asarray(times)[:t]] if times is not None else None
+        subs = None
+        if self.spec.subtitles and isinstance(record.get("subtitles"), str) and times is not None:
+            try:
+                cues = load_subtitles(record["subtitles"])
+            except (OSError, ValueError):
+                cues = []
+            subs = [" ".join(c.text for c in cues_at(cues, s)) or None for s in times]
+        return templates.VisualContext(num_frames=t, frame_times=times, subtitles=subs,
+                                       has_audio=self.spec.audio_clips > 0)
+
+    def text(self, record: Mapping[str, Any], t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and loss mask ``int32 [L]`` for ``t`` real frames."""
+        history, question, answer = question_answer(record)
+        pieces = templates.render(self.spec.template, question, "" if self.prompt_only else answer,
+                                  history=history, context=self.context(record, t),
+                                  variant=self.spec.template_variant)
+        if self.prompt_only:  # everything before the last answer: the text that precedes it (" ") included,
+            last = max(i for i, (kind, _) in enumerate(pieces) if kind == "target")  # exactly as in training
+            pieces = pieces[:last]
+        counts = self.spec.visual_counts(1)  # per piece occurrence: "frame" pieces repeat per frame
+        visual = {name: (pid, counts[name]) for name, pid, _ in self.spec.visual}
+        return templates.tokenize(pieces, self.tokenizer, visual)
+
+    def __call__(self, record: dict, frames: np.ndarray, audio: np.ndarray | None) -> dict[str, np.ndarray]:
+        s = self.spec
+        x, mask, t = self.frames(frames)
+        ids, loss_mask = self.text(record, t)
+        out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
+               "frames": x, "frame_mask": mask}
+        if s.audio_clips:
+            wav = np.zeros(s.audio_sample_rate * 2, np.float32) if audio is None else np.asarray(audio, np.float32)
+            out["audio"] = imagebind_audio_features(wav, s.audio_sample_rate, num_clips=s.audio_clips,
+                                                    num_mel_bins=s.audio_mel_bins,
+                                                    target_length=s.audio_frames).astype(np.float32)
+            out["audio_mask"] = np.ones(s.audio_clips, bool)
+        if s.qformer_text_len:
+            _, question, _ = question_answer(record)
+            q = self.tokenizer.encode(question)[: s.qformer_text_len]
+            qids = np.full(s.qformer_text_len, self.tokenizer.pad_token_id, np.int32)
+            qids[: len(q)] = q
+            out["qformer_input_ids"] = qids
+            out["qformer_attention_mask"] = (np.arange(s.qformer_text_len) < len(q)).astype(np.int32)
+        return out
+
+
+def left_pad(batch: Sequence[Mapping[str, np.ndarray]], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Stack prompt-only elements into a generation batch: ``input_ids``/``attention_mask`` left-padded
+    to ``length``; every other key stacked as is."""
+    out: dict[str, list] = {}
+    for e in batch:
+        n = e["input_ids"].shape[0]
+        if n > length:
+            raise ValueError(f"prompt of {n} tokens exceeds the generation length {length}")
+        for k, v in e.items():
+            if k == "input_ids":
+                v = np.concatenate([np.full(length - n, pad_id, v.dtype), v])
+            elif k in ("attention_mask", "loss_mask"):
+                v = np.concatenate([np.zeros(length - n, v.dtype), v])
+            out.setdefault(k, []).append(v)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------- scoring
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first of ``stops`` (e.g. ``</s>``, ``###``), stripped."""
+    end = len(text)
+    for s in stops:
+        i = text.find(s)
+        if s and i >= 0:
+            end = min(end, i)
+    return text[:end].strip()
+
+
+_LETTER = re.compile(r"^\(?([A-Za-z])\)(?:\s|$)|^\(?([A-Za-z])\)?$")
+
+
+def score_answer(prediction: str, record: Mapping[str, Any]) -> bool:
+    """Whether ``prediction`` answers ``record`` (see the module docstring)."""
+    pred = prediction.strip()
+    choices = record.get("choices")
+    if choices:
+        ai = int(record["answer_index"])
+        m = _LETTER.match(pred)
+        if m:
+            letter = (m.group(1) or m.group(2)).upper()
+            return ord(letter) - ord("A") == ai
+        return normalize_answer(pred) == normalize_answer(str(choices[ai]))
+    return normalize_answer(pred) == normalize_answer(str(record["answer"]))

@@ -15,16 +15,17 @@ Suites (see each ``suite_*`` docstring for what exactly is timed):
 
 * ``matmul_peak`` — a jitted float32 ``n x n @ n x n`` matmul: GFLOP/s of this machine, the
   denominator of the model-FLOPs utilisation (MFU) figures; PyTorch's matmul beside it.
-* ``train_step`` — one AdamW step of a decoder LM, vjax ``Trainer`` vs ``LlamaForCausalLM`` +
-  ``torch.optim.AdamW`` on the same weights; steps/s, ratio, model FLOPs and MFU, recompiles.
-  Models plug in through :data:`TRAIN_MODELS` (one builder per model; Qwen2-VL goes there once it
-  exists in vjax).
+* ``train_step`` — one AdamW step per model of :data:`TRAIN_MODELS`, vjax ``Trainer`` vs transformers
+  + ``torch.optim.AdamW`` on the same weights: a Llama decoder (``LlamaForCausalLM``) and Qwen2-VL on
+  8-frame clips (``Qwen2VLForConditionalGeneration``, weights converted with ``qwen2_vl_table``);
+  steps/s, ratio, model FLOPs (vision tower included) and MFU, first losses (must agree), recompiles.
 * ``generate`` — prompt prefill + 64 greedy tokens, vjax ``generate`` vs transformers ``generate``;
   tokens/s, time to first token, token-for-token agreement.
 * ``token_merge`` — Chat-UniVi DPC-KNN ``spatial_merge`` time and compiled memory vs token count.
 * ``memory_bank`` — MA-LMM streaming (``lax.scan`` of ``append_and_compress`` + an attention read of
   the bank) time and compiled memory vs frame count.
-* ``data`` — Grain + decord pipeline clips/s on the synthetic set vs what a tiny train step consumes.
+* ``data`` — Grain + decord pipeline clips/s on the synthetic set (in-process and with Grain workers)
+  vs what a tiny video model's train step consumes (``DATA_MODEL``), and the two end to end.
 
 Compiled memory is ``argument + output + temp - alias`` bytes of ``jit(f).lower(...).compile()
 .memory_analysis()`` — what XLA allocates for one call (its ``peak_memory_in_bytes`` field is also
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import os
 import platform
@@ -74,6 +76,47 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------------ sizes
 @dataclasses.dataclass(frozen=True)
+class VLSize:
+    """Qwen2-VL of the ``train_step`` suite: Qwen2 decoder (HF names), vision tower, clip geometry.
+
+    Each batch row is ``prompt`` text tokens, ``<|vision_start|>``, the clip's ``t*h*w/4`` video
+    tokens, ``<|vision_end|>``, ``question`` tokens and ``answer`` tokens (the loss is on the answer)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim / 2
+    vision_depth: int
+    vision_width: int
+    vision_heads: int
+    vision_mlp_ratio: int
+    frames: int
+    image_size: int
+    batch: int
+    prompt: int
+    question: int
+    answer: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Patch grid ``(t, h, w)`` of one clip (temporal patch 2, patch 14)."""
+        return (self.frames // 2, self.image_size // 14, self.image_size // 14)
+
+    @property
+    def visual_tokens(self) -> int:
+        """LLM tokens per clip after the 2x2 merger: ``t * h * w / 4``."""
+        t, h, w = self.grid
+        return t * h * w // 4
+
+    @property
+    def seq(self) -> int:
+        return self.prompt + 1 + self.visual_tokens + 1 + self.question + self.answer
+
+
+@dataclasses.dataclass(frozen=True)
 class Size:
     """Every dimension a suite uses, per ``--size``."""
 
@@ -102,8 +145,11 @@ class Size:
     # data
     data_clips: int
     data_batches: int
-    data_frame_size: tuple[int, int] | None
+    data_frame_size: tuple[int, int]
     data_frames: int
+    data_workers: tuple[int, ...]  # Grain worker counts measured (0: in-process)
+    # qwen2_vl train step
+    vl: VLSize
 
 
 SIZES = {
@@ -112,13 +158,21 @@ SIZES = {
         seq=256, batch=2, prompt_len=128, new_tokens=64,
         merge_tokens=(256, 1024, 4096, 16384), merge_width=1024, merge_max_bytes=8 << 30,
         bank_frames=(10, 100, 1000), bank_capacity=10, bank_tokens=32, bank_width=768, bank_queries=32,
-        data_clips=16, data_batches=16, data_frame_size=(224, 224), data_frames=8),
+        data_clips=16, data_batches=16, data_frame_size=(224, 224), data_frames=8, data_workers=(0, 2),
+        # Qwen's vocabulary (151,936) scaled down to the Llama builder's 32,000; 8 frames at 224 px:
+        # grid (4, 16, 16) = 1024 patches per clip -> 256 video tokens; seq 6 + 258 + 24 + 32 = 320.
+        vl=VLSize(vocab=32000, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2,
+                  mrope_section=(8, 12, 12), vision_depth=6, vision_width=384, vision_heads=6,
+                  vision_mlp_ratio=4, frames=8, image_size=224, batch=2, prompt=6, question=24, answer=32)),
     "tiny": Size(
         matmul_n=256, vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
         seq=64, batch=2, prompt_len=8, new_tokens=8,
         merge_tokens=(64, 128), merge_width=1024, merge_max_bytes=1 << 30,
         bank_frames=(10, 100, 1000), bank_capacity=4, bank_tokens=4, bank_width=16, bank_queries=2,
-        data_clips=2, data_batches=2, data_frame_size=None, data_frames=4),
+        data_clips=2, data_batches=2, data_frame_size=(56, 56), data_frames=4, data_workers=(0,),
+        vl=VLSize(vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                  mrope_section=(2, 3, 3), vision_depth=2, vision_width=32, vision_heads=4,
+                  vision_mlp_ratio=2, frames=4, image_size=56, batch=2, prompt=4, question=6, answer=8)),
 }
 
 
@@ -193,6 +247,11 @@ def mib(n: float) -> str:
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
     return f"{int(n)} B"
+
+
+def gflop(n: float) -> str:
+    """FLOPs in GFLOP, three significant digits below 100."""
+    return f"{n / 1e9:.1f}" if n >= 1e11 else f"{n / 1e9:.3g}"
 
 
 def machine() -> dict[str, Any]:
@@ -373,6 +432,7 @@ class TrainContender:
     info: dict[str, Any]
 
 
+FIRST_LOSS_TOL = 1e-4  # |first loss vjax - torch| <= this x max(1, |loss|): the same weights and batch
 OPTIM = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0)
 
 
@@ -400,7 +460,9 @@ def _vjax_trainer_step(module, params, batch_np: dict[str, np.ndarray], info: di
     return step, first
 
 
-def _torch_adamw_step(hf, batch_np: dict[str, np.ndarray]):
+def _torch_adamw_step(hf, inputs: dict[str, Any]):
+    """A step of ``hf(**inputs).loss`` (``inputs`` holds torch tensors, ``labels`` included) with
+    global-norm clipping and ``torch.optim.AdamW`` (decay on matrices, as vjax's optimizer)."""
     import torch
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
@@ -408,12 +470,10 @@ def _torch_adamw_step(hf, batch_np: dict[str, np.ndarray]):
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=OPTIM["learning_rate"], betas=(OPTIM["b1"], OPTIM["b2"]),
                             eps=OPTIM["eps"])
-    ids = torch.as_tensor(batch_np["input_ids"], dtype=torch.long)
-    mask = torch.as_tensor(batch_np["attention_mask"], dtype=torch.long)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = hf(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss = hf(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, OPTIM["grad_clip"])
         opt.step()
@@ -435,16 +495,156 @@ def train_llama(ctx: Context) -> TrainContender:
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     info: dict[str, Any] = {"hf_attn_implementation": hf.config._attn_implementation}
     vstep, vloss = _vjax_trainer_step(module, params, batch, info)
-    tstep, tloss = _torch_adamw_step(hf, batch)
+    import torch
+    ids_t = torch.as_tensor(ids, dtype=torch.long)
+    tstep, tloss = _torch_adamw_step(hf, {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
+                                          "labels": ids_t})
+    shape = f"{s.layers}x{s.hidden}, vocab {s.vocab}, {s.batch}x{s.seq} tokens"
     return TrainContender("llama", vstep, tstep, {"vjax": vloss, "torch": tloss},
-                          decoder_train_flops(module, params, s.batch, s.seq), info)
+                          decoder_train_flops(module, params, s.batch, s.seq), {**info, "shape": shape})
 
 
-# One builder per model; add e.g. "qwen2_vl": train_qwen2_vl once vjax has the model (its builder
-# returns a TrainContender: Trainer over vjax's Qwen2VL vs transformers' Qwen2VLForConditionalGeneration
-# on converted weights, with the vision tower's FLOPs added to ``flops``).
+# ------------------------------------------------------------------------------------------ Qwen2-VL pair
+def _hf_qwen2_vl(v: VLSize, seed: int = 0):
+    """A random transformers ``Qwen2VLForConditionalGeneration`` of size ``v`` (special tokens at the
+    top of the vocabulary; biases and norm scales perturbed so they are not trivially 0 / 1)."""
+    import torch
+    import transformers
+    ids = _vl_special_ids(v)
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=v.vocab, hidden_size=v.hidden, intermediate_size=v.intermediate,
+                         num_hidden_layers=v.layers, num_attention_heads=v.heads, num_key_value_heads=v.kv_heads,
+                         max_position_embeddings=max(2048, 2 * v.seq), rms_norm_eps=1e-6, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "mrope_section": list(v.mrope_section),
+                                          "rope_theta": 1e6}),
+        vision_config=dict(depth=v.vision_depth, embed_dim=v.vision_width, hidden_size=v.hidden,
+                           num_heads=v.vision_heads, mlp_ratio=v.vision_mlp_ratio, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _vl_special_ids(v: VLSize) -> dict[str, int]:
+    return {"image": v.vocab - 4, "video": v.vocab - 3, "vision_start": v.vocab - 2, "vision_end": v.vocab - 1}
+
+
+def qwen2_vl_pair(v: VLSize, workdir: str):
+    """The same random Qwen2-VL weights twice: transformers' model, and vjax's ``Qwen2VL`` converted from
+    its ``save_pretrained`` safetensors through :func:`vjax.convert.qwen2_vl.qwen2_vl_table` (the
+    config read back with ``Qwen2VLConfig.from_hf``, clip geometry ``frames x image_size^2``)."""
+    from vjax.convert.io import open_checkpoint
+    from vjax.convert.mapping import convert
+    from vjax.convert.qwen2_vl import detect_layout, qwen2_vl_table
+    from vjax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+    from vjax.pretrained import abstract_params
+    hf = _hf_qwen2_vl(v)
+    d = os.path.join(workdir, f"qwen2_vl_{v.hidden}x{v.layers}")
+    hf.save_pretrained(d)
+    config = Qwen2VLConfig.from_hf(hf.config.to_dict(), num_frames=v.frames, image_size=v.image_size)
+    module = Qwen2VL(config)
+    src = open_checkpoint(d)
+    layout = detect_layout(src.keys())
+    params = convert(src, qwen2_vl_table(config, layout), abstract_params(module))
+    return hf, module, jax.tree_util.tree_map(jnp.asarray, params), layout
+
+
+def qwen2_vl_batch(v: VLSize, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random text around one clip per row (see :class:`VLSize`) and random normalised frames
+    ``[B, frames, image_size, image_size, 3]``; loss on the answer tokens."""
+    rng = np.random.default_rng(seed)
+    ids = _vl_special_ids(v)
+    text = lambda n: rng.integers(3, v.vocab - 4, (v.batch, n))  # noqa: E731
+    col = lambda tok, n: np.full((v.batch, n), tok)  # noqa: E731
+    input_ids = np.concatenate([text(v.prompt), col(ids["vision_start"], 1), col(ids["video"], v.visual_tokens),
+                                col(ids["vision_end"], 1), text(v.question), text(v.answer)], 1).astype(np.int32)
+    loss_mask = np.zeros_like(input_ids)
+    loss_mask[:, -v.answer:] = 1
+    frames = rng.normal(size=(v.batch, v.frames, v.image_size, v.image_size, 3)).astype(np.float32)
+    return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "loss_mask": loss_mask,
+            "frames": frames, "frame_mask": np.ones((v.batch, v.frames), bool)}
+
+
+def qwen2_vl_train_flops(module, params, v: VLSize) -> dict[str, Any]:
+    """Model FLOPs of one Qwen2-VL training step (forward + backward), the PaLM rule of
+    :func:`decoder_train_flops` applied to both towers:
+
+        decoder: T * (6 * N_llm + 12 * n_layers * n_heads * head_dim * L),   T = batch * L
+        vision:  P * (6 * N_vit + 12 * depth * width * S) + (P / 4) * 6 * N_merger
+
+    ``N_llm`` = decoder parameters but the input embedding (the LM head counts); ``P = batch * t*h*w``
+    patches; ``N_vit`` = patch embedding + blocks; ``S = h * w`` patches per attention segment (the
+    reference attends within each temporal slice; vjax masks an ``[P, P]`` attention to the same
+    blocks, so it executes ``P / S`` times the counted attention FLOPs, recorded as
+    ``vision_attention_executed_flops``); the merger runs on ``P / 4`` merged tokens. The input pixels
+    need no gradient, and norms, softmax, RoPE and the optimizer are not counted."""
+    flat = {jax.tree_util.keystr(p): int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    count = lambda pred: sum(n for k, n in flat.items() if pred(k))  # noqa: E731
+    n_llm = count(lambda k: k.startswith("['llm']") and "embed_tokens" not in k)
+    n_merger = count(lambda k: k.startswith("['visual']['merger']"))
+    n_vit = count(lambda k: k.startswith("['visual']") and "['merger']" not in k)
+    c = module.config.llm
+    t, h, w = v.grid
+    tokens, patches, seg = v.batch * v.seq, v.batch * t * h * w, h * w
+    llm_dense = 6 * n_llm * tokens
+    llm_attn = 12 * c.num_layers * c.num_heads * c.resolved_head_dim * v.seq * tokens
+    vit_dense = 6 * n_vit * patches + 6 * n_merger * (patches // 4)
+    vit_attn = 12 * v.vision_depth * v.vision_width * seg * patches
+    return {"params": {"llm_non_embedding": n_llm, "vision": n_vit, "merger": n_merger,
+                       "embedding": sum(flat.values()) - n_llm - n_vit - n_merger, "total": sum(flat.values())},
+            "tokens": tokens, "patches": patches, "attention_segment": seg,
+            "decoder_dense_flops": llm_dense, "decoder_attention_flops": llm_attn,
+            "vision_dense_flops": vit_dense, "vision_attention_flops": vit_attn,
+            "vision_attention_executed_flops": 12 * v.vision_depth * v.vision_width * patches * patches,
+            "dense_flops": llm_dense + vit_dense, "attention_flops": llm_attn + vit_attn,
+            "flops": llm_dense + llm_attn + vit_dense + vit_attn,
+            "formula": "T * (6 N_llm + 12 layers heads head_dim L) + P * (6 N_vit + 12 depth width S) "
+                       "+ P/4 * 6 N_merger"}
+
+
+def train_qwen2_vl(ctx: Context) -> TrainContender:
+    """Qwen2-VL (``ctx.size.vl``): transformers ``Qwen2VLForConditionalGeneration`` (default attention
+    implementation; packed ``pixel_values_videos`` + ``video_grid_thw`` + ``mm_token_type_ids``) +
+    ``torch.optim.AdamW`` vs vjax ``Qwen2VL`` + ``Trainer`` over the batch's ``frames`` (patchified
+    inside the jitted step; the same patches as the reference's, see ``qwen2_vl_patchify``). Both
+    towers and the merger train."""
+    import torch
+    from vjax.models.qwen2_vl import qwen2_vl_patchify
+    v = ctx.size.vl
+    hf, module, params, layout = qwen2_vl_pair(v, ctx.workdir)
+    batch = qwen2_vl_batch(v)
+    info: dict[str, Any] = {"hf_attn_implementation": hf.config._attn_implementation, "checkpoint_layout": layout,
+                            "grid_thw": list(v.grid), "visual_tokens_per_clip": v.visual_tokens, "seq": v.seq,
+                            "vjax_input": "frames [B, T, H, W, 3]"}
+    vstep, vloss = _vjax_trainer_step(module, params, batch, info)
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+    pix = np.concatenate([np.asarray(qwen2_vl_patchify(jnp.asarray(f))) for f in batch["frames"]])
+    labels = ids.clone()
+    labels[torch.as_tensor(batch["loss_mask"]) == 0] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+              "pixel_values_videos": torch.as_tensor(pix),
+              "video_grid_thw": torch.as_tensor([list(v.grid)] * v.batch, dtype=torch.long),
+              "mm_token_type_ids": (ids == _vl_special_ids(v)["video"]).long() * 2}
+    tstep, tloss = _torch_adamw_step(hf, inputs)
+    t, h, w = v.grid
+    info["shape"] = (f"{v.layers}x{v.hidden}, vocab {v.vocab}; ViT {v.vision_depth}x{v.vision_width}; "
+                     f"{v.batch}x({v.frames}f {v.image_size}px = {t}x{h}x{w} patches -> {v.visual_tokens} tok; "
+                     f"L {v.seq})")
+    return TrainContender("qwen2_vl", vstep, tstep, {"vjax": vloss, "torch": tloss},
+                          qwen2_vl_train_flops(module, params, v), info)
+
+
+# One builder per model (each returns a TrainContender on the same weights on both sides).
 TRAIN_MODELS: dict[str, Callable[[Context], TrainContender]] = {
     "llama": train_llama,
+    "qwen2_vl": train_qwen2_vl,
 }
 
 
@@ -476,13 +676,21 @@ def suite_train_step(ctx: Context) -> dict:
     model in :data:`TRAIN_MODELS`; PyTorch at its default thread count and at one thread (see
     :func:`torch_contenders`). vjax's step also computes the grad norm, a finite check, token
     accuracy and the LR schedule; PyTorch's does not. Recompiles are counted with a
-    ``jax.monitoring`` listener during the timed steps (must be 0) and by the jit cache size."""
+    ``jax.monitoring`` listener during the timed steps (must be 0) and by the jit cache size. The
+    first losses of the two sides must agree within ``FIRST_LOSS_TOL`` (relative): a model that
+    fails it, or whose builder raises, fails the suite after the other models have run."""
     import torch
     peak = matmul_peak(ctx)
     entry: dict[str, Any] = {"models": {}, "torch_threads_default": torch.get_num_threads(),
-                             "todo": ["qwen2_vl: add a builder to TRAIN_MODELS once the model exists"]}
+                             "first_loss_tolerance": FIRST_LOSS_TOL}
+    failures: dict[str, str] = {}
     for name, build in TRAIN_MODELS.items():
-        c = build(ctx)
+        try:
+            c = build(ctx)
+        except Exception:  # noqa: BLE001 — the other models still run; the suite fails at the end
+            failures[name] = traceback.format_exc()
+            logging.error("train_step %s failed:\n%s", name, failures[name])
+            continue
         counter = compiles()
         rec: dict[str, Any] = {}
         with counter.span(rec, "compiles_timed"):
@@ -503,17 +711,23 @@ def suite_train_step(ctx: Context) -> dict:
             jit_cache_size=trainer._train_step._cache_size() if trainer is not None else None,
             **c.info)
         entry["models"][name] = rec
-        s = ctx.size
-        shape = f"{s.layers}x{s.hidden}, vocab {s.vocab}, {s.batch}x{s.seq} tokens"
+        shape = rec.pop("shape")
         sps = rec["steps_per_s"]
+        loss_tol = FIRST_LOSS_TOL * max(1.0, abs(c.first_losses["torch"]))
+        rec["first_loss_agree"] = agree = rec["first_loss_abs_diff"] <= loss_tol
+        if not agree:
+            failures[name] = (f"first losses differ: vjax {c.first_losses['vjax']:.6f} vs torch "
+                              f"{c.first_losses['torch']:.6f} (|diff| {rec['first_loss_abs_diff']:.2e} "
+                              f"> {loss_tol:.1e})")
         ctx.rows += [
             Row("train_step", f"{name} ({shape}) steps/s vjax / torch / torch 1 thread",
                 f"{sps['vjax']:.3f} / {sps['torch']:.3f} / {sps['torch_1t']:.3f}",
+                f"first loss |diff| <= {loss_tol:.1e}", agree,
                 note=f"first loss vjax {c.first_losses['vjax']:.5f}, torch {c.first_losses['torch']:.5f}"),
             Row("train_step", f"{name} speedup vjax vs faster torch ({ref})", f"{rec['speedup']:.2f}x",
                 f">= {TARGETS['train_speedup']}x", rec["speedup"] >= TARGETS["train_speedup"],
                 note=f"ratio of best times {rec['speedup_best']:.2f}x"),
-            Row("train_step", f"{name} model GFLOP/step; MFU vjax / {ref}", f"{flops / 1e9:.1f}; "
+            Row("train_step", f"{name} model GFLOP/step; MFU vjax / {ref}", f"{gflop(flops)}; "
                 f"{100 * rec['mfu']['vjax']:.1f}% / {100 * rec['mfu'][ref]:.1f}%",
                 f">= {100 * TARGETS['train_mfu']:.0f}%", rec["mfu"]["vjax"] >= TARGETS["train_mfu"],
                 note=f"of {peak:.1f} GFLOP/s measured peak; at best times "
@@ -522,6 +736,18 @@ def suite_train_step(ctx: Context) -> dict:
                 f"{c.info.get('compiles_first_step')} / {rec['compiles_timed']} / {rec['jit_cache_size']}",
                 "0 timed", rec["compiles_timed"] == 0),
         ]
+        if "vision_attention_executed_flops" in c.flops:
+            f = c.flops
+            ctx.rows.append(Row(
+                "train_step", f"{name} GFLOP/step decoder / vision (dense + attention)",
+                f"{gflop(f['decoder_dense_flops'] + f['decoder_attention_flops'])} / "
+                f"{gflop(f['vision_dense_flops'] + f['vision_attention_flops'])}",
+                note=f"vjax's masked [P, P] vision attention over all P = {f['patches']} patches executes "
+                f"{gflop(f['vision_attention_executed_flops'])} GFLOP, not {gflop(f['vision_attention_flops'])}"))
+        del c  # frees both models before the next builder
+    if failures:
+        ctx.results["train_step"] = entry  # keep what was measured
+        raise AssertionError("train_step: " + "\n".join(f"{k}: {v}" for k, v in failures.items()))
     return entry
 
 
@@ -682,75 +908,155 @@ def suite_memory_bank(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ data
-class BenchFormat:
-    """A stand-in chat template: frames plus the question and answer bytes as token ids."""
+# The experiment config whose tiny model consumes the pipeline's batches. Chat-UniVi (CLIP-style tower
+# per frame, DPC-KNN merging) rather than Qwen2-VL: vjax's Qwen2-VL tower attends over all packed
+# patches of the batch under a block-diagonal mask, so at 8 x 224 px its tiny step is ~10x slower
+# (~0.75 s), which would hide whether the pipeline keeps up.
+DATA_MODEL = "chat_univi"
 
-    def __call__(self, record, frames, audio):
-        human, gpt = record["conversations"][:2]
-        ids = np.frombuffer((human["value"] + gpt["value"]).encode(), np.uint8).astype(np.int32) + 1
-        return {"frames": frames, "input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+def _data_setup(ctx: Context):
+    """The ``DATA_MODEL`` tiny experiment (``experiments/configs``) at the data suite's geometry
+    (``data_frames`` frames at ``data_frame_size``) on a freshly generated synthetic set: its model
+    config, format (template + tokenizer), sampler and records, as ``experiments.train`` builds them."""
+    import importlib
+    from experiments import lib
+    from vjax.data import formats
+    from vjax.data.synthetic import ensure_synthetic_dataset
+    s = ctx.size
+    c = importlib.import_module(f"experiments.configs.{DATA_MODEL}").get_config("tiny")
+    c.data.root = os.path.join(ctx.workdir, f"synthetic_{ctx.size_name}")
+    c.data.synthetic.update(dict(seed=0, num_train=s.data_clips, num_val=1, num_test=1, long_every=0,
+                                 questions_per_clip=1, show_progress=False))
+    c.data.num_frames = s.data_frames
+    c.data.image_size = s.data_frame_size[0]
+    c.data.batch_size = 2
+    from vjax.data.synthetic import SyntheticConfig
+    if "sample_fps" in c.data.sampler_kwargs:  # fps samplers: every clip (>= min_seconds) gives data_frames
+        c.data.sampler_kwargs.sample_fps = s.data_frames / SyntheticConfig().min_seconds
+    plan = lib.validate(c, num_devices=jax.device_count())
+    t0 = time.perf_counter()
+    paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
+    gen_s = time.perf_counter() - t0
+    tokenizer = formats.TextTokenizer(paths.tokenizer_dir)
+    lib.check_tokenizer(c, tokenizer, plan["model_config"])
+    fmt = formats.VideoQAFormat(plan["spec"], tokenizer)
+    return c, plan, fmt, lib.records(c, "train", paths), gen_s
 
 
 def suite_data(ctx: Context) -> dict:
-    """Clips/s of the Grain + decord pipeline (``make_loader``, in-process, ``worker_count=0``;
-    ``data_frames`` uniformly sampled frames resized on decode to ``data_frame_size``) on a freshly
-    generated synthetic set, vs the clips/s a train step consumes. No video model is in vjax yet, so
-    the consumer is the tiny decoder's train step (2 x 64, batch = pipeline batch, seq 256) — a
-    stand-in, to be replaced by a video LLM's step."""
+    """Clips/s of the Grain + decord pipeline (``make_loader``; ``data_frames`` frames sampled by the
+    model's sampler and resized on decode to ``data_frame_size``; the model's chat template and the
+    synthetic set's tokenizer; text buckets + visual tokens as in ``experiments.train``) for each
+    Grain ``worker_count`` in ``data_workers``, vs the clips/s that the ``DATA_MODEL`` tiny model's
+    full train step (``Trainer``, AdamW, batch 2) consumes on the pipeline's own first batch.
+
+    In-process (0 workers), pipeline and step alternate round by round (``data_batches`` batches /
+    steps per round). With workers, Grain prefetches in the background, so the pipeline is timed
+    alone, back to back, after a warm-up round that drains its buffers (its steady production rate),
+    and its headroom is over the in-process round's step. For every worker count the end-to-end
+    figure (``for batch in loader: train_step(batch)``, ``data_batches`` steps) shows what the two
+    give together: each worker is a separate process on the same cores as the step."""
     import grain  # noqa: F401  (fail early if missing)
-    from vjax.data import pipeline, sampling
-    from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
-    from vjax.models.decoder import CausalLM, DecoderConfig
+    from experiments import lib
+    from vjax.data import pipeline
     s = ctx.size
-    root = os.path.join(ctx.workdir, f"synthetic_{ctx.size_name}")
-    t0 = time.perf_counter()
-    ds = ensure_synthetic_dataset(root, SyntheticConfig(
-        seed=0, num_train=s.data_clips, num_val=1, num_test=1, long_every=0, questions_per_clip=1,
-        show_progress=False))
-    gen_s = time.perf_counter() - t0
-    with open(ds.annotations["train"]) as f:
-        records = pipeline.resolve_records([json.loads(line) for line in f], ds.root)
-    batch_size = 2
-    cfg = pipeline.PipelineConfig(batch_size=batch_size, seed=0, num_epochs=None, frame_size=s.data_frame_size,
-                                  worker_count=0, buckets={"input_ids": (256,), "attention_mask": (256,)})
-    sampler = functools.partial(sampling.video_llama_uniform, num_samples=s.data_frames)
-    it = iter(pipeline.make_loader(records, BenchFormat(), cfg, sampler=sampler))
-    first = next(it)
+    c, plan, fmt, records, gen_s = _data_setup(ctx)
+    mcfg = plan["model_config"]
+    visual = plan["spec"].tokens_per_clip()
+    batch_size = c.data.batch_size
+    # one bucket (the smallest of experiments.train's that holds every record): one static step shape
+    longest = lib.check_lengths(c, fmt, records)
+    length = min(b + visual for b in c.data.text_buckets if b + visual >= longest)
+    buckets = {k: (length,) for k in lib.TEXT_KEYS}
+
+    if s.data_workers[0] != 0:
+        raise ValueError(f"data_workers must start with 0 (the in-process round times the step): {s.data_workers}")
+    if any(s.data_workers) and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags (defaults) outside app.run too
+
+    def loader(workers: int):
+        cfg = pipeline.PipelineConfig(batch_size=batch_size, seed=0, num_epochs=None, worker_count=workers,
+                                      frame_size=(c.data.image_size, c.data.image_size), buckets=buckets)
+        return iter(pipeline.make_loader(records, fmt, cfg, sampler=plan["sampler"]))
+
+    # consumer: the tiny model's train step on the pipeline's first batch
+    it0 = loader(0)
+    first = next(it0)
     frame_shape = list(first["frames"].shape)
-
-    def pull():
-        for _ in range(s.data_batches):
-            next(it)
-
-    # consumer: tiny decoder train step on a batch of the same size
-    module = CausalLM(DecoderConfig.tiny())
-    ids = np.random.default_rng(0).integers(3, 256, (batch_size, 256)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    module = plan["module_class"](mcfg)
     import vjax
     info: dict[str, Any] = {}
-    step, _ = _vjax_trainer_step(module, vjax.init_params(module, 0), batch, info)
-    info.pop("trainer")
+    step, first_loss = _vjax_trainer_step(module, vjax.init_params(module, 0), first, info)
+    trainer = info.pop("trainer")
 
     def steps():
         for _ in range(s.data_batches):
             step()
 
-    times = interleaved({"pipeline": pull, "train_step": steps}, max(1, ctx.repeats // 2), warmup=0)
     clips = s.data_batches * batch_size
-    p, t = stats(times["pipeline"]), stats(times["train_step"])
-    rec = {"synthetic_clips": s.data_clips, "generate_s": gen_s, "batch_size": batch_size,
-           "frames_per_clip": s.data_frames, "batch_frames_shape": frame_shape, "worker_count": 0,
-           "pipeline": {**p, "clips_per_s": clips / p["median_s"]},
-           "tiny_train_step": {**t, "clips_per_s": clips / t["median_s"]}}
-    rec["headroom"] = rec["pipeline"]["clips_per_s"] / rec["tiny_train_step"]["clips_per_s"]
-    ctx.rows += [
-        Row("data", f"Grain+decord clips/s ({s.data_frames} frames -> {frame_shape[-3]}x{frame_shape[-2]}, "
-            "0 workers) / tiny step clips/s",
-            f"{rec['pipeline']['clips_per_s']:.1f} / {rec['tiny_train_step']['clips_per_s']:.1f}",
-            note="consumer = tiny decoder step (stand-in until video models exist)"),
-        Row("data", "pipeline headroom over the consumer", f"{rec['headroom']:.2f}x",
-            f">= {TARGETS['data_headroom']}x", rec["headroom"] >= TARGETS["data_headroom"]),
-    ]
+    rec: dict[str, Any] = {"model": f"{DATA_MODEL}:tiny", "visual_tokens_per_clip": visual,
+                           "synthetic_clips": s.data_clips, "longest_record_tokens": longest, "generate_s": gen_s,
+                           "batch_size": batch_size,
+                           "frames_per_clip": s.data_frames, "batch_frames_shape": frame_shape,
+                           "batch_input_ids_shape": list(first["input_ids"].shape),
+                           "first_batch_real_frames": (np.asarray(first["frame_mask"]).sum(1).tolist()
+                                                       if "frame_mask" in first else None),
+                           "consumer_first_loss": first_loss, "consumer_compiles_first_step":
+                           info.get("compiles_first_step"), "pipelines": {}}
+    for workers in s.data_workers:
+        t0 = time.perf_counter()
+        it = it0 if workers == 0 else loader(workers)
+        next(it)
+        startup = time.perf_counter() - t0
+
+        def pull():
+            for _ in range(s.data_batches):
+                next(it)
+
+        if workers == 0:  # nothing runs in the background: pipeline and step alternate exactly
+            times = interleaved({"pipeline": pull, "train_step": steps}, max(1, ctx.repeats // 2), warmup=0)
+            step_stats = stats(times["train_step"])
+        else:  # back-to-back pulls after a warm-up round that drains the prefetch buffers
+            times = interleaved({"pipeline": pull}, max(1, ctx.repeats // 2), warmup=1)
+        p = stats(times["pipeline"])
+        # end to end: the loader feeds the step (compiles counted: must be 0, one bucket)
+        holder = {"state": trainer.init_state(params=vjax.init_params(module, 0))}
+        e2e: dict[str, Any] = {}
+        with compiles().span(e2e, "compiles"):
+            t0 = time.perf_counter()
+            for _ in range(s.data_batches):
+                holder["state"], m = trainer.train_step(holder["state"], next(it))
+            _block((holder["state"], m))
+            e2e["seconds"] = time.perf_counter() - t0
+        e2e["clips_per_s"] = clips / e2e["seconds"]
+        rec["pipelines"][str(workers)] = {
+            "worker_count": workers, "startup_s": startup, **p, "clips_per_s": clips / p["median_s"],
+            "headroom": step_stats["median_s"] / p["median_s"], "end_to_end": e2e}
+        it = it0 = None  # lets Grain stop this loader's worker processes
+        gc.collect()
+    p0 = rec["pipelines"]["0"]
+    rec["tiny_train_step"] = {**step_stats, "clips_per_s": clips / step_stats["median_s"]}
+    rec["pipeline"], rec["headroom"], rec["worker_count"] = p0, p0["headroom"], p0["worker_count"]
+    best_w = max(rec["pipelines"], key=lambda w: rec["pipelines"][w]["clips_per_s"])
+    rec["best_worker_count"] = int(best_w)
+    size = f"{frame_shape[-3]}x{frame_shape[-2]}"
+    shape = (f"{s.data_frames} frames {size} -> {visual} visual tokens; batch {frame_shape[0]} x "
+             f"{first['input_ids'].shape[1]} tokens")
+    st = rec["tiny_train_step"]
+    for w, pr in rec["pipelines"].items():
+        e = pr["end_to_end"]
+        ctx.rows += [
+            Row("data", f"Grain+decord clips/s, {w} workers / {DATA_MODEL} tiny train step clips/s ({shape})",
+                f"{pr['clips_per_s']:.1f} / {st['clips_per_s']:.1f}",
+                note=f"step {1e3 * st['median_s'] / s.data_batches:.1f} ms; first batch after "
+                f"{pr['startup_s']:.2f} s"),
+            Row("data", f"pipeline headroom over the step, {w} workers", f"{pr['headroom']:.2f}x",
+                f">= {TARGETS['data_headroom']}x", pr["headroom"] >= TARGETS["data_headroom"]),
+            Row("data", f"end to end, {w} workers: loader -> train step", f"{e['clips_per_s']:.1f} clips/s",
+                "0 compiles", e["compiles"] == 0,
+                note=f"{e['clips_per_s'] / st['clips_per_s']:.2f}x the step alone"),
+        ]
     return rec
 
 

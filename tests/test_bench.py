@@ -46,6 +46,29 @@ def test_matmul_and_train_step_entries(results):
     assert llama["compiles_timed"] == 0 and llama["jit_cache_size"] == 1
 
 
+def test_qwen2_vl_train_step_entries(results):
+    """Qwen2-VL: transformers and vjax on the same converted weights and clips agree on the first loss;
+    FLOPs count both towers."""
+    train = results[1]["suites"]["train_step"]
+    assert set(train["models"]) == set(bench.TRAIN_MODELS) >= {"llama", "qwen2_vl"}
+    q = train["models"]["qwen2_vl"]
+    v = bench.SIZES["tiny"].vl
+    assert all(q["steps_per_s"][k] > 0 for k in ("vjax", "torch", "torch_1t"))
+    assert q["reference"] in ("torch", "torch_1t") and q["speedup"] > 0 and q["mfu"]["vjax"] > 0
+    assert q["first_loss_agree"] is True and q["first_loss_abs_diff"] < 1e-4
+    assert abs(q["first_loss"]["vjax"] - q["first_loss"]["torch"]) == q["first_loss_abs_diff"]
+    assert q["checkpoint_layout"] in ("transformers5", "release")
+    assert q["grid_thw"] == list(v.grid) and q["visual_tokens_per_clip"] == v.visual_tokens == 8
+    f = q["flops"]
+    assert f["patches"] == v.batch * 2 * 4 * 4 and f["tokens"] == v.batch * v.seq
+    assert f["vision_dense_flops"] > 0 and f["vision_attention_flops"] > 0 and f["params"]["vision"] > 0
+    assert f["flops"] == (f["decoder_dense_flops"] + f["decoder_attention_flops"] + f["vision_dense_flops"]
+                          + f["vision_attention_flops"]) == f["dense_flops"] + f["attention_flops"]
+    assert q["compiles_timed"] == 0 and q["jit_cache_size"] == 1
+    rows = [r for r in results[1]["rows"] if r["suite"] == "train_step" and r["measurement"].startswith("qwen2_vl")]
+    assert len(rows) >= 4 and all(r["met"] is not False for r in rows if "recompiles" in r["measurement"])
+
+
 def test_generate_entries(results):
     gen = results[1]["suites"]["generate"]
     assert gen["tokens_agree"] is True
@@ -67,9 +90,18 @@ def test_token_merge_and_memory_bank_entries(results):
 
 
 def test_data_entries(results):
+    """The consumer is a real tiny video model's train step on the pipeline's own batches."""
     data = results[1]["suites"]["data"]
+    tiny = bench.SIZES["tiny"]
     assert data["pipeline"]["clips_per_s"] > 0 and data["tiny_train_step"]["clips_per_s"] > 0
-    assert data["headroom"] > 0 and data["batch_frames_shape"][1] == bench.SIZES["tiny"].data_frames
+    assert data["headroom"] > 0 and data["batch_frames_shape"][1] == tiny.data_frames
+    assert data["batch_frames_shape"][2:] == [*tiny.data_frame_size, 3]
+    assert data["model"] == f"{bench.DATA_MODEL}:tiny" and data["visual_tokens_per_clip"] > 0
+    assert data["batch_input_ids_shape"][1] >= data["longest_record_tokens"] > data["visual_tokens_per_clip"]
+    assert 0 < data["consumer_first_loss"] < 100
+    assert set(data["pipelines"]) == {str(w) for w in tiny.data_workers}
+    for p in data["pipelines"].values():
+        assert p["clips_per_s"] > 0 and p["end_to_end"]["clips_per_s"] > 0 and p["end_to_end"]["compiles"] == 0
 
 
 def test_cli_writes_results(tmp_path):

@@ -581,9 +581,10 @@ def qwen2_vl_train_flops(module, params, v: VLSize) -> dict[str, Any]:
 
     ``N_llm`` = decoder parameters but the input embedding (the LM head counts); ``P = batch * t*h*w``
     patches; ``N_vit`` = patch embedding + blocks; ``S = h * w`` patches per attention segment (the
-    reference attends within each temporal slice; vjax masks an ``[P, P]`` attention to the same
-    blocks, so it executes ``P / S`` times the counted attention FLOPs, recorded as
-    ``vision_attention_executed_flops``); the merger runs on ``P / 4`` merged tokens. The input pixels
+    reference attends within each temporal slice, and so does vjax when every slice has the same
+    ``h * w``, as here; mixed grids fall back to one block-masked ``[P, P]`` attention, which would
+    execute ``P / S`` times the counted attention FLOPs, recorded as ``vision_attention_executed_flops``
+    for that case); the merger runs on ``P / 4`` merged tokens. The input pixels
     need no gradient, and norms, softmax, RoPE and the optimizer are not counted."""
     flat = {jax.tree_util.keystr(p): int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     count = lambda pred: sum(n for k, n in flat.items() if pred(k))  # noqa: E731
@@ -742,8 +743,9 @@ def suite_train_step(ctx: Context) -> dict:
                 "train_step", f"{name} GFLOP/step decoder / vision (dense + attention)",
                 f"{gflop(f['decoder_dense_flops'] + f['decoder_attention_flops'])} / "
                 f"{gflop(f['vision_dense_flops'] + f['vision_attention_flops'])}",
-                note=f"vjax's masked [P, P] vision attention over all P = {f['patches']} patches executes "
-                f"{gflop(f['vision_attention_executed_flops'])} GFLOP, not {gflop(f['vision_attention_flops'])}"))
+                note=f"equal grids attend per slice; a mixed-grid batch would mask one [P, P] attention over "
+                f"P = {f['patches']} patches: {gflop(f['vision_attention_executed_flops'])} GFLOP instead of "
+                f"{gflop(f['vision_attention_flops'])}"))
         del c  # frees both models before the next builder
     if failures:
         ctx.results["train_step"] = entry  # keep what was measured

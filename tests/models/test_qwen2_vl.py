@@ -116,3 +116,17 @@ def test_frames_path_equals_packed_path(tmp_path_factory):
     a = module.apply({"params": params}, ids, pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=vid_grid)
     b = module.apply({"params": params}, ids, frames=jnp.asarray(frames)[None])
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_per_slice_attention_equals_block_masked_attention(tmp_path_factory):
+    """Uniform grids attend per temporal slice (no mask); the result equals the block-diagonal mask."""
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl_slices")))
+    from vjax.models.encoders import Encoder, qwen2_vl_vision_inputs
+
+    grid = np.array([[2, 4, 4], [1, 4, 4]])  # two items, three slices of 16 patches
+    pix = jnp.asarray(np.random.default_rng(5).normal(size=(48, 3 * 2 * 14 * 14)), jnp.float32)
+    pos, seg = qwen2_vl_vision_inputs(grid)
+    enc = Encoder(module.config.vision)
+    dense = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg).features
+    sliced = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg, slice_size=16).features
+    np.testing.assert_allclose(sliced, dense, atol=1e-5)

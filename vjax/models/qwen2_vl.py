@@ -176,7 +176,9 @@ class Qwen2VL(VideoLLM):
                 continue
             g = _host_grid(grid, f"{name}_grid_thw")
             pos2d, seg = qwen2_vl_vision_inputs(g, c.vision.spatial_merge_size)
-            feats = self.visual(pix, positions=pos2d, segment_ids=seg).features  # [N / 4, D]
+            areas = set((g[:, 1] * g[:, 2]).tolist())  # equal h*w everywhere: attend per slice, unmasked
+            slice_size = areas.pop() if len(areas) == 1 else None
+            feats = self.visual(pix, positions=pos2d, segment_ids=seg, slice_size=slice_size).features  # [N/4, D]
             flat = splice_tokens(embeds.reshape(1, b * l, -1), feats[None], (input_ids == token).reshape(1, b * l))
             embeds = flat.reshape(b, l, -1)
             grids[name] = jnp.asarray(g, jnp.int32)

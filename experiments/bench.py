@@ -959,7 +959,6 @@ def suite_data(ctx: Context) -> dict:
     and its headroom is over the in-process round's step. For every worker count the end-to-end
     figure (``for batch in loader: train_step(batch)``, ``data_batches`` steps) shows what the two
     give together: each worker is a separate process on the same cores as the step."""
-    import grain  # noqa: F401  (fail early if missing)
     from experiments import lib
     from vjax.data import pipeline
     s = ctx.size

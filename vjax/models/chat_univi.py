@@ -21,7 +21,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.token_merge import cluster_count, spatial_merge, video_merge
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.video_llm import VideoLLM, example_text
+from vjax.models.video_llm import VideoLLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +91,5 @@ class ChatUniVi(VideoLLM):
         return tokens
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
-        b, t = frames.shape[:2]
-        feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, N, C]
-        tokens = self.merge(feats.reshape(b, t, *feats.shape[1:]), frame_mask)  # [B, M, C]
+        tokens = self.merge(self.frame_features(frames), frame_mask)  # [B, M, C]
         return self.mm_projector(tokens)  # [B, M, D]
-
-    def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
-        c = self.config
-        s = c.vision.image_size
-        return {**example_text(batch, c.num_visual_tokens, c.placeholder_id),
-                "frames": jnp.zeros((batch, c.num_frames, s, s, 3), jnp.float32),
-                "frame_mask": jnp.ones((batch, c.num_frames), bool)}

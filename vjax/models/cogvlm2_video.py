@@ -13,7 +13,6 @@ adapter, each frame followed by its timestamp, CogVLM's position ids, and a Llam
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from vjax.layers.splice import splice_tokens
 from vjax.layers.visual_expert import build_position_ids
 from vjax.models.decoder import CausalLM, CausalLMOutput, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.video_llm import VideoLLM, example_text
+from vjax.models.video_llm import VideoLLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +81,8 @@ class CogVLM2Video(VideoLLM):
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         """``[B, T, H, W, 3]`` -> ``[B, T * 66, D]`` in frame order (padded frames are never referenced)."""
-        b, t = frames.shape[:2]
-        feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, 66, D]
-        return feats.reshape(b, t * feats.shape[1], feats.shape[2])
+        feats = self.frame_features(frames)  # [B, T, 66, D]
+        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
     def __call__(self, input_ids, *, attention_mask=None, position_ids=None, cache=None, cache_index=0,
                  frames=None, frame_mask=None) -> CausalLMOutput:
@@ -101,10 +99,3 @@ class CogVLM2Video(VideoLLM):
         experts = {"token_type_ids": types} if self.config.llm.visual_experts else {}
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         cache=cache, cache_index=cache_index, **experts)
-
-    def example_batch(self, batch: int = 2) -> dict[str, Any]:
-        c = self.config
-        s = c.vision.image_size
-        return {**example_text(batch, c.num_visual_tokens, c.placeholder_id),
-                "frames": jnp.zeros((batch, c.num_frames, s, s, 3), jnp.float32),
-                "frame_mask": jnp.ones((batch, c.num_frames), bool)}

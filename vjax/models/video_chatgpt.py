@@ -20,7 +20,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.pooling import video_chatgpt_pool
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.video_llm import VideoLLM, example_text
+from vjax.models.video_llm import VideoLLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +68,6 @@ class VideoChatGPT(VideoLLM):
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         """``frames [B, T, H, W, 3]`` -> video tokens ``[B, num_temporal + N, D]``."""
-        b, t = frames.shape[:2]
-        feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, N, C]
-        feats = feats.reshape(b, t, *feats.shape[1:])  # [B, T, N, C]
+        feats = self.frame_features(frames)  # [B, T, N, C]
         pooled = video_chatgpt_pool(feats, frame_mask, self.config.num_temporal)  # [B, Tt + N, C]
         return self.mm_projector(pooled)  # [B, Tt + N, D]
-
-    def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
-        c = self.config
-        s = c.vision.image_size
-        return {**example_text(batch, c.num_visual_tokens, c.placeholder_id),
-                "frames": jnp.zeros((batch, c.num_frames, s, s, 3), jnp.float32),
-                "frame_mask": jnp.ones((batch, c.num_frames), bool)}

@@ -63,6 +63,20 @@ class VideoLLM(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         cache=cache, cache_index=cache_index)
 
+    def frame_features(self, frames: jax.Array) -> jax.Array:
+        """``frames [B, T, H, W, 3]`` -> the tower's per-frame features ``[B, T, N, C]`` (``self.vision``)."""
+        b, t = frames.shape[:2]
+        feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, N, C]
+        return feats.reshape(b, t, *feats.shape[1:])
+
+    def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
+        """A batch of the documented format for models whose visual input is ``frames`` (override otherwise)."""
+        c = self.config
+        s = c.vision.image_size
+        return {**example_text(batch, c.num_visual_tokens, c.placeholder_id),
+                "frames": jnp.zeros((batch, c.num_frames, s, s, 3), jnp.float32),
+                "frame_mask": jnp.ones((batch, c.num_frames), bool)}
+
     def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Next-token cross-entropy over ``loss_mask`` (answer tokens)."""
         visual = {k: batch[k] for k in VISUAL_KEYS if k in batch}

@@ -13,7 +13,28 @@ r"""Convert released PyTorch checkpoints to a vjax checkpoint (or a vjax checkpo
   ``.pth``/``.bin`` files are read with ``torch.load(weights_only=True)``: one whose pickle would run code is
   refused, naming the file. A vjax checkpoint directory as the only source re-exports it (``--to=hf``).
 * The config comes from the ``config.json`` files of the source directories, or ``--variant`` (a published
-  config, e.g. ``video_chatgpt_7b``).
+  config, e.g. ``video_chatgpt_7b``), or ``--config_file`` (a vjax config as JSON: the ``config`` entry of a
+  ``vjax_config.json``, or that whole file).
+* Video-LLaMA, MiniGPT4-video and MA-LMM (``--model=video_llama|minigpt4_video|ma_lmm``, with ``--variant``)
+  are released as LAVIS ``.pth`` files plus component files::
+
+      --model=video_llama --variant=video_llama2_7b --src=eva_vit_g.pth,blip2_pretrained_flant5xxl.pth,\
+          imagebind_huge.pth,llama-2-7b-chat-hf,VL_LLaMA_2_7B_Finetuned.pth,AL_LLaMA_2_7B_Finetuned.pth
+      --model=minigpt4_video --variant=minigpt4_video_llama2 --src=eva_vit_g.pth,Llama-2-7b-chat-hf,\
+          video_llama_checkpoint_last.pth [--merge_lora]
+      --model=ma_lmm --variant=ma_lmm_vicuna7b --src=eva_vit_g.pth,vicuna-7b,\
+          instruct_blip_vicuna7b_trimmed.pth,checkpoint_best.pth
+
+  A LAVIS training checkpoint (``{"model": ..., "optimizer": ..., "epoch": ...}``) contributes its ``model``
+  entry only (the rest is named in a log line). Bare component files are recognised by their keys: EVA's
+  (``cls_token``, ``blocks.*``) go under ``visual_encoder.``, ImageBind's (``modality_*``) under
+  ``audio_encoder.``, an HF LLM folder's (``model.*``, ``lm_head.weight``) under the model's LLM attribute;
+  ``PREFIX=PATH`` (``visual_encoder.=eva_vit_g.pth``, ``llama_model.=LLM_DIR``) places them explicitly.
+  Tensors the layout drops on purpose (ImageBind's non-audio modalities, CLIP's text tower, buffers) are
+  counted and named by pattern; values the official model keeps at their initialisation when no file has
+  them (MiniGPT4-video's ``ln_vision``, MA-LMM's zero-shot ``image_pe``) are supplied and listed.
+* ``--merge_lora``: fold LoRA adapters into the base weights (``W + (alpha / r) A B``) and write the model
+  without adapters (MiniGPT4-video).
 * Every missing, unexpected and mis-shaped tensor is listed by name before anything is read, and nothing
   is written; ``--nostrict`` writes anyway, leaving missing parameters at their random initialisation
   (listed) and ignoring unexpected tensors.
@@ -34,8 +55,12 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "vjax model name (decoder, video_chatgpt, chat_univi, cogvlm2_video, qwen2_vl)")
+flags.DEFINE_string("model", None, "vjax model name (decoder, video_chatgpt, chat_univi, cogvlm2_video, qwen2_vl, "
+                    "video_llama, minigpt4_video, ma_lmm)")
 flags.DEFINE_string("variant", None, "published config variant (Config.<variant>()) instead of the sources' config.json")
+flags.DEFINE_string("config_file", None, "a vjax config as JSON (vjax_config.json, or its 'config' entry) instead of "
+                    "--variant or the sources' config.json")
+flags.DEFINE_bool("merge_lora", False, "fold LoRA adapters into the base weights and write the model without them")
 flags.DEFINE_list("src", None, "[PREFIX=]PATH,... checkpoint files or directories, in loading order")
 flags.DEFINE_string("dst", None, "output directory")
 flags.DEFINE_enum("to", "vjax", ["vjax", "hf"], "output format")
@@ -57,12 +82,18 @@ def _parse_src(item: str) -> tuple[str, Path]:
 
 
 def _open(path: Path):
-    from vjax.convert.io import SafetensorsSource, TorchSource, checkpoint_files  # noqa: PLC0415
+    from vjax.convert.io import SafetensorsSource, checkpoint_files  # noqa: PLC0415
+    from vjax.convert.lavis import RunnerCheckpointSource  # noqa: PLC0415
 
     kind, files = checkpoint_files(path)
     if path.is_dir() and kind == "safetensors" and (any(path.glob("*.bin")) or any(path.glob("*.pth"))):
         _log(f"{path}: both safetensors and .bin/.pth present; reading the safetensors only")
-    return SafetensorsSource(files) if kind == "safetensors" else TorchSource(files)
+    if kind == "safetensors":
+        return SafetensorsSource(files)
+    src = RunnerCheckpointSource(files)  # a plain state dict reads as TorchSource would
+    for note in src.notes:
+        _log(note)
+    return src
 
 
 def _show(xs, n=10) -> str:
@@ -70,14 +101,53 @@ def _show(xs, n=10) -> str:
     return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs) - n} more)" if len(xs) > n else "")
 
 
+def _dropped(plan) -> dict[str, int]:
+    """``{Skip pattern: number of tensors it accepted and dropped}``."""
+    from vjax.convert.mapping import Skip  # noqa: PLC0415
+
+    counts: dict[str, int] = {}
+    for _, rule, _ in plan.assignments:
+        if isinstance(rule, Skip):
+            counts[rule.src] = counts.get(rule.src, 0) + 1
+    return counts
+
+
+def _check_llm_config(config, configs: list[dict]) -> None:
+    """With ``--variant`` / ``--config_file``: warn where an LLM folder's ``config.json`` disagrees with the chosen
+    config on what tensor shapes cannot show (e.g. Vicuna v0's RMS eps 1e-6 vs Llama-2's 1e-5)."""
+    llm = getattr(config, "llm", None)
+    if llm is None:
+        return
+    fields = (("rms_norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"), ("hidden_size", "hidden_size"),
+              ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"))
+    for c in configs:
+        if c.get("model_type") not in ("llama", "mistral"):
+            continue
+        diffs = [f"{hf_key} {c[hf_key]} (the config has {getattr(llm, ours)})" for hf_key, ours in fields
+                 if isinstance(c.get(hf_key), (int, float)) and abs(float(c[hf_key]) - float(getattr(llm, ours)))
+                 > 1e-9 * max(1.0, abs(float(c[hf_key])))]
+        if diffs:
+            _log(f"warning: an LLM config.json among the sources differs from the chosen config: {', '.join(diffs)}")
+
+
+def _config_from_file(config_cls, path: str):
+    from vjax.models import registry  # noqa: PLC0415
+
+    data = json.loads(Path(path).read_text())
+    if "format" in data and "config" in data:  # a whole vjax_config.json
+        data = data["config"]
+    return registry.config_from_dict(config_cls, data)
+
+
 def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to: str = "vjax", strict: bool = True,
-        dtype: str | None = None, progress: bool = True, max_shard_bytes: int = 2 * 1024**3) -> Path:
+        dtype: str | None = None, progress: bool = True, max_shard_bytes: int = 2 * 1024**3,
+        config_file: str | None = None, merge_lora: bool = False) -> Path:
     """The command as a function; raises ``ValueError`` (``ConversionError``, ``CheckpointError``) on refusal."""
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     import vjax  # noqa: PLC0415
-    from vjax.convert import combine, layout  # noqa: PLC0415
+    from vjax.convert import DEFAULTS_LABEL, combine, layout  # noqa: PLC0415
     from vjax.convert.mapping import (  # noqa: PLC0415
         ConversionError,
         PadRows,
@@ -104,22 +174,35 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
         _log(f"source {path}{' (keys under ' + prefix + ')' if prefix else ''}: {len(src)} tensors")
         sources.append((str(path), prefix, src))
     source = combine(sources, lay)
-    if source.overridden:
-        by_pair: dict[tuple[str, str], list[str]] = {}
-        for key, old, new in source.overridden:
-            by_pair.setdefault((old, new), []).append(key)
-        for (old, new), keys in by_pair.items():
-            _log(f"{len(keys)} tensor(s) of {old} replaced by {new}: {_show(keys)}")
     shapes = {k: source.shape(k) for k in source.keys()}
 
     config_cls, module_cls = registry.get(model)
+    if variant and config_file:
+        raise ValueError("pass --variant or --config_file, not both")
     if variant:
+        if not hasattr(config_cls, variant):
+            raise ValueError(f"{config_cls.__name__} has no variant {variant!r}")
         config = getattr(config_cls, variant)()
+    elif config_file:
+        config = _config_from_file(config_cls, config_file)
     elif configs:
         config = lay.config_from_hf(configs, shapes)
     else:
-        raise ValueError(f"no config.json among the sources: pass --variant (a {config_cls.__name__} classmethod)")
+        raise ValueError(f"no config.json among the sources: pass --variant (a {config_cls.__name__} classmethod) "
+                         f"or --config_file")
+    if variant or config_file:
+        _check_llm_config(config, configs)
     config = _with_dtype(config, dtype)
+    if lay.defaults is not None:  # initial values of the official model, replaced by any source holding them
+        source = combine(sources, lay, config)
+        shapes = {k: source.shape(k) for k in source.keys()}
+    if source.overridden:
+        by_pair: dict[tuple[str, str], list[str]] = {}
+        for key, old, new in source.overridden:
+            if old != DEFAULTS_LABEL:
+                by_pair.setdefault((old, new), []).append(key)
+        for (old, new), keys in by_pair.items():
+            _log(f"{len(keys)} tensor(s) of {old} replaced by {new}: {_show(keys)}")
     module = module_cls(config)
     expected = abstract_params(module)
     flat_expected = flatten_params(expected)
@@ -136,13 +219,40 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
     for key, rule, _ in plan.assignments:
         if isinstance(rule, PadRows) and shapes[key][0] < rule.rows:
             _log(f"{key}: {shapes[key][0]} rows padded to {rule.rows} with their mean (tokens added after it was saved)")
+    dropped = _dropped(plan)
+    if dropped:
+        _log(f"dropped {sum(dropped.values())} tensor(s) the model does not use, by pattern: "
+             + ", ".join(f"{p} ({n})" for p, n in dropped.items()))
+    initial = [k for k, _, _ in plan.assignments if source.origin(k) == DEFAULTS_LABEL]
+    if initial:
+        _log(f"{len(initial)} tensor(s) in no source, kept at the official model's initial values: {_show(initial)}")
 
     params = convert(source, table, expected, strict=strict, dtype=dtype, context=context, progress=progress)
     if plan.missing:  # only with --nostrict
         flat = flatten_params(params)
         rand = flatten_params(jax.tree_util.tree_map(np.asarray, init_params(module)))
         params = unflatten_params({k: flat.get(k, rand[k]) for k in flat_expected})
+    if merge_lora:
+        module, params = _merge_lora(module, params, module_cls)
     return _write(module, params, dst, to, max_shard_bytes)
+
+
+def _merge_lora(module, params, module_cls):
+    """``W + (alpha / r) A B`` into every adapted kernel; the same model with ``llm.lora_rank = 0``."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from vjax.layers.lora import merge_lora  # noqa: PLC0415
+
+    config = module.config
+    llm = getattr(config, "llm", config)
+    if not getattr(llm, "lora_rank", 0):
+        raise ValueError(f"--merge_lora: {type(config).__name__} has no LoRA adapters (lora_rank=0)")
+    merged = jax.tree_util.tree_map(np.asarray, merge_lora(params, llm))
+    plain = llm.replace(lora_rank=0)
+    config = config.replace(llm=plain) if llm is not config else plain
+    _log(f"merged LoRA (rank {llm.lora_rank}, alpha {llm.lora_alpha}) into the base weights")
+    return module_cls(config), merged
 
 
 def _write(module, params, dst: str, to: str, max_shard_bytes: int) -> Path:
@@ -169,7 +279,8 @@ def main(argv):
 
     try:
         run(FLAGS.model, FLAGS.src, FLAGS.dst, variant=FLAGS.variant, to=FLAGS.to, strict=FLAGS.strict,
-            dtype=FLAGS.dtype, progress=FLAGS.progress, max_shard_bytes=FLAGS.max_shard_mb * 1024**2)
+            dtype=FLAGS.dtype, progress=FLAGS.progress, max_shard_bytes=FLAGS.max_shard_mb * 1024**2,
+            config_file=FLAGS.config_file, merge_lora=FLAGS.merge_lora)
     except (ConversionError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
         _log(f"error: {e}")
         return 1

@@ -36,6 +36,8 @@ class Layout:
       canonical_key: renames a key to the spelling the table uses (``None``: keys are used as they are).
       to_hf: ``config -> config.json dict`` for ``export_hf`` (``None``: no HF export).
       hint: appended to errors (e.g. which further source a partial checkpoint needs).
+      defaults: ``config -> {canonical key: array}``: tensors the official model keeps at their initial
+        value when no released file holds them (read first, so any source replaces them).
     """
 
     model: str
@@ -44,6 +46,7 @@ class Layout:
     canonical_key: Callable[[str], str] | None = None
     to_hf: Callable[[Any], dict] | None = None
     hint: str = ""
+    defaults: Callable[[Any], dict] | None = None
 
     def __iter__(self):  # ``name, from_hf, table_fn = hf_entry(cfg)`` keeps working
         return iter((self.model, self.config_from_hf, self.table))
@@ -88,12 +91,41 @@ def _video_chatgpt() -> Layout:
                        "--model=video_chatgpt --src=LLAVA_DIR,CLIP_DIR,video_chatgpt-7B.bin")
 
 
+def _video_llama() -> Layout:
+    from vjax.convert import video_llama as m  # noqa: PLC0415
+
+    return Layout("video_llama", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
+                  hint="Video-LLaMA is released in pieces: python -m experiments.convert --model=video_llama "
+                       "--variant=video_llama2_7b --src=eva_vit_g.pth,blip2_pretrained_flant5xxl.pth,"
+                       "imagebind_huge.pth,LLM_DIR,VL_*.pth,AL_*.pth")
+
+
+def _minigpt4_video() -> Layout:
+    from vjax.convert import minigpt4_video as m  # noqa: PLC0415
+
+    return Layout("minigpt4_video", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
+                  hint="MiniGPT4-video is released in pieces: python -m experiments.convert --model=minigpt4_video "
+                       "--variant=minigpt4_video_llama2 --src=eva_vit_g.pth,LLM_DIR,video_llama_checkpoint_last.pth")
+
+
+def _ma_lmm() -> Layout:
+    from vjax.convert import ma_lmm as m  # noqa: PLC0415
+
+    return Layout("ma_lmm", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
+                  hint="MA-LMM is released in pieces: python -m experiments.convert --model=ma_lmm "
+                       "--variant=ma_lmm_vicuna7b --src=eva_vit_g.pth,VICUNA_DIR,"
+                       "instruct_blip_vicuna7b_trimmed.pth,checkpoint_best.pth")
+
+
 LAYOUTS: dict[str, Callable[[], Layout]] = {
     "decoder": _decoder,
     "qwen2_vl": _qwen2_vl,
     "cogvlm2_video": _cogvlm2_video,
     "chat_univi": _chat_univi,
     "video_chatgpt": _video_chatgpt,
+    "video_llama": _video_llama,
+    "minigpt4_video": _minigpt4_video,
+    "ma_lmm": _ma_lmm,
 }
 
 # HF architecture name -> layout factory
@@ -134,6 +166,18 @@ def layout(model: str) -> Layout:
     return LAYOUTS[model]()
 
 
-def combine(sources: Sequence[tuple[str, str, Any]], lay: Layout) -> OverlaySource:
-    """Sources (``(label, key prefix, TensorSource)``, in loading order) as one, keys made canonical."""
+DEFAULTS_LABEL = "initial values"
+
+
+def combine(sources: Sequence[tuple[str, str, Any]], lay: Layout, config: Any = None) -> OverlaySource:
+    """Sources (``(label, key prefix, TensorSource)``, in loading order) as one, keys made canonical.
+
+    With ``config`` and a layout that has ``defaults``, those come first (labelled :data:`DEFAULTS_LABEL`),
+    so every source replaces them."""
+    if config is not None and lay.defaults is not None:
+        from vjax.convert.lavis import ArraySource  # noqa: PLC0415
+
+        init = lay.defaults(config)
+        if init:
+            sources = [(DEFAULTS_LABEL, "", ArraySource(init)), *sources]
     return OverlaySource(sources, rename=lay.canonical_key)

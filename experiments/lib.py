@@ -311,6 +311,46 @@ def check_lengths(c, fmt: formats.VideoQAFormat, recs: Sequence[dict], limit: in
 
 
 # ----------------------------------------------------------------------------------------- evaluation
+def stop_token_ids(tokenizer: formats.TextTokenizer, spec: FormatSpec) -> tuple[int, ...]:
+    """EOS and every stop string that is a single token of ``tokenizer``."""
+    ids = (tokenizer.eos_token_id, *(tokenizer.token_id(s) for s in spec.stop_strings))
+    return tuple(sorted({i for i in ids if i is not None}))
+
+
+def stop_strings(tokenizer: formats.TextTokenizer, spec: FormatSpec) -> tuple[str, ...]:
+    """Where a decoded answer is cut: the template's stop strings and the EOS token's text."""
+    eos = (tokenizer.decode([tokenizer.eos_token_id]),) if tokenizer.eos_token_id is not None else ()
+    return tuple(spec.stop_strings) + eos
+
+
+def answer_prompts(module, params, prompts: Sequence[Mapping[str, np.ndarray]], tokenizer: formats.TextTokenizer,
+                   spec: FormatSpec, *, batch_size: int, max_new_tokens: int, length: int | None = None,
+                   progress=None) -> list[str]:
+    """Greedy answers (``vjax.generate``, KV cache) to prompt-only elements of :class:`VideoQAFormat`,
+    ``batch_size`` at a time, left-padded to ``length`` (default: the longest, rounded up to 16) so
+    every batch has one compiled shape; the last batch is filled by repeating its last prompt."""
+    from vjax.generate import generate  # noqa: PLC0415
+
+    if length is None:
+        length = -(-max((len(p["input_ids"]) for p in prompts), default=1) // 16) * 16
+    eos, stops = stop_token_ids(tokenizer, spec), stop_strings(tokenizer, spec)
+    out: list[str] = []
+    n = len(prompts)
+    for s in range(0, n, batch_size):
+        chunk = list(prompts[s: s + batch_size])
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+        b = formats.left_pad(chunk, length, tokenizer.pad_token_id)
+        visual = {k: b[k] for k in VISUAL_BATCH_KEYS if k in b}
+        res = generate(module, params, b["input_ids"], b["attention_mask"], prefill_inputs=visual,
+                       max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+        tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+        for row in range(min(batch_size, n - s)):
+            out.append(formats.cut_at_stop(tokenizer.decode(tokens[row, : lengths[row]]), stops))
+        if progress is not None:
+            progress(min(batch_size, n - s))
+    return out
+
+
 class Evaluator:
     """Generation-based validation: the first ``eval.records`` validation records (a fixed seeded
     sample), decoded once; at each call greedy answers with the KV cache (``vjax.generate``) scored
@@ -339,10 +379,6 @@ class Evaluator:
                 self.full.append(full.random_map(recs[int(i)], np.random.default_rng(int(i))))
         longest = max((len(p["input_ids"]) for p in self.prompts), default=1)
         self.length = -(-longest // 16) * 16
-        self.eos = tuple(sorted({i for i in (tokenizer.eos_token_id, *(tokenizer.token_id(s) for s in spec.stop_strings))
-                                 if i is not None}))
-        self.stops = tuple(spec.stop_strings) + ((tokenizer.decode([tokenizer.eos_token_id]),)
-                                                 if tokenizer.eos_token_id is not None else ())
         self.predictions: list[str] = []
         self.correct: list[bool] = []
         self.loss_batch = c.data.batch_size // max(1, _process_count())
@@ -352,23 +388,8 @@ class Evaluator:
         return len(self.records)
 
     def generate(self, params) -> list[str]:
-        from vjax.generate import generate  # noqa: PLC0415
-
-        out: list[str] = []
-        n = len(self.prompts)
-        for s in range(0, n, self.batch_size):
-            chunk = self.prompts[s: s + self.batch_size]
-            chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one compiled shape
-            b = formats.left_pad(chunk, self.length, self.tokenizer.pad_token_id)
-            visual = {k: b[k] for k in VISUAL_BATCH_KEYS if k in b}
-            res = generate(self.module, params, b["input_ids"], b["attention_mask"], prefill_inputs=visual,
-                           max_new_tokens=self.max_new_tokens, eos_token_ids=self.eos,
-                           pad_token_id=self.tokenizer.pad_token_id)
-            tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
-            for row in range(min(self.batch_size, n - s)):
-                text = self.tokenizer.decode(tokens[row, : lengths[row]])
-                out.append(formats.cut_at_stop(text, self.stops))
-        return out
+        return answer_prompts(self.module, params, self.prompts, self.tokenizer, self.spec,
+                              batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, length=self.length)
 
     def loss(self, params) -> float | None:
         """Teacher-forced loss over full batches of the validation records (padded to the largest bucket)."""
@@ -426,3 +447,146 @@ def config_json(c, name: str, mcfg: Any) -> dict[str, Any]:
 
     return {"format": "vjax-experiment", "model": name, "model_config": registry.config_to_dict(mcfg),
             "experiment": json.loads(c.to_json())}
+
+
+# ----------------------------------------------------------------------------------------- commands
+def fail(message: str) -> None:
+    """A command's one-line error: ``error: <message>`` on stderr, exit code 2."""
+    import sys  # noqa: PLC0415
+
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def define_checkpoint_flags() -> None:
+    """``--workdir``, ``--tokenizer``, ``--config``: how chat and eval find a checkpoint (:func:`load_run`)."""
+    from absl import flags  # noqa: PLC0415
+
+    flags.DEFINE_string("workdir", None, "training workdir or converted vjax checkpoint directory")
+    flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the checkpoint's)")
+    flags.DEFINE_string("config", None, "converted checkpoints: experiment config name[:variant] for frames, "
+                        "sampler and template (default: <model>:tiny)")
+
+
+# ----------------------------------------------------------------------------------------- loading a run
+class NotACheckpoint(ValueError):
+    """``--workdir`` is neither a training run nor a converted vjax checkpoint (commands exit with code 2)."""
+
+
+TOKENIZER_DIR = "tokenizer"  # a copy of the run's tokenizer inside its workdir
+
+
+@dataclasses.dataclass
+class Run:
+    """What chat and eval need from a checkpoint: the model with its parameters, the experiment config
+    (frames, sampler, template), the data format and the tokenizer."""
+
+    name: str
+    config: Any  # the experiment ConfigDict
+    module: Any
+    params: Any
+    spec: FormatSpec
+    tokenizer: formats.TextTokenizer
+    sampler: Any
+    step: int | None
+    workdir: str
+
+    @property
+    def model_config(self) -> Any:
+        return self.module.config
+
+
+def _experiment_config(name: str, variant: str):
+    import importlib.util  # noqa: PLC0415
+
+    path, _, _ = config_path(f"{name}:{variant}")
+    spec = importlib.util.spec_from_file_location(f"_vjax_config_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant)
+
+
+def _synthetic_paths(c):
+    from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
+
+    return ensure_synthetic_dataset(synthetic_root(c), SyntheticConfig(**c.data.synthetic.to_dict()))
+
+
+def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None) -> Run:
+    """Load a training workdir (``config.json`` of ``experiments.train`` + the latest Orbax checkpoint's
+    parameters, no optimizer state) or a converted checkpoint (``vjax_config.json`` of
+    ``experiments.convert``; its data settings come from ``config`` = ``name[:variant]`` of
+    ``experiments/configs``, default the model's ``tiny``, with frames and image size from the model).
+
+    The tokenizer: ``tokenizer`` if given, else the copy in ``<workdir>/tokenizer``, the config's
+    ``data.tokenizer``, or the run's synthetic set's (regenerated if it was deleted).
+    Raises :class:`NotACheckpoint` or :class:`ConfigError` with a one-line message.
+    """
+    import ml_collections  # noqa: PLC0415
+
+    from vjax.models import registry  # noqa: PLC0415
+    from vjax.pretrained import VJAX_CONFIG, abstract_params  # noqa: PLC0415
+
+    p = Path(workdir).expanduser().absolute()
+    how = ("pass --workdir of a 'python -m experiments.train' run or the --dst of 'python -m experiments.convert'")
+    if not p.is_dir():
+        raise NotACheckpoint(f"{p} is not a directory: {how}")
+    meta = {}
+    if (p / "config.json").is_file():
+        try:
+            meta = json.loads((p / "config.json").read_text())
+        except ValueError:
+            meta = {}
+    step = None
+    if meta.get("format") == "vjax-experiment":
+        name = meta["model"]
+        cfg_cls, module_cls = registry.get(name)
+        module = module_cls(registry.config_from_dict(cfg_cls, meta["model_config"]))
+        c = ml_collections.ConfigDict(meta["experiment"])
+        from vjax.train.checkpoint import Checkpoints  # noqa: PLC0415
+
+        ckpt = Checkpoints(p / "checkpoints", async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
+                                 f"experiments.train --config={name} --workdir={p}) or wait for its first save")
+        params = ckpt.restore_params(abstract_params(module), step=step)
+        ckpt.close()
+    elif (p / VJAX_CONFIG).is_file():
+        import vjax  # noqa: PLC0415
+
+        try:
+            module, params = vjax.from_pretrained(p)
+        except (ValueError, KeyError) as err:
+            raise NotACheckpoint(f"{p}: not a readable vjax checkpoint ({err}): {how}") from None
+        name = json.loads((p / VJAX_CONFIG).read_text())["model"]
+        base, _, variant = (config or name).partition(":")
+        if base != name:
+            raise ConfigError("config", f"{config!r} is not a config of the checkpoint's model {name!r}")
+        c = _experiment_config(name, variant or "tiny")
+        mcfg = module.config
+        if hasattr(mcfg, "num_frames"):
+            c.data.num_frames = mcfg.num_frames
+        size = getattr(mcfg, "image_size", None) or getattr(getattr(mcfg, "vision", None), "image_size", None)
+        if size:
+            c.data.image_size = size
+        if not tokenizer and not (p / TOKENIZER_DIR).is_dir() and not c.data.tokenizer:
+            raise ConfigError("tokenizer", f"{p} is a converted checkpoint without a tokenizer: pass "
+                                           f"--tokenizer=DIR (the LLM's tokenizer directory)")
+    else:
+        raise NotACheckpoint(f"{p} is not a vjax checkpoint (no config.json of a training run, no {VJAX_CONFIG}): "
+                             f"{how}")
+    if tokenizer:
+        tok_dir = _expand(tokenizer)
+    elif (p / TOKENIZER_DIR).is_dir():
+        tok_dir = str(p / TOKENIZER_DIR)
+    elif c.data.tokenizer:
+        tok_dir = _expand(c.data.tokenizer)
+    else:
+        tok_dir = _synthetic_paths(c).tokenizer_dir
+    if not os.path.isdir(tok_dir):
+        raise ConfigError("tokenizer", f"tokenizer directory {tok_dir!r} does not exist")
+    tok = formats.TextTokenizer(tok_dir)
+    spec = format_spec(name, module.config, c.data.load_audio, c.data.template_variant)
+    return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=tok,
+               sampler=make_sampler(c), step=step, workdir=str(p))

@@ -14,24 +14,22 @@ registry; the Grain pipeline with the model's frame sampler, template and placeh
 (:mod:`vjax.data.formats`); :func:`vjax.train.loop.run` (Orbax checkpoints with the iterator state,
 metrics.jsonl, TensorBoard, curves.png); validation by greedy generation with the KV cache, accuracy
 per question type. The config (with the full model config) is saved as ``<workdir>/config.json`` and
-inside every checkpoint, so chat/eval can rebuild the model.
+inside every checkpoint, and the tokenizer is copied to ``<workdir>/tokenizer``, so chat/eval can rebuild
+the model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from experiments import lib  # noqa: E402
+from experiments import lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: <name>[:<variant>] or a .py file",
                                           lock_config=True)
@@ -204,6 +202,9 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg_json, f, indent=1)
+        tok_copy = os.path.join(workdir, lib.TOKENIZER_DIR)  # chat/eval read the tokenizer from the workdir
+        if not os.path.isdir(tok_copy):
+            shutil.copytree(tok_dir, tok_copy)
     evaluator = None
     if c.eval.records and val_records:
         evaluator = lib.Evaluator(c, module, spec, tokenizer, val_records, plan["sampler"], trainer)

@@ -184,3 +184,117 @@ def generate(
             stream(state[3])
         tokens = state[2]
     return GenerateOutput(tokens=tokens, lengths=_lengths(tokens, cfg), prefill_logits=logits)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+class ContextOverflow(ValueError):
+    """A prompt (plus the tokens to generate) does not fit the session's context."""
+
+
+@functools.partial(jax.jit, static_argnames=("module",), donate_argnums=(2,))
+def _extend(module: nn.Module, params, cache, input_ids, position_ids, cache_index, last):
+    """Write ``input_ids [1, n]`` (right-padded to a bucket) at ``cache_index``; logits of token ``last``."""
+    mask = jnp.ones((1, cache[0]["k"].shape[1]), jnp.int32)  # causality hides the slots not written yet
+    out = module.apply({"params": params}, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                       cache=cache, cache_index=cache_index)
+    return jax.lax.dynamic_index_in_dim(out.logits, last, axis=1, keepdims=False), out.cache
+
+
+_select_jit = jax.jit(select_token, static_argnames=("cfg",))
+
+
+class ChatSession:
+    """Multi-turn decoding of one conversation (batch 1) over one KV cache.
+
+    The first :meth:`respond` prefills the prompt with the visual inputs (the video is encoded once);
+    each later turn passes the whole conversation rendered so far: the session keeps the longest prefix
+    it already holds in the cache, writes only the new tokens (right-padded to a multiple of ``bucket``,
+    so a handful of shapes compile) and decodes. Position ids of text after the last visual token grow
+    by one per slot, so the cache can be rewound to any slot after it (a re-tokenised answer); a prompt
+    that differs before it is prefilled again (pass the visual inputs on every turn for that case).
+
+    Args:
+      module, params: a vjax causal model (the protocol of :func:`generate`).
+      max_length: context in tokens (prompt + answers of all turns).
+      visual_ids: placeholder token ids of visual slots (the floor for rewinding).
+    """
+
+    def __init__(self, module: nn.Module, params: Any, max_length: int, *, visual_ids: Sequence[int] = (),
+                 bucket: int = 32):
+        self.module, self.params = module, params
+        self.max_length, self.bucket = int(max_length), int(bucket)
+        self.visual_ids = frozenset(int(i) for i in visual_ids)
+        self.cache = None
+        self.ids: list[int] = []  # the token in every written slot
+        self.offset = 0  # position id of slot j (after the visual tokens) is j + offset
+        self.floor = 0  # slots before this cannot be rewound to
+
+    def check_fits(self, n: int, cfg: SamplingConfig) -> None:
+        """Raise :class:`ContextOverflow` if a prompt of ``n`` tokens plus the answer does not fit."""
+        if n + cfg.max_new_tokens > self.max_length:
+            raise ContextOverflow(f"the prompt has {n} tokens; with max_new_tokens={cfg.max_new_tokens} that is "
+                                  f"{n + cfg.max_new_tokens}, more than the context of {self.max_length} tokens")
+
+    def _prefill(self, ids: Sequence[int], prefill_inputs: dict | None) -> jax.Array:
+        l = len(ids)
+        inputs = dict(prefill_inputs or {})
+        static = tuple(sorted((k, v) for k, v in inputs.items() if isinstance(v, (tuple, int, float, str))))
+        arrays = {k: v for k, v in inputs.items() if k not in dict(static)}
+        logits, cache, next_pos, _ = _prefill(self.module, self.params, jnp.asarray([list(ids)], jnp.int32),
+                                              jnp.ones((1, l), jnp.int32), arrays, self.max_length + self.bucket,
+                                              static)
+        self.cache, self.ids = cache, list(ids)
+        self.offset = int(next_pos[0]) - l
+        vis = [i for i, t in enumerate(ids) if t in self.visual_ids]
+        self.floor = (vis[-1] + 1) if vis else 0
+        return logits
+
+    def _write(self, tokens: Sequence[int]) -> jax.Array:
+        """Append ``tokens`` at slot ``len(self.ids)``; logits after the last of them ``[1, V]``."""
+        n = len(tokens)
+        size = 1 if n == 1 else -(-n // self.bucket) * self.bucket  # decoding: one token, one shape
+        start = len(self.ids)
+        ids = jnp.asarray([list(tokens) + [0] * (size - n)], jnp.int32)
+        pos = jnp.arange(start, start + size, dtype=jnp.int32)[None] + self.offset
+        logits, self.cache = _extend(self.module, self.params, self.cache, ids, pos, jnp.int32(start),
+                                     jnp.int32(n - 1))
+        self.ids.extend(int(t) for t in tokens)
+        return logits
+
+    def respond(self, prompt_ids: Sequence[int], *, config: SamplingConfig | None = None,
+                prefill_inputs: dict | None = None, rng: jax.Array | None = None,
+                stream: Callable[[int], Any] | None = None, **sampling: Any) -> list[int]:
+        """Generate the answer to the conversation ``prompt_ids`` (all turns so far, ending where the
+        assistant speaks). ``stream(token_id)`` is called for each new token. Returns the new token ids
+        (the stop token included when one was generated). Raises :class:`ContextOverflow` (nothing changed)."""
+        cfg = config or SamplingConfig(**{k: tuple(v) if k == "eos_token_ids" else v for k, v in sampling.items()})
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_fits(len(prompt_ids), cfg)
+        rng = jax.random.key(0) if rng is None else rng
+        keep = 0
+        for a, b in zip(self.ids, prompt_ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(prompt_ids) - 1)  # at least one token is fed to get the next logits
+        if self.cache is None or keep < self.floor:
+            if prefill_inputs is None and self.cache is None:
+                raise ValueError("the first turn needs the visual inputs (prefill_inputs)")
+            if prefill_inputs is None:
+                raise ValueError(f"the prompt differs from the cached conversation at token {keep}, before the "
+                                 f"last visual token ({self.floor}): pass prefill_inputs to encode it again")
+            logits = self._prefill(prompt_ids, prefill_inputs)
+        else:
+            del self.ids[keep:]  # rewind: later slots are overwritten before anything can attend to them
+            logits = self._write(prompt_ids[keep:])
+        out: list[int] = []
+        eos = set(cfg.eos_token_ids)
+        while True:
+            rng, sub = jax.random.split(rng)
+            token = int(_select_jit(logits, sub, cfg)[0])
+            out.append(token)
+            if stream is not None:
+                stream(token)
+            if token in eos or len(out) >= cfg.max_new_tokens:
+                return out
+            logits = self._write([token])

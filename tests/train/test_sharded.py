@@ -20,15 +20,29 @@ def _run(*args) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    """The one-device run of each model, made once per module: ``model -> npz``."""
+    done = {}
+
+    def get(model):
+        if model not in done:
+            path = tmp_path_factory.mktemp(f"one_{model}") / "one.npz"
+            _run(model, "1x1x1", path, 3)
+            done[model] = np.load(path)
+        return done[model]
+
+    return get
+
+
 # cogvlm2_video runs on the two-axis meshes: on the full 2x2x2 mesh the jitted gradient of its EVA2
 # tower's first block differs from one device (found by this test; every two-axis mesh agrees to 1e-6;
 # under investigation, see the notes of the training issue).
 @pytest.mark.parametrize("model,mesh", [("decoder", "2x2x2"), ("qwen2_vl", "2x2x2"),
                                         ("cogvlm2_video", "2x2x1"), ("cogvlm2_video", "1x2x2")])
-def test_sharded_step_equals_single_device(model, mesh, tmp_path):
-    _run(model, "1x1x1", tmp_path / "one.npz", 3)
+def test_sharded_step_equals_single_device(model, mesh, tmp_path, single_device):
     _run(model, mesh, tmp_path / "eight.npz", 3, tmp_path / "ckpt", "1x2x2")
-    one, eight = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
+    one, eight = single_device(model), np.load(tmp_path / "eight.npz")
     np.testing.assert_allclose(one["losses"], eight["losses"], atol=1e-5)
     keys = [k for k in one.files if k != "losses"]
     assert keys and all(np.abs(one[k] - eight[k]).max() <= 1e-5 for k in keys)

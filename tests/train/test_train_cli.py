@@ -1,6 +1,8 @@
 """``python -m experiments.train``: every registered model trains 3 steps at tiny size on a tiny
-synthetic set, writes metrics and a checkpoint, and the same command with more steps resumes from it;
-bad configurations fail fast (no compilation) with exit code 2 and the key named."""
+synthetic set and writes metrics and a checkpoint (for two models the same command with more steps
+resumes from it); then ``experiments.chat`` (two interactive turns about a held-out clip) and
+``experiments.eval`` (the set's held-out split) run on that checkpoint. Bad configurations fail fast
+(no compilation) with exit code 2 and the key named."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from vjax.models import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = [m for m in registry.names() if m in lib.config_names()]
+# Resuming is model-independent (one Orbax state, the Grain iterator); two models (one with M-RoPE and
+# packed vision inputs) run it here, and tests/train/test_loop.py kills a run and resumes it.
+RESUMED = ("chat_univi", "qwen2_vl")
 # A handful of short clips; one text bucket so each run compiles one train step.
 TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num_val=2",
              "--config.data.synthetic.num_test=0", "--config.data.synthetic.long_every=0",
@@ -36,7 +41,11 @@ def shared(tmp_path_factory):
 
 
 def _train(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+    return _command("train", args, env, timeout)
+
+
+def _command(name, args, env, timeout=600, stdin=None):
+    return subprocess.run([sys.executable, "-m", f"experiments.{name}", *args], cwd=ROOT, env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +59,7 @@ def test_every_registered_model_has_a_config():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
-def test_train_three_steps_then_resume_to_five(model, shared):
+def test_train_three_steps_then_chat_and_eval(model, shared):
     d, env = shared
     workdir = d / model
     args = [f"--config={model}", f"--workdir={workdir}", f"--config.data.root={d / 'synthetic'}", *TINY_DATA]
@@ -72,12 +81,31 @@ def test_train_three_steps_then_resume_to_five(model, shared):
         assert val and "accuracy/all" in val[-1] and "loss" in val[-1]
         assert "question type" in r.stdout
 
-    r = _train([*args, "--config.total_steps=5"], env)
+    step = 3
+    if model in RESUMED:
+        r = _train([*args, "--config.total_steps=5"], env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "resumed from step 3" in r.stdout
+        train = [x for x in _metrics(workdir) if x["split"] == "train"]
+        assert [x["step"] for x in train] == [1, 2, 3, 4, 5]  # steps 1-3 were not re-run
+        assert (workdir / "checkpoints" / "5").is_dir()
+        step = 5
+
+    # chat: an interactive two-turn conversation about a held-out clip (the video encoded once)
+    video = d / "synthetic" / "videos" / "val" / "000000.mp4"
+    r = _command("chat", [f"--workdir={workdir}", f"--video={video}", "--max_new_tokens=3"], env,
+                 stdin="What colour is the circle?\nHow many objects appear in the video?\n\n")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from step 3" in r.stdout
-    train = [x for x in _metrics(workdir) if x["split"] == "train"]
-    assert [x["step"] for x in train] == [1, 2, 3, 4, 5]  # steps 1-3 were not re-run
-    assert (workdir / "checkpoints" / "5").is_dir()
+    assert f"{model} step {step}" in r.stdout and r.stdout.count("model> ") == 2 and r.stdout.count("you> ") == 3
+
+    # eval: the synthetic set's held-out split (no test clips here: its validation split)
+    r = _command("eval", [f"--workdir={workdir}", "--batch_size=2", "--max_new_tokens=2", "--limit=3",
+                          "--noprogress"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((workdir / "eval" / "synthetic_val.json").read_text())
+    assert report["model"] == model and report["step"] == step and report["evaluated"] == 3
+    assert report["accuracy"]["all"]["n"] == 3 and len(report["predictions"]) == 3
+    assert "all" in r.stdout and "synthetic_val" in r.stdout
 
 
 BAD = [

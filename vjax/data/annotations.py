@@ -4,6 +4,7 @@
   ``video`` path and ``conversations`` = ``[{"from": "human"|"gpt", "value": str}, ...]``.
 * WebVid-style CSV (``videoid``, ``name`` = caption, optional ``page_dir``): one caption record each.
 * MVBench-style multiple choice JSON (``video``, ``question``, ``candidates``, ``answer``).
+* Open-ended QA JSON/JSONL (MSVD-QA / MSRVTT-QA style: ``video``, ``question``, ``answer``).
 * SRT / WebVTT subtitles -> :class:`Cue` (start, end seconds, text).
 
 Unreadable lines / entries are skipped, counted in a :class:`~vjax.data.validate.SkipLog` (logged
@@ -182,6 +183,50 @@ def load_mvbench(
                 {"from": "gpt", "value": f"({chr(65 + ai)}) {choices[ai]}"},
             ],
         )
+        log.ok()
+        out.append(rec)
+    log.check()
+    return out
+
+
+def load_open_qa(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike | None = None,
+    video_ext: str = "",
+    max_bad_fraction: float = 0.1,
+    skips: SkipLog | None = None,
+) -> list[dict]:
+    """Open-ended video QA (MSVD-QA / MSRVTT-QA / ActivityNet-QA style): a JSON list or JSONL of
+    ``{"video" | "video_name" | "video_id", "question", "answer"}`` (``question_id`` / ``id`` and
+    ``question_type`` kept) -> conversation records. ``video_ext`` is appended to names without one
+    (``".avi"`` for MSVD); paths resolve against ``video_root`` (default: the file's folder)."""
+    p = os.fspath(path)
+    root = os.fspath(video_root) if video_root is not None else os.path.dirname(os.path.abspath(p))
+    log = skips if skips is not None else SkipLog(max_bad_fraction)
+    with open(p, encoding="utf-8") as f:
+        text = f.read()
+    if p.endswith(".jsonl"):
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{p} must hold a JSON list of questions, got {type(data).__name__}")
+    stem = os.path.splitext(os.path.basename(p))[0]
+    out = []
+    for n, item in enumerate(data, start=1):
+        video = next((item.get(k) for k in ("video", "video_name", "video_id") if isinstance(item, dict)
+                      and item.get(k) not in (None, "")), None) if isinstance(item, dict) else None
+        if video is None or not isinstance(item.get("question"), str) or item.get("answer") in (None, ""):
+            log.skip(f"{p}:{n}", "needs video (or video_name / video_id), question and answer")
+            continue
+        video = str(video)
+        if video_ext and not os.path.splitext(video)[1]:
+            video += video_ext
+        rec = dict(item)
+        rec.update(id=str(item.get("id", item.get("question_id", f"{stem}:{n}"))), video=_resolve(video, root),
+                   answer=str(item["answer"]), question_type=str(item.get("question_type", "open")),
+                   conversations=[{"from": "human", "value": f"{VIDEO_TOKEN}\n{item['question']}"},
+                                  {"from": "gpt", "value": str(item["answer"])}])
         log.ok()
         out.append(rec)
     log.check()

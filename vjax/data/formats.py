@@ -260,3 +260,26 @@ def score_answer(prediction: str, record: Mapping[str, Any]) -> bool:
             return ord(letter) - ord("A") == ai
         return normalize_answer(pred) == normalize_answer(str(choices[ai]))
     return normalize_answer(pred) == normalize_answer(str(record["answer"]))
+
+
+# Question types whose answer is a time: scored by distance as well as by exact match.
+TIMESTAMP_TYPES = ("appear_time", "timestamp", "temporal_grounding")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def is_timestamp_question(record: Mapping[str, Any]) -> bool:
+    return str(record.get("question_type", "")) in TIMESTAMP_TYPES and not record.get("choices")
+
+
+def first_seconds(text: str) -> float | None:
+    """The first number in ``text`` (``"at 2.5 s"`` -> 2.5), or None."""
+    m = _NUMBER.search(text)
+    return float(m.group()) if m else None
+
+
+def timestamp_error(prediction: str, record: Mapping[str, Any]) -> float | None:
+    """``|predicted - true|`` seconds of a timestamp answer (None when the prediction names no time)."""
+    pred, true = first_seconds(prediction), first_seconds(str(record["answer"]))
+    if pred is None or true is None:
+        return None
+    return abs(pred - true)

@@ -337,7 +337,8 @@ class MemoryQFormer(QFormer):
 
     Same parameters as :class:`QFormer` (so the same conversion tables load it), plus, with
     ``num_frame_positions > 0``, MA-LMM's ``image_pe`` as ``frame_position`` (``[P, E]``, zero-init)
-    added to frame ``t`` before it enters the visual bank.
+    added to frame ``t`` before it enters the visual bank (frames beyond ``P`` — streaming a video longer
+    than the table — reuse its last row; the official model samples at most ``P`` frames).
 
     Per frame ``t`` (boheumd/MA-LMM ``Blip2VicunaInstruct_MALMM.generate`` and ``MBBertSelfAttention``):
 
@@ -389,7 +390,9 @@ class MemoryQFormer(QFormer):
         c = self.config
         b, n, e = frame.shape
         if self.num_frame_positions:
-            frame = frame + self.frame_position(state.frame_index)[:, None, :].astype(frame.dtype)  # [B, N, E]
+            # frames past the table (online streaming of long videos) share its last row
+            index = jnp.minimum(state.frame_index, self.num_frame_positions - 1)
+            frame = frame + self.frame_position(index)[:, None, :].astype(frame.dtype)  # [B, N, E]
         vis = state.visual
         enc = jnp.concatenate([vis.tokens.astype(frame.dtype), frame[:, None]], axis=1)  # [B, L+1, N, E]
         enc_valid = jnp.concatenate([_filled(vis), jnp.ones((b, 1), bool)], axis=1)  # [B, L+1]

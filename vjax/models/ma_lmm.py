@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from vjax.layers.mlp import dense
-from vjax.layers.qformer import MemoryQFormer, QFormer, QFormerConfig
+from vjax.layers.qformer import MemoryQFormer, MemoryQFormerState, QFormer, QFormerConfig
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
 from vjax.models.video_llm import VideoLLM
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +121,27 @@ class MALMM(VideoLLM):
         feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, 257, 1408]
         feats = feats.reshape(b, t, *feats.shape[1:])  # [B, T, 257, 1408]
         return self.llm_proj(self.video_queries(feats, frame_mask, qformer_input_ids, qformer_attention_mask))
+
+    # ------------------------------------------------------------------ streaming (videos of any length)
+    def stream_init(self, batch: int, text_len: int = 0) -> MemoryQFormerState:
+        """Empty memory banks for :meth:`stream_step` (``text_len``: Q-Former instruction length)."""
+        c = self.config
+        if not c.memory_bank:
+            raise ValueError("streaming needs the memory bank (memory_bank=True)")
+        n = c.vision.num_positions  # tokens per frame entering the Q-Former (CLS + patches)
+        return self.qformer.init_state(batch, n, text_len, jnp.dtype(c.vision.dtype))
+
+    def stream_step(self, state: MemoryQFormerState, frames: jax.Array, frame_mask: jax.Array | None = None,
+                    qformer_input_ids: jax.Array | None = None,
+                    qformer_attention_mask: jax.Array | None = None) -> tuple[MemoryQFormerState, jax.Array]:
+        """Feed a chunk ``frames [B, n, H, W, 3]`` (``frame_mask [B, n]`` marks padding) through EVA and the
+        memory-bank Q-Former, continuing from ``state``. Returns the new state and the visual tokens
+        ``[B, Q, D]`` after the chunk's last real frame. Running a video chunk by chunk gives what
+        :meth:`encode` gives on the whole video, with memory fixed by the chunk size, not the length."""
+        q = self.config.qformer.num_query_tokens
+        hidden, state = self.qformer(self.frame_features(frames), input_ids=qformer_input_ids,
+                                     text_mask=qformer_attention_mask, frame_valid=frame_mask, state=state)
+        return state, self.llm_proj(hidden[:, -1, :q])
 
     def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
         """``[placeholders ; BOS ; prompt ; answer]`` (visual tokens first), frames and the Q-Former prompt."""

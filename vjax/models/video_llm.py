@@ -49,13 +49,18 @@ class VideoLLM(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Any = None,
         cache_index: jax.Array | int = 0,
+        visual_tokens: jax.Array | None = None,
         **visual: Any,
     ) -> CausalLMOutput:
-        """Logits for ``input_ids`` with the visual inputs spliced in (when given: prefill/training)."""
+        """Logits for ``input_ids`` with the visual inputs spliced in (when given: prefill/training).
+
+        ``visual_tokens [B, N, D]``: visual tokens computed beforehand (e.g. MA-LMM streamed over a long
+        video, or one video encoded once for several prompts) spliced instead of ``encode(**visual)``.
+        """
         embeds = self.llm.embed(input_ids)  # [B, L, D]
         present = {k: v for k, v in visual.items() if v is not None}
-        if present:
-            tokens = self.encode(**present)  # [B, N, D]
+        if visual_tokens is not None or present:
+            tokens = self.encode(**present) if visual_tokens is None else visual_tokens  # [B, N, D]
             embeds = splice_tokens(embeds, tokens, input_ids == self.config.placeholder_id)
             if position_ids is None:
                 mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)

@@ -59,6 +59,17 @@ class Checkpoints:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def restore_params(self, abstract_params: Any, *, step: int | None = None) -> Any:
+        """Only ``state.params`` (no optimizer state is read), as host-local arrays; latest step by default.
+        ``abstract_params``: the tree of ``jax.ShapeDtypeStruct`` (e.g. ``vjax.pretrained.abstract_params``)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
     def config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])

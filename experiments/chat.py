@@ -1,0 +1,269 @@
+r"""Chat about a video: ``python -m experiments.chat --workdir=DIR --video=FILE [--question=TEXT]``.
+
+    --workdir=DIR        a training run (python -m experiments.train) or a converted checkpoint
+                         (python -m experiments.convert --dst=DIR; then also --tokenizer=DIR)
+    --video=FILE         any video decord reads
+    --question=TEXT      answer once and exit; without it: an interactive multi-turn chat
+    --temperature=0 --top_p=1 --top_k=0 --max_new_tokens=256 --seed=0    sampling, as in transformers
+                         (temperature 0: greedy)
+
+The model, its config, the frame sampler, the chat template and the tokenizer come from the checkpoint's
+saved config. The answer streams token by token. In a multi-turn chat the video is decoded and encoded
+once: the first turn prefills the KV cache with it, and each later turn writes only the new text into the
+same cache (:class:`vjax.generate.ChatSession`).
+
+MA-LMM streams the whole video (every frame, or ``--stream_fps`` frames per second) through its memory
+bank, ``num_frames`` frames at a time, so memory does not grow with the video's length; its Q-Former
+reads the first question.
+
+A video that cannot be read, a directory that is not a vjax checkpoint, or a question that does not fit
+the context: one line on stderr saying what to do, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when run as a command, so chat and eval import side by side)."""
+    lib.define_checkpoint_flags()
+    flags.DEFINE_string("video", None, "video file to talk about")
+    flags.DEFINE_string("question", None, "ask once and exit (default: interactive chat)")
+    flags.DEFINE_string("subtitles", None, "SRT/VTT subtitles of the video (MiniGPT4-video interleaves them)")
+    flags.DEFINE_float("temperature", 0.0, "softmax temperature; 0 = greedy")
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling: smallest token set with this probability mass")
+    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+    flags.DEFINE_integer("max_new_tokens", 256, "longest answer in tokens")
+    flags.DEFINE_integer("max_context", 0, "context in tokens (0 = the LLM's max_position_embeddings)")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_float("stream_fps", 0.0, "MA-LMM: frames per second streamed through the memory bank (0 = every frame)")
+
+
+class Chat:
+    """A conversation about one video with a loaded :class:`experiments.lib.Run`.
+
+    >>> chat = Chat(lib.load_run("workdirs/chat_univi_tiny"))          # doctest: +SKIP
+    >>> chat.load_video("clip.mp4"); chat.ask("What colour is the circle?")  # doctest: +SKIP
+    """
+
+    def __init__(self, run: lib.Run, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, max_context: int = 0, stream_fps: float = 0.0,
+                 measure_memory: bool = False):
+        import jax  # noqa: PLC0415
+
+        from vjax.data import formats  # noqa: PLC0415
+        from vjax.generate import ChatSession, SamplingConfig  # noqa: PLC0415
+
+        self.run = run
+        tok, spec = run.tokenizer, run.spec
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                       top_k=top_k, eos_token_ids=lib.stop_token_ids(tok, spec),
+                                       pad_token_id=tok.pad_token_id)
+        self.stops = lib.stop_strings(tok, spec)
+        self.format = formats.VideoQAFormat(spec, tok, prompt_only=True)
+        llm = run.model_config.llm
+        self.max_context = max_context or llm.max_position_embeddings
+        self.session = ChatSession(run.module, run.params, self.max_context,
+                                   visual_ids={pid for _, pid, _ in spec.visual})
+        self.rng = jax.random.key(seed)
+        self.stream_fps = stream_fps
+        self.streaming = run.name == "ma_lmm" and getattr(run.model_config, "memory_bank", False)
+        self.measure_memory = measure_memory
+        self.memory: dict[str, int] = {}  # compiled function -> bytes (with measure_memory)
+        self.frames_seen = 0
+        self.history: list[tuple[str, str]] = []
+        self.record: dict[str, Any] | None = None
+        self._visual: dict[str, Any] | None = None  # prefill inputs of the first turn
+
+    # ------------------------------------------------------------------ video
+    def load_video(self, path: str, subtitles: str | None = None) -> None:
+        """Decode the sampled frames (and audio) once; raises ``UnreadableVideo`` with the reason."""
+        from vjax.data.video import check_file, probe_video, read_audio, read_sampled_frames  # noqa: PLC0415
+
+        c = self.run.config
+        size = (c.data.image_size, c.data.image_size)
+        check_file(path)
+        rec: dict[str, Any] = {"id": "chat", "video": os.path.abspath(path)}
+        if subtitles:
+            rec["subtitles"] = os.path.abspath(subtitles)
+        self.history, self._visual = [], None
+        self.session.cache, self.session.ids = None, []
+        if self.streaming:
+            info = probe_video(path)
+            step = 1 if not self.stream_fps else max(1, round(info.fps / self.stream_fps))
+            self._indices = np.arange(0, info.num_frames, step)
+            rec.update(timestamps=self._indices / info.fps, fps=info.fps, num_frames=info.num_frames)
+            self._frames, self._audio = None, None
+        else:
+            sampler = self.run.sampler
+            if "seed" in inspect.signature(sampler).parameters:  # random samplers: a fixed draw
+                sampler = functools.partial(sampler, seed=0)
+            frames, sample, info = read_sampled_frames(path, sampler, size=size)
+            rec.update(frame_indices=sample.indices, timestamps=sample.timestamps, fps=info.fps,
+                       num_frames=info.num_frames)
+            self._frames = frames
+            self._audio = read_audio(path, duration=info.duration)[0] if c.data.load_audio else None
+        self.record = rec
+
+    def _conversation(self, question: str) -> dict[str, Any]:
+        turns = []
+        for i, (q, a) in enumerate(self.history):
+            turns += [{"from": "human", "value": ("<video>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+        turns.append({"from": "human", "value": ("" if self.history else "<video>\n") + question})
+        return {**self.record, "conversations": turns}
+
+    # ------------------------------------------------------------------ MA-LMM streaming
+    def _compiled_bytes(self, name: str, fn, *args) -> None:
+        if self.measure_memory and name not in self.memory:
+            m = fn.lower(*args).compile().memory_analysis()
+            self.memory[name] = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                    - m.alias_size_in_bytes)
+
+    def _stream_tokens(self, batch: dict) -> Any:
+        """MA-LMM: every selected frame through EVA and the memory banks, ``T`` frames a step."""
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        from vjax.data.video import read_frames  # noqa: PLC0415
+
+        run, c = self.run, self.run.config
+        module, params = run.module, run.params
+        t = run.spec.num_frames
+        size = (c.data.image_size, c.data.image_size)
+        qids = jnp.asarray(batch["qformer_input_ids"])[None]
+        qmask = jnp.asarray(batch["qformer_attention_mask"])[None]
+        state = module.apply({"params": params}, 1, qids.shape[1], method="stream_init")
+        step = jax.jit(lambda p, s, f, m, q, qm: module.apply({"params": p}, s, f, m, q, qm, method="stream_step"),
+                       donate_argnums=(1,))
+        tokens = None
+        self.frames_seen = 0
+        for s in range(0, len(self._indices), t):
+            raw = read_frames(self.record["video"], self._indices[s: s + t], size=size)
+            x, mask, n = self.format.frames(raw)
+            args = (params, state, jnp.asarray(x)[None], jnp.asarray(mask)[None], qids, qmask)
+            self._compiled_bytes("stream_step", step, *args)
+            state, tokens = step(*args)
+            self.frames_seen += n
+        return tokens
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, stream: Callable[[str], Any] | None = None) -> str:
+        """Answer ``question`` (the conversation so far as context); ``stream(text)`` gets each new piece.
+        Raises :class:`vjax.generate.ContextOverflow` (the conversation is unchanged)."""
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        from vjax.data import formats  # noqa: PLC0415
+
+        if self.record is None:
+            raise ValueError("load_video first")
+        rec = self._conversation(question)
+        if self._visual is None:
+            frames = self._frames
+            if self.streaming:  # the first chunk only formats the text and the Q-Former instruction
+                from vjax.data.video import read_frames  # noqa: PLC0415
+
+                size = (self.run.config.data.image_size,) * 2
+                frames = read_frames(rec["video"], self._indices[:1], size=size)
+            batch = self.format(rec, frames, self._audio)
+            ids = batch["input_ids"]
+            self.session.check_fits(len(ids), self.sampling)  # before any encoding work
+            if self.streaming:
+                self._visual = {"visual_tokens": self._stream_tokens(batch)}
+            else:
+                self._visual = {k: jnp.asarray(batch[k])[None] for k in lib.VISUAL_BATCH_KEYS if k in batch}
+                self.frames_seen = int(batch["frame_mask"].sum())
+        else:
+            ids, _ = self.format.text(rec, self.frames_seen if not self.streaming else 1)
+        tok = self.run.tokenizer
+        pieces: list[int] = []
+        shown = [""]
+
+        def on_token(token: int) -> None:
+            if stream is None:
+                return
+            pieces.append(token)
+            text = formats.cut_at_stop(tok.decode(pieces), self.stops)
+            hold = max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+            text = text[: len(text) - hold].rstrip("\ufffd")  # a possible stop string / an incomplete character
+            if text.startswith(shown[0]) and len(text) > len(shown[0]):
+                stream(text[len(shown[0]):])
+                shown[0] = text
+
+        self.rng, sub = jax.random.split(self.rng)
+        out = self.session.respond(ids, config=self.sampling, prefill_inputs=self._visual, rng=sub, stream=on_token)
+        answer = formats.cut_at_stop(tok.decode(out), self.stops)
+        if stream is not None and answer.startswith(shown[0]) and len(answer) > len(shown[0]):
+            stream(answer[len(shown[0]):])
+        self.history.append((question, answer))
+        return answer
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        lib.fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    for name in ("workdir", "video"):
+        if not getattr(FLAGS, name):
+            lib.fail(f"--{name} is required")
+    from vjax.data.video import UnreadableVideo  # noqa: PLC0415
+    from vjax.generate import ContextOverflow  # noqa: PLC0415
+
+    try:
+        run = lib.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+    except (lib.NotACheckpoint, lib.ConfigError) as err:
+        lib.fail(str(err))
+    try:
+        chat = Chat(run, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                    top_k=FLAGS.top_k, seed=FLAGS.seed, max_context=FLAGS.max_context, stream_fps=FLAGS.stream_fps)
+    except ValueError as err:  # sampling flags out of range
+        lib.fail(str(err))
+    try:
+        chat.load_video(FLAGS.video, FLAGS.subtitles)
+    except UnreadableVideo as err:
+        lib.fail(f"{err}: check the path, or re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    if FLAGS.question is not None:
+        try:
+            chat.ask(FLAGS.question, stream=show)
+        except ContextOverflow as err:
+            lib.fail(f"{err}: shorten the question or lower --max_new_tokens")
+        print(flush=True)
+        return 0
+    step = f" step {run.step}" if run.step is not None else ""
+    print(f"{run.name}{step}: ask about {FLAGS.video} (empty line or Ctrl-D ends)", flush=True)
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not question or question in ("exit", "quit"):
+            return 0
+        print("model> ", end="", flush=True)
+        try:
+            chat.ask(question, stream=show)
+        except ContextOverflow as err:
+            print(f"\nerror: {err}: start a new chat or lower --max_new_tokens", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,254 @@
+r"""Evaluate a checkpoint: ``python -m experiments.eval --workdir=DIR [--data=FILE]``.
+
+    --workdir=DIR     a training run or a converted checkpoint (then --tokenizer=DIR too)
+    --data=FILE       an annotation file; default: the test split of the run's synthetic set
+                      (its validation split when the set has no test split)
+    --format=auto     conversations (LLaVA/VideoInstruct JSON/JSONL) | mvbench (multiple choice:
+                      video, question, candidates, answer) | open_qa (MSVD/MSRVTT-QA: video, question,
+                      answer); auto picks by the first record's keys
+    --limit=N         the first N records only (0: all)
+    --out=FILE        the JSON report (default <workdir>/eval/<data name>.json)
+
+Answers are generated greedily in batches with the KV cache (``vjax.generate``); prompts use the model's
+template exactly as in training. Scores (:mod:`vjax.data.formats`):
+
+* multiple choice (MVBench style): the option letter or the option text; accuracy per task
+  (``question_type``);
+* open-ended QA (MSVD/MSRVTT-QA style): normalised exact match (lower case, no punctuation or articles);
+* timestamp questions (``question_type`` in ``formats.TIMESTAMP_TYPES``): exact match, and the fraction
+  within ``--timestamp_tolerance`` seconds with the mean absolute error.
+
+Unreadable videos are skipped and counted (more than 10 % fails the run). The report holds every
+prediction; a table is printed. Errors (not a checkpoint, a missing or unreadable annotation file):
+one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when run as a command, so chat and eval import side by side)."""
+    lib.define_checkpoint_flags()
+    flags.DEFINE_string("data", None, "annotation file (default: the synthetic set's test split)")
+    flags.DEFINE_enum("format", "auto", ["auto", "conversations", "mvbench", "open_qa"], "annotation format")
+    flags.DEFINE_string("video_root", None, "where relative video paths resolve (default: the file's folder)")
+    flags.DEFINE_string("video_ext", "", "open_qa: extension appended to video names without one (e.g. .avi)")
+    flags.DEFINE_integer("batch_size", 0, "generation batch (0: the run's eval.batch_size)")
+    flags.DEFINE_integer("max_new_tokens", 0, "longest answer (0: the run's eval.max_new_tokens)")
+    flags.DEFINE_integer("limit", 0, "evaluate the first N records only (0: all)")
+    flags.DEFINE_float("timestamp_tolerance", 1.0, "seconds within which a timestamp answer counts as close")
+    flags.DEFINE_string("out", None, "JSON report path (default <workdir>/eval/<data name>.json)")
+    flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+# --------------------------------------------------------------------------------------------- data
+def detect_format(path: str) -> str:
+    """``conversations`` | ``mvbench`` | ``open_qa`` from the first record's keys."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            line = next((x for x in f if x.strip()), "{}")
+            first = json.loads(line)
+        else:
+            data = json.load(f)
+            if not isinstance(data, list) or not data:
+                raise ValueError(f"{path} must hold a non-empty JSON list of records")
+            first = data[0]
+    if not isinstance(first, dict):
+        raise ValueError(f"{path}: records must be JSON objects, got {type(first).__name__}")
+    if "candidates" in first:
+        return "mvbench"
+    if "conversations" in first:
+        return "conversations"
+    if "question" in first and "answer" in first:
+        return "open_qa"
+    raise ValueError(f"{path}: cannot tell the format from the keys {sorted(first)}; pass --format")
+
+
+def load_records(path: str, fmt: str = "auto", video_root: str | None = None, video_ext: str = "") -> list[dict]:
+    from vjax.data import annotations  # noqa: PLC0415
+
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "mvbench":
+        return annotations.load_mvbench(path, video_root or os.path.dirname(os.path.abspath(path)))
+    if fmt == "open_qa":
+        return annotations.load_open_qa(path, video_root, video_ext)
+    return annotations.load_conversations(path, video_root)
+
+
+def synthetic_split(run: lib.Run, split: str = "test") -> tuple[list[dict], str]:
+    """Records of the run's synthetic set (``test``, or ``val`` when the set has no test clips)."""
+    from vjax.data import pipeline  # noqa: PLC0415
+
+    paths = lib._synthetic_paths(run.config)
+    for name in (split, "val"):
+        with open(paths.annotations[name], encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        if recs:
+            return pipeline.resolve_records(recs, paths.root), f"synthetic_{name}"
+    raise ValueError(f"the synthetic set in {paths.root} has no test or validation records")
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def kind(record: dict) -> str:
+    from vjax.data import formats  # noqa: PLC0415
+
+    if record.get("choices"):
+        return "multiple_choice"
+    return "timestamp" if formats.is_timestamp_question(record) else "open"
+
+
+def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 1.0) -> dict[str, Any]:
+    """Accuracy per task (``question_type``) and per kind (``multiple_choice``/``open``/``timestamp``),
+    ``all``; timestamp closeness; every prediction."""
+    from vjax.data import formats  # noqa: PLC0415
+
+    groups: dict[str, list[bool]] = collections.defaultdict(list)
+    rows, errors = [], []
+    for rec, pred in zip(records, predictions):
+        ok = formats.score_answer(pred, rec)
+        row = {"id": rec.get("id"), "question_type": rec.get("question_type", "unknown"), "kind": kind(rec),
+               "question": formats.question_answer(rec)[1], "prediction": pred, "answer": rec.get("answer"),
+               "correct": ok}
+        if row["kind"] == "timestamp":
+            err = formats.timestamp_error(pred, rec)
+            row["abs_error_s"] = err
+            errors.append(err)
+        rows.append(row)
+        for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all"):
+            groups[g].append(ok)
+    report: dict[str, Any] = {"accuracy": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
+                                           for k, v in sorted(groups.items())}}
+    if errors:
+        close = [e is not None and e <= tolerance for e in errors]
+        named = [e for e in errors if e is not None]
+        report["timestamp"] = {"n": len(errors), "tolerance_s": tolerance, "within_tolerance": float(np.mean(close)),
+                               "mean_abs_error_s": float(np.mean(named)) if named else None,
+                               "answers_without_time": len(errors) - len(named)}
+    report["predictions"] = rows
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [f"{'group':<28} {'accuracy':>8} {'n':>5}"]
+    acc = report["accuracy"]
+    for k in sorted(acc, key=lambda k: (k == "all", not k.startswith("task/"), k)):
+        lines.append(f"{k:<28} {acc[k]['accuracy']:>8.3f} {acc[k]['n']:>5}")
+    ts = report.get("timestamp")
+    if ts:
+        mae = "n/a" if ts["mean_abs_error_s"] is None else f"{ts['mean_abs_error_s']:.2f} s"
+        lines.append(f"timestamps within {ts['tolerance_s']:g} s: {ts['within_tolerance']:.3f} "
+                     f"(mean abs error {mae}, {ts['answers_without_time']} answers name no time)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- running
+def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
+             tolerance: float = 1.0, progress: bool = False) -> dict[str, Any]:
+    """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat)."""
+    from vjax.data import formats  # noqa: PLC0415
+    from vjax.data.pipeline import DropSkipped, LoadAndFormat  # noqa: PLC0415
+
+    c = run.config
+    size = (c.data.image_size, c.data.image_size)
+    load = LoadAndFormat(formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True), run.sampler, size,
+                         c.data.load_audio)
+    keep = DropSkipped()
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(records), desc="eval", unit="q", file=sys.stderr)
+    kept, predictions, skipped = [], [], 0
+    t0 = time.perf_counter()
+    chunk = batch_size * 4
+    for s in range(0, len(records), chunk):
+        recs, prompts = [], []
+        for i, rec in enumerate(records[s: s + chunk], start=s):
+            p = load.random_map(rec, np.random.default_rng(i))
+            if keep.filter(p):
+                recs.append(rec)
+                prompts.append(p)
+            else:
+                skipped += 1
+                if bar is not None:
+                    bar.update(1)
+        if not prompts:
+            continue
+        length = -(-max(len(p["input_ids"]) for p in prompts) // 64) * 64  # few compiled shapes
+        predictions += lib.answer_prompts(run.module, run.params, prompts, run.tokenizer, run.spec,
+                                          batch_size=batch_size, max_new_tokens=max_new_tokens, length=length,
+                                          progress=bar.update if bar is not None else None)
+        kept += recs
+    if bar is not None:
+        bar.close()
+    report = summarize(kept, predictions, tolerance)
+    report.update(num_records=len(records), evaluated=len(kept), skipped_unreadable=skipped,
+                  seconds=round(time.perf_counter() - t0, 2))
+    return report
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        lib.fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    if not FLAGS.workdir:
+        lib.fail("--workdir is required")
+    from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
+
+    try:
+        run = lib.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+    except (lib.NotACheckpoint, lib.ConfigError) as err:
+        lib.fail(str(err))
+    try:
+        if FLAGS.data:
+            if not os.path.isfile(FLAGS.data):
+                lib.fail(f"--data {FLAGS.data!r} does not exist")
+            records, data_name = load_records(FLAGS.data, FLAGS.format, FLAGS.video_root, FLAGS.video_ext), \
+                Path(FLAGS.data).stem
+        else:
+            records, data_name = synthetic_split(run)
+    except (ValueError, TooManyBadRecords, KeyError) as err:
+        lib.fail(f"{FLAGS.data or 'synthetic set'}: {err}")
+    if FLAGS.limit:
+        records = records[: FLAGS.limit]
+    if not records:
+        lib.fail(f"no records to evaluate in {FLAGS.data or data_name}")
+    c = run.config
+    batch = FLAGS.batch_size or c.eval.batch_size
+    new = FLAGS.max_new_tokens or c.eval.max_new_tokens
+    print(f"{run.name}{'' if run.step is None else f' step {run.step}'}: {len(records)} records of {data_name}, "
+          f"batch {batch}, up to {new} new tokens", flush=True)
+    try:
+        report = evaluate(run, records, batch_size=batch, max_new_tokens=new, tolerance=FLAGS.timestamp_tolerance,
+                          progress=FLAGS.progress)
+    except TooManyBadRecords as err:
+        lib.fail(str(err))
+    report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": FLAGS.data or data_name,
+              **report}
+    out = Path(FLAGS.out) if FLAGS.out else Path(run.workdir) / "eval" / f"{data_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"{report['evaluated']} evaluated, {report['skipped_unreadable']} unreadable skipped, "
+          f"{report['seconds']:.1f} s; report {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,137 @@
+"""``experiments.chat`` and ``experiments.eval`` on a converted checkpoint (``vjax_config.json`` +
+``--tokenizer``), their one-line exit-2 errors, the evaluation's annotation formats, and its scoring.
+
+(Every registry name is chatted with and evaluated after training in tests/train/test_train_cli.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vjax
+from experiments import eval as eval_cmd
+from experiments import lib
+from experiments.configs import chat_univi as chat_univi_config
+from vjax.data.synthetic import train_tokenizer, write_mp4
+
+from tests.models.tiny import random_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny Chat-UniVi saved as a converted checkpoint, its tokenizer, two short clips."""
+    d = tmp_path_factory.mktemp("chat_eval")
+    c = chat_univi_config.get_config("tiny")
+    _, module_cls, mcfg = lib.model_config(c)
+    module = module_cls(mcfg)
+    vjax.save_pretrained(d / "ckpt", module, random_params(module, seed=0, std=0.2))
+    tok = train_tokenizer(["What colour is the circle? red green blue", "How many objects? two three"] * 20,
+                          str(d / "tok"), c.data.synthetic.vocab_size)
+    rng = np.random.default_rng(0)
+    for name, n in (("a.mp4", 24), ("b.mp4", 40)):
+        write_mp4(str(d / name), rng.integers(0, 255, (n, 48, 48, 3), dtype=np.uint8), fps=8)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return d, tok, env
+
+
+def _run(name, args, env, stdin=None):
+    return subprocess.run([sys.executable, "-m", f"experiments.{name}", *args], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(r, *needles):
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_chat_with_a_converted_checkpoint_samples_and_streams(converted):
+    d, tok, env = converted
+    r = _run("chat", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--video={d / 'a.mp4'}",
+                      "--question=What colour is the circle?", "--temperature=0.8", "--top_p=0.9", "--top_k=20",
+                      "--max_new_tokens=5", "--seed=3"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.endswith("\n") and "error" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "missing_tokenizer", "unreadable_video", "too_long"])
+def test_chat_errors_are_one_line_with_exit_code_2(converted, case, tmp_path):
+    d, tok, env = converted
+    args = {"workdir": d / "ckpt", "tokenizer": tok, "video": d / "a.mp4", "question": "What colour?"}
+    needles = ()
+    if case == "not_a_checkpoint":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # an HF folder, not vjax
+        args["workdir"], needles = tmp_path, ("not a vjax checkpoint", "experiments.train")
+    elif case == "missing_tokenizer":
+        del args["tokenizer"]
+        needles = ("--tokenizer",)
+    elif case == "unreadable_video":
+        (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+        args["video"], needles = tmp_path / "bad.mp4", ("bad.mp4",)
+    else:
+        args["question"] = "red " * 600
+        needles = ("context of 256 tokens", "shorten the question")
+    r = _run("chat", [f"--{k}={v}" for k, v in args.items()] + ["--max_context=256"], env)
+    _one_error_line(r, *needles)
+
+
+def test_eval_reads_mvbench_and_open_qa_files_and_writes_its_report(converted, tmp_path):
+    d, tok, env = converted
+    mv = [{"video": "a.mp4", "question": "What colour is the circle?", "candidates": ["red", "blue", "green"],
+           "answer": "blue", "question_type": "colour"},
+          {"video": "missing.mp4", "question": "How many?", "candidates": ["one", "two"], "answer": "two"}]
+    oqa = [{"video_name": "a", "question": "When does the circle appear?", "answer": "at 1.5 s",
+            "question_type": "appear_time"},
+           {"video_name": "b", "question": "What is shown?", "answer": "a circle"}]
+    (d / "mv.json").write_text(json.dumps(mv))
+    (d / "oqa.jsonl").write_text("\n".join(json.dumps(x) for x in oqa))
+    r = _run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--data={d / 'mv.json'}",
+                      f"--out={tmp_path / 'mv.json'}", "--batch_size=2", "--max_new_tokens=3", "--noprogress"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "mv.json").read_text())
+    assert rep["accuracy"]["task/colour"]["n"] == 1 and rep["accuracy"]["kind/multiple_choice"]["n"] == 1
+    assert rep["evaluated"] == 1 and rep["skipped_unreadable"] == 1  # the missing video is skipped and counted
+    r = _run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--data={d / 'oqa.jsonl'}",
+                      "--video_ext=.mp4", f"--out={tmp_path / 'oqa.json'}", "--batch_size=2", "--max_new_tokens=3",
+                      "--noprogress"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "oqa.json").read_text())
+    assert rep["evaluated"] == 2 and rep["timestamp"]["n"] == 1 and rep["accuracy"]["kind/open"]["n"] == 1
+    assert "timestamps within 1 s" in r.stdout
+
+
+def test_eval_refuses_a_missing_file_and_a_non_checkpoint(converted, tmp_path):
+    d, tok, env = converted
+    _one_error_line(_run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", "--data=/no/such.json"], env),
+                    "/no/such.json")
+    _one_error_line(_run("eval", [f"--workdir={tmp_path}"], env), "not a vjax checkpoint")
+
+
+def test_scoring_per_task_kind_and_timestamp():
+    recs = [
+        {"id": 1, "question_type": "colour", "choices": ["red", "blue"], "answer_index": 1, "answer": "blue",
+         "conversations": [{"from": "human", "value": "<video>\nQ"}]},
+        {"id": 2, "question_type": "colour", "answer": "red", "conversations": [{"from": "human", "value": "Q"}]},
+        {"id": 3, "question_type": "appear_time", "answer": "at 2.5 s",
+         "conversations": [{"from": "human", "value": "Q"}]},
+        {"id": 4, "question_type": "appear_time", "answer": "at 4 s", "conversations": [{"from": "human", "value": "Q"}]},
+    ]
+    rep = eval_cmd.summarize(recs, ["(B)", "The Red.", "at 2.0 s", "soon"], tolerance=1.0)
+    acc = rep["accuracy"]
+    assert acc["task/colour"] == {"accuracy": 1.0, "n": 2}  # option letter; normalised exact match
+    assert acc["kind/multiple_choice"]["n"] == 1 and acc["kind/open"]["n"] == 1
+    assert acc["kind/timestamp"] == {"accuracy": 0.0, "n": 2}  # neither is an exact match ...
+    assert rep["timestamp"]["within_tolerance"] == 0.5  # ... but 2.0 s is within 1 s of 2.5 s
+    assert rep["timestamp"]["mean_abs_error_s"] == 0.5 and rep["timestamp"]["answers_without_time"] == 1
+    assert acc["all"] == {"accuracy": 0.5, "n": 4}

@@ -40,6 +40,7 @@ import numpy as np
 
 from vjax.layers.mlp import GatedMlp, activation, dense
 from vjax.layers.norm import LayerNorm
+from vjax.layers.partitioning import constrain
 from vjax.layers.vit import (
     ViT,
     grid_positions_2d,
@@ -217,6 +218,10 @@ class GluAdapter(nn.Module):
         y = dense(self.hidden_size, ("embed", "mlp"), name="linear_proj", **kw)(x)  # [B, N, H]
         y = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm1")(y)
         y = activation("gelu")(y)
+        # Batch-sharded, features replicated: without this pin, XLA's SPMD partitioner mis-partitions the
+        # backward pass of this block on meshes that use all three axes (data, fsdp, tensor) — the
+        # gradients of the whole EVA2 tower came out wrong (tests/train/test_sharded.py, cogvlm2 2x2x2).
+        y = constrain(y, ("batch", None, None))
         return GatedMlp(self.hidden_size, self.intermediate_size, "silu", name="mlp", **kw)(y)
 
 

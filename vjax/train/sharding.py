@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vjax.layers import partitioning
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes); names not listed are replicated.
@@ -51,30 +53,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
              rules: Sequence[tuple[str, Any]] = RULES) -> P:
-    """PartitionSpec for one array from its logical ``names``; indivisible dims are replicated and
-    a mesh axis is used at most once per array."""
-    table = dict(rules)
-    used: set[str] = set()
-    out = []
-    for name, size in zip(names, shape):
-        axes = table.get(name) if name is not None else None
-        flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        flat = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
-        if flat and size % _axis_size(mesh, flat) == 0:
-            used.update(flat)
-            out.append(flat[0] if len(flat) == 1 else flat)
-        else:
-            out.append(None)
-    return P(*out)
+    """PartitionSpec for one array from its logical ``names`` (:func:`vjax.layers.partitioning.spec_for`
+    with :data:`RULES` by default)."""
+    return partitioning.spec_for(names, shape, mesh, rules)
 
 
 def logical_shardings(boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = RULES) -> Any:

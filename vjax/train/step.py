@@ -6,6 +6,7 @@ arrays whose leading axis is the batch (sharded over ``data`` x ``fsdp``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -79,11 +80,20 @@ class Trainer:
         self._eval_step = jax.jit(self._eval_impl, out_shardings=replicated)
 
     # ------------------------------------------------------------------ state
+    def scope(self) -> contextlib.ExitStack:
+        """The mesh and the logical-axis rules, active while the steps trace, so that the models'
+        activation constraints (:func:`vjax.layers.partitioning.constrain`) apply."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
     def init_state(self, seed: int = 0, params: Any | None = None) -> TrainState:
         """Fresh state: random init (or the given params, e.g. converted weights) sharded on the mesh."""
         if params is not None:
             params = jax.device_put(params, self.param_shardings)
-        return self._init(jax.random.key_data(jax.random.key(seed)), params)
+        with self.scope():
+            return self._init(jax.random.key_data(jax.random.key(seed)), params)
 
     def _init_impl(self, key_data, params):
         key = jax.random.wrap_key_data(key_data)
@@ -123,10 +133,14 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimizer (micro-)step. A non-finite loss or gradient leaves the state unchanged and
         reports ``metrics["finite"] == False``."""
-        return self._train_step(state, self.put_batch(batch))
+        batch = self.put_batch(batch)
+        with self.scope():
+            return self._train_step(state, batch)
 
     def eval_step(self, params, batch) -> dict:
-        return self._eval_step(params, self.put_batch(batch))
+        batch = self.put_batch(batch)
+        with self.scope():
+            return self._eval_step(params, batch)
 
     def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host (this process's rows) -> global arrays sharded over the batch axes."""

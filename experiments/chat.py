@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from experiments import lib
 
 FLAGS = flags.FLAGS
+DEFAULT_CONTEXT = 8192  # the KV cache of a 32k-context 7B LLM would take ~9 GB in float32
 
 
 def define_flags() -> None:
@@ -46,7 +47,8 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling: smallest token set with this probability mass")
     flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
     flags.DEFINE_integer("max_new_tokens", 256, "longest answer in tokens")
-    flags.DEFINE_integer("max_context", 0, "context in tokens (0 = the LLM's max_position_embeddings)")
+    flags.DEFINE_integer("max_context", 0, f"context in tokens; the KV cache holds this many (0 = the LLM's "
+                         f"max_position_embeddings, at most {DEFAULT_CONTEXT})")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_float("stream_fps", 0.0, "MA-LMM: frames per second streamed through the memory bank (0 = every frame)")
 
@@ -74,7 +76,7 @@ class Chat:
         self.stops = lib.stop_strings(tok, spec)
         self.format = formats.VideoQAFormat(spec, tok, prompt_only=True)
         llm = run.model_config.llm
-        self.max_context = max_context or llm.max_position_embeddings
+        self.max_context = max_context or min(llm.max_position_embeddings, DEFAULT_CONTEXT)
         self.session = ChatSession(run.module, run.params, self.max_context,
                                    visual_ids={pid for _, pid, _ in spec.visual})
         self.rng = jax.random.key(seed)

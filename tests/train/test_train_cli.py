@@ -1,5 +1,5 @@
 """``python -m experiments.train``: every registered model trains 3 steps at tiny size on a tiny
-synthetic set and writes metrics and a checkpoint (for two models the same command with more steps
+synthetic set and writes metrics and a checkpoint (for one model the same command with more steps
 resumes from it); then ``experiments.chat`` (two interactive turns about a held-out clip) and
 ``experiments.eval`` (the set's held-out split) run on that checkpoint. Bad configurations fail fast
 (no compilation) with exit code 2 and the key named."""
@@ -20,9 +20,9 @@ from vjax.models import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = [m for m in registry.names() if m in lib.config_names()]
-# Resuming is model-independent (one Orbax state, the Grain iterator); two models (one with M-RoPE and
-# packed vision inputs) run it here, and tests/train/test_loop.py kills a run and resumes it.
-RESUMED = ("chat_univi", "qwen2_vl")
+# Resuming is model-independent (one Orbax state, the Grain iterator): one model runs it here, and
+# tests/train/test_loop.py kills a run with SIGKILL and resumes it bitwise.
+RESUMED = ("chat_univi",)
 # A handful of short clips; one text bucket so each run compiles one train step.
 TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num_val=2",
              "--config.data.synthetic.num_test=0", "--config.data.synthetic.long_every=0",
@@ -99,12 +99,12 @@ def test_train_three_steps_then_chat_and_eval(model, shared):
     assert f"{model} step {step}" in r.stdout and r.stdout.count("model> ") == 2 and r.stdout.count("you> ") == 3
 
     # eval: the synthetic set's held-out split (no test clips here: its validation split)
-    r = _command("eval", [f"--workdir={workdir}", "--batch_size=2", "--max_new_tokens=2", "--limit=3",
+    r = _command("eval", [f"--workdir={workdir}", "--batch_size=2", "--max_new_tokens=2", "--limit=2",
                           "--noprogress"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((workdir / "eval" / "synthetic_val.json").read_text())
-    assert report["model"] == model and report["step"] == step and report["evaluated"] == 3
-    assert report["accuracy"]["all"]["n"] == 3 and len(report["predictions"]) == 3
+    assert report["model"] == model and report["step"] == step and report["evaluated"] == 2
+    assert report["accuracy"]["all"]["n"] == 2 and len(report["predictions"]) == 2
     assert "all" in r.stdout and "synthetic_val" in r.stdout
 
 

@@ -245,6 +245,8 @@ def main(argv: list[str]) -> int:
             chat.ask(FLAGS.question, stream=show)
         except ContextOverflow as err:
             lib.fail(f"{err}: shorten the question or lower --max_new_tokens")
+        except UnreadableVideo as err:  # MA-LMM decodes while it streams
+            lib.fail(f"{err}: re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
         print(flush=True)
         return 0
     step = f" step {run.step}" if run.step is not None else ""
@@ -263,6 +265,8 @@ def main(argv: list[str]) -> int:
         except ContextOverflow as err:
             print(f"\nerror: {err}: start a new chat or lower --max_new_tokens", file=sys.stderr, flush=True)
             continue
+        except UnreadableVideo as err:
+            lib.fail(f"{err}: re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
         print(flush=True)
 
 

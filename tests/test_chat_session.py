@@ -98,3 +98,14 @@ def test_ma_lmm_streaming_equals_the_whole_clip(chunk=3):
         state, tokens = step(state, pad, jnp.arange(chunk)[None] < n)
     np.testing.assert_allclose(np.asarray(tokens), np.asarray(whole), atol=1e-5, rtol=0)
     assert int(state.frame_index[0]) == t
+
+
+def test_text_only_session_and_a_missing_video():
+    from vjax.models.decoder import CausalLM, DecoderConfig  # noqa: PLC0415
+
+    module = CausalLM(DecoderConfig.tiny())
+    params = random_params(module, seed=4, std=0.2)
+    ids = [1, 25, 29, 33, 37]
+    assert ChatSession(module, params, 64).respond(ids, max_new_tokens=NEW) == _fresh(module, params, ids, {})
+    with pytest.raises(ValueError, match="needs the visual inputs"):
+        ChatSession(module, params, 64, visual_ids=[29]).respond(ids, max_new_tokens=NEW)

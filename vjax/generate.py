@@ -278,11 +278,11 @@ class ChatSession:
             keep += 1
         keep = min(keep, len(prompt_ids) - 1)  # at least one token is fed to get the next logits
         if self.cache is None or keep < self.floor:
-            if prefill_inputs is None and self.cache is None:
-                raise ValueError("the first turn needs the visual inputs (prefill_inputs)")
-            if prefill_inputs is None:
-                raise ValueError(f"the prompt differs from the cached conversation at token {keep}, before the "
-                                 f"last visual token ({self.floor}): pass prefill_inputs to encode it again")
+            if prefill_inputs is None and self.visual_ids.intersection(prompt_ids):
+                where = "the first turn" if self.cache is None else (
+                    f"the prompt differs from the cached conversation at token {keep}, before the last visual "
+                    f"token ({self.floor}), so it")
+                raise ValueError(f"{where} needs the visual inputs (prefill_inputs) to encode the video")
             logits = self._prefill(prompt_ids, prefill_inputs)
         else:
             del self.ids[keep:]  # rewind: later slots are overwritten before anything can attend to them

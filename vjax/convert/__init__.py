@@ -11,6 +11,8 @@ layout exists — ``to_hf`` for export. ``LAYOUTS`` is keyed by vjax model name 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 from vjax.convert.io import (  # noqa: F401
@@ -91,30 +93,22 @@ def _video_chatgpt() -> Layout:
                        "--model=video_chatgpt --src=LLAVA_DIR,CLIP_DIR,video_chatgpt-7B.bin")
 
 
-def _video_llama() -> Layout:
-    from vjax.convert import video_llama as m  # noqa: PLC0415
-
-    return Layout("video_llama", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
-                  hint="Video-LLaMA is released in pieces: python -m experiments.convert --model=video_llama "
-                       "--variant=video_llama2_7b --src=eva_vit_g.pth,blip2_pretrained_flant5xxl.pth,"
-                       "imagebind_huge.pth,LLM_DIR,VL_*.pth,AL_*.pth")
+def _lavis(model: str, hint: str) -> Layout:
+    """Video-LLaMA, MiniGPT4-video, MA-LMM: released in pieces, no config of their own, initial values."""
+    m = importlib.import_module(f"vjax.convert.{model}")
+    return Layout(model, m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults, hint=hint)
 
 
-def _minigpt4_video() -> Layout:
-    from vjax.convert import minigpt4_video as m  # noqa: PLC0415
-
-    return Layout("minigpt4_video", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
-                  hint="MiniGPT4-video is released in pieces: python -m experiments.convert --model=minigpt4_video "
-                       "--variant=minigpt4_video_llama2 --src=eva_vit_g.pth,LLM_DIR,video_llama_checkpoint_last.pth")
-
-
-def _ma_lmm() -> Layout:
-    from vjax.convert import ma_lmm as m  # noqa: PLC0415
-
-    return Layout("ma_lmm", m.config_from_hf, m.layout_table, m.canonical_key, defaults=m.defaults,
-                  hint="MA-LMM is released in pieces: python -m experiments.convert --model=ma_lmm "
-                       "--variant=ma_lmm_vicuna7b --src=eva_vit_g.pth,VICUNA_DIR,"
-                       "instruct_blip_vicuna7b_trimmed.pth,checkpoint_best.pth")
+_video_llama = functools.partial(
+    _lavis, "video_llama", "Video-LLaMA is released in pieces: python -m experiments.convert --model=video_llama "
+    "--variant=video_llama2_7b --src=eva_vit_g.pth,blip2_pretrained_flant5xxl.pth,imagebind_huge.pth,LLM_DIR,"
+    "VL_*.pth,AL_*.pth")
+_minigpt4_video = functools.partial(
+    _lavis, "minigpt4_video", "MiniGPT4-video is released in pieces: python -m experiments.convert "
+    "--model=minigpt4_video --variant=minigpt4_video_llama2 --src=eva_vit_g.pth,LLM_DIR,video_llama_checkpoint_last.pth")
+_ma_lmm = functools.partial(
+    _lavis, "ma_lmm", "MA-LMM is released in pieces: python -m experiments.convert --model=ma_lmm "
+    "--variant=ma_lmm_vicuna7b --src=eva_vit_g.pth,VICUNA_DIR,instruct_blip_vicuna7b_trimmed.pth,checkpoint_best.pth")
 
 
 LAYOUTS: dict[str, Callable[[], Layout]] = {

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -180,7 +180,7 @@ class TorchSource(TensorSource):
         self._tensors: dict = {}
         for f in files:
             flat: dict = {}
-            _flatten(load_torch_file(f), "", flat)
+            _flatten(self._state_dict(load_torch_file(f), f), "", flat)
             for k, v in flat.items():
                 if not isinstance(v, torch.Tensor):
                     continue  # optimizer steps, epochs, configs stored beside the weights
@@ -188,6 +188,10 @@ class TorchSource(TensorSource):
                     raise CheckpointError(f"tensor {k!r} appears in two files: {self._where[k][0]} and {f}")
                 self._where[k] = (str(f), tuple(v.shape))
                 self._tensors[k] = v
+
+    def _state_dict(self, obj, path) -> Any:
+        """What of a loaded file holds the tensors (subclasses unwrap training checkpoints)."""
+        return obj
 
     def get(self, key: str) -> np.ndarray:
         return _torch_to_numpy(self._tensors[key])

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from vjax.convert.io import CheckpointError, TensorSource, _flatten, _torch_to_numpy, load_torch_file
+from vjax.convert.io import TensorSource, TorchSource, _flatten
 
 EVA_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
 HF_LLM_KEYS = ("model.", "lm_head.")
@@ -43,42 +43,29 @@ def is_runner_checkpoint(obj) -> bool:
             and not any(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
-class RunnerCheckpointSource(TensorSource):
+class RunnerCheckpointSource(TorchSource):
     """``.pth`` files read with ``torch.load(weights_only=True)``; a LAVIS runner checkpoint contributes its
     ``model`` entry only (``notes`` says what else it held). Other files: every tensor, nested dicts flattened."""
 
     def __init__(self, files: Iterable[str | os.PathLike]):
-        super().__init__()
+        self.notes: list[str] = []
+        super().__init__(files)
+
+    def _state_dict(self, obj, path):
+        if not is_runner_checkpoint(obj):
+            return obj
         import torch  # noqa: PLC0415
 
-        self._tensors: dict = {}
-        self.notes: list[str] = []
-        for f in files:
-            obj = load_torch_file(f)
+        def count(tree) -> int:
             flat: dict = {}
-            if is_runner_checkpoint(obj):
-                _flatten(obj["model"], "", flat)
-                ignored = []
-                for name in sorted(k for k in obj if k != "model"):
-                    rest: dict = {}
-                    _flatten({name: obj[name]}, "", rest)
-                    n = sum(isinstance(v, torch.Tensor) for v in rest.values())
-                    ignored.append(f"{name!r} ({n} tensor(s))" if n else repr(name))
-                n_model = sum(isinstance(v, torch.Tensor) for v in flat.values())
-                self.notes.append(f"{f}: LAVIS training checkpoint: the {n_model} tensor(s) of its 'model' entry "
-                                  f"are read; ignored: {', '.join(ignored) or 'nothing else'}")
-            else:
-                _flatten(obj, "", flat)
-            for k, v in flat.items():
-                if not isinstance(v, torch.Tensor):
-                    continue
-                if k in self._where:
-                    raise CheckpointError(f"tensor {k!r} appears in two files: {self._where[k][0]} and {f}")
-                self._where[k] = (str(f), tuple(v.shape))
-                self._tensors[k] = v
+            _flatten(tree, "", flat)
+            return sum(isinstance(v, torch.Tensor) for v in flat.values())
 
-    def get(self, key: str) -> np.ndarray:
-        return _torch_to_numpy(self._tensors[key])
+        ignored = [f"{name!r} ({count({name: obj[name]})} tensor(s))" if count({name: obj[name]}) else repr(name)
+                   for name in sorted(k for k in obj if k != "model")]
+        self.notes.append(f"{path}: LAVIS training checkpoint: the {count(obj['model'])} tensor(s) of its 'model' "
+                          f"entry are read; ignored: {', '.join(ignored) or 'nothing else'}")
+        return obj["model"]
 
 
 class ArraySource(TensorSource):

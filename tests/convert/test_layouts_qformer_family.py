@@ -45,7 +45,7 @@ from vjax.models import registry
 from vjax.pretrained import abstract_params
 
 from tests.convert.test_convert_cli import cli
-from tests.convert.test_layouts import Manifest, llama_dir, meta_shapes
+from tests.convert.test_layouts import Manifest, expected_shapes, llama_dir, meta_shapes
 from tests.layers.golden import DictSource
 from tests.models.test_ma_lmm import batch as ma_lmm_batch
 from tests.models.test_ma_lmm import hf_model as instructblip_video
@@ -206,13 +206,6 @@ CASES = {
     "ma_lmm_finetuned_prefixed": ("ma_lmm", "ma_lmm_vicuna7b", lambda: ma_lmm_files(prefixed=True)),
     "ma_lmm_zero_shot": ("ma_lmm", "ma_lmm_vicuna7b", lambda: ma_lmm_files(finetuned=False)),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def expected_shapes(model: str, variant: str) -> dict:
-    config_cls, module_cls = registry.get(model)
-    params = abstract_params(module_cls(getattr(config_cls, variant)()))
-    return {k: tuple(v.shape) for k, v in flatten_params(params).items()}
 
 
 def plan_case(case: str, edit=None):

@@ -211,6 +211,8 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
         v = c[key.split(".")[0]] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(v, int) or v < 0:
             raise ConfigError(key, f"must be an integer >= 0, got {v!r}")
+    if not isinstance(c.data.cache_mb, (int, float)) or c.data.cache_mb < 0:
+        raise ConfigError("data.cache_mb", f"must be a number of MiB >= 0, got {c.data.cache_mb!r}")
     buckets = tuple(c.data.text_buckets)
     if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
         raise ConfigError("data.text_buckets", f"must be positive token lengths, got {buckets!r}")

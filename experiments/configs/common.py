@@ -65,6 +65,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
     d.load_audio = False
+    d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~40 MB)
 
     o = c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
     o.total_steps = c.get_ref("total_steps")
@@ -113,6 +114,7 @@ def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: floa
     c.data.text_buckets = (512, 1024, text_len)
     c.data.batch_size = batch
     c.data.worker_count = 8
+    c.data.cache_mb = 0  # real sets are read about once per epoch
     c.optim.learning_rate = lr
     c.optim.warmup_steps = warmup
     c.optim.weight_decay = weight_decay

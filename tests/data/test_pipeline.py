@@ -134,3 +134,36 @@ def test_resume_from_iterator_state(records, workers, build):
     assert_batches_equal(list(fresh), rest)
     # The random head-tail frame choice is part of what resumes: it differs between records.
     assert len({tuple(x) for b in full for x in b["frame_indices"]}) > 1
+
+
+@pytest.mark.parametrize("sampler", [None, HEADTAIL], ids=["uniform", "headtail"])
+def test_decoded_cache_gives_the_same_batches_and_decodes_each_clip_once(records, monkeypatch, sampler):
+    calls = []
+    real = pipeline.read_sampled_frames
+
+    def counting(path, *args, **kw):
+        calls.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "read_sampled_frames", counting)
+    plain = list(pipeline.make_loader(records, ByteFormat(), config(load_audio=True), sampler=sampler))
+    n_plain = len(calls)
+    calls.clear()
+    cached = list(pipeline.make_loader(records, ByteFormat(), config(load_audio=True, cache_mb=64), sampler=sampler))
+    assert_batches_equal(cached, plain)  # two epochs: frames, audio and frame indices identical
+    assert n_plain == 32  # two epochs of 16 records (8 clips, 2 questions each)
+    if sampler is None:  # deterministic sampling: every one of the 8 clips is decoded once
+        assert sorted(set(calls)) == sorted({r["video"] for r in records}) and len(calls) == 8
+    # Random head-tail frames: each draw is keyed by its frame indices, so no stale frames are served
+    # (the batches above are equal) and a clip is decoded again when new indices come.
+
+
+def test_decoded_cache_stays_within_its_capacity():
+    cache = pipeline.DecodedCache(100)
+    for i in range(5):
+        cache.put(i, f"v{i}", 30)
+    assert cache.size == 90 and [cache.get(i) for i in range(5)] == [None, None, "v2", "v3", "v4"]
+    cache.put("big", "x", 101)  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("big") is None and cache.size == 90
+    with pytest.raises(ValueError, match="cache_mb must be >= 0, got -1"):
+        pipeline.LoadAndFormat(ByteFormat(), HEADTAIL, cache_mb=-1)

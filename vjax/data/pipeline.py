@@ -84,11 +84,18 @@ class LoadAndFormat(grain.transforms.RandomMap):
     from Grain's per-record rng, so random sampling is reproducible and resumable). ``frame_size``
     ``(height, width)`` resizes on decode. Output: ``format_fn``'s dict, or a skip marker that the
     following ``Filter`` drops.
+
+    ``cache_mb > 0`` keeps decoded frames (and audio) in memory, keyed by the path and the sampled frame
+    indices, up to that many MiB per process (each Grain worker has its own cache; the oldest entries go
+    first). A small set that is read for many epochs then decodes each clip once; random samplers still
+    hit the cache whenever they draw the same frames again. Cached arrays are returned read-only.
     """
 
     def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
                  load_audio: bool = False, audio_sample_rate: int = 16_000, max_bad_fraction: float = 0.1,
-                 min_records_for_check: int = 20, video_key: str = "video"):
+                 min_records_for_check: int = 20, video_key: str = "video", cache_mb: float = 0.0):
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.format_fn = format_fn
         self.sampler = sampler
         self.frame_size = tuple(frame_size) if frame_size is not None else None
@@ -99,6 +106,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
         self.video_key = video_key
         self.sampler_takes_seed = _takes_seed(sampler)
         self.skips = SkipLog(max_bad_fraction)  # per process: each worker has its own copy
+        self.cache = DecodedCache(int(cache_mb * 2**20))
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Load and format one record (see the class docstring)."""
@@ -110,10 +118,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
         try:
             if not isinstance(path, str):
                 raise UnreadableVideo(str(path), f"record {record.get('id', '?')} has no {self.video_key!r} path")
-            frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
-            audio = None
-            if self.load_audio:
-                audio, _ = read_audio(path, self.audio_sample_rate, duration=info.duration)
+            frames, sample, info, audio = self._decode(path, sampler)
         except UnreadableVideo as err:
             self.skips.skip(err.path, err.reason)
             self.skips.check(self.min_records_for_check)
@@ -127,6 +132,59 @@ class LoadAndFormat(grain.transforms.RandomMap):
         if not isinstance(out, Mapping):
             raise TypeError(f"format_fn must return a dict of numpy arrays, got {type(out).__name__}")
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def _decode(self, path: str, sampler: Callable):
+        """``(frames, sample, info, audio)`` of one record, from the cache when it holds them."""
+        if not self.cache.capacity:
+            frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
+            audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
+            return frames, sample, info, audio
+        # The sample depends only on (frame count, fps, seed), known after the first read of the clip.
+        meta = self.cache.get(("meta", path))
+        key = None
+        if meta is not None:
+            sample = sampler(*meta[:2])
+            key = ("clip", path, tuple(int(i) for i in sample.indices))
+            hit = self.cache.get(key)
+            if hit is not None:
+                frames, info, audio = hit
+                return frames, sample, info, audio
+        frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
+        audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
+        self.cache.put(("meta", path), (info.num_frames, info.fps), 0)
+        key = ("clip", path, tuple(int(i) for i in sample.indices))
+        for a in (frames, audio):
+            if a is not None:
+                a.setflags(write=False)
+        self.cache.put(key, (frames, info, audio), frames.nbytes + (audio.nbytes if audio is not None else 0))
+        return frames, sample, info, audio
+
+
+class DecodedCache:
+    """A byte-bounded FIFO of decoded clips (see :class:`LoadAndFormat`); ``capacity`` 0 disables it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._items: dict = {}
+
+    def get(self, key):
+        """The cached value of ``key`` or None."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        """Insert ``value`` (``nbytes`` large); evicts the oldest entries to stay within the capacity."""
+        if key in self._items or nbytes > self.capacity:
+            return
+        while self._items and self.size + nbytes > self.capacity:
+            old = next(iter(self._items))
+            self.size -= self._items.pop(old)[1]
+        self._items[key] = (value, nbytes)
+        self.size += nbytes
+
+    def __getstate__(self):  # Grain workers start with an empty cache
+        return {"capacity": self.capacity, "size": 0, "_items": {}}
 
 
 class DropSkipped(grain.transforms.Filter):
@@ -201,7 +259,8 @@ class BucketPadBatch:
 class PipelineConfig:
     """Loader settings. ``num_epochs=None`` repeats forever. Sharding: this process reads shard
     ``shard_index`` of ``shard_count`` (remainder dropped so shards are equal); or pass
-    ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence."""
+    ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence.
+    ``cache_mb``: MiB of decoded clips kept in memory per process (:class:`LoadAndFormat`; 0 = off)."""
 
     batch_size: int = 8
     seed: int = 0
@@ -221,6 +280,7 @@ class PipelineConfig:
     prevalidate: bool = False
     buckets: Mapping[str, Sequence[int]] | None = None
     pad_values: Mapping[str, Any] | None = None
+    cache_mb: float = 0.0
 
 
 def _shard(config: PipelineConfig) -> tuple[int, int]:
@@ -235,7 +295,7 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
 
 def _load_and_format(format_fn: FormatFn, config: PipelineConfig, sampler: Callable) -> LoadAndFormat:
     return LoadAndFormat(format_fn, sampler, config.frame_size, config.load_audio, config.audio_sample_rate,
-                         config.max_bad_fraction, config.min_records_for_check)
+                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb)
 
 
 def shard_by_jax_process(drop_remainder: bool = True):

@@ -76,30 +76,41 @@ def run(
                desc="train", dynamic_ncols=True)
     step = start
     t_last, n_last = time.perf_counter(), step
+    pending = None  # metrics of the last dispatched step: checked once the next batch is read, so that
+    # decoding the next batch on the host overlaps the device's work on this one
+
+    def check_finite() -> None:
+        if pending is None or bool(pending["finite"]):
+            return
+        last = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (loss={float(pending['loss'])}, "
+            f"grad_norm={float(pending['grad_norm'])}); the update was not applied. "
+            f"Last good checkpoint: {'step ' + str(last) if last is not None else 'none'} in "
+            f"{ckpt.directory}. Lower the learning rate or check the data, then re-run to resume.")
+
     try:
         while step < cfg.total_steps:
             batch = next(data)
-            state, metrics = trainer.train_step(state, batch)
+            check_finite()
+            state, pending = trainer.train_step(state, batch)
             step += 1
             bar.update(1)
-            if not bool(metrics["finite"]):
-                last = ckpt.latest_step()
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-                    f"grad_norm={float(metrics['grad_norm'])}); the update was not applied. "
-                    f"Last good checkpoint: {'step ' + str(last) if last is not None else 'none'} in "
-                    f"{ckpt.directory}. Lower the learning rate or check the data, then re-run to resume.")
             if step % cfg.log_every == 0 or step == cfg.total_steps:
+                check_finite()
                 now = time.perf_counter()
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = {k: float(v) for k, v in jax.device_get(pending).items()}
                 host["steps_per_second"] = (step - n_last) / max(now - t_last, 1e-9)
                 t_last, n_last = now, step
                 writer.write(step, host, "train")
                 bar.set_postfix(loss=f"{host['loss']:.4f}", sps=f"{host['steps_per_second']:.2f}")
             if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+                check_finite()
                 writer.write(step, eval_fn(state), "val")
             if step % cfg.save_every == 0 and step < cfg.total_steps:
+                check_finite()
                 ckpt.save(step, state, data_iterator=data if checkpointable else None, config=config_json)
+        check_finite()
         if ckpt.latest_step() != step:
             ckpt.save(step, state, data_iterator=data if checkpointable else None, config=config_json, force=True)
         if eval_fn:

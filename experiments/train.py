@@ -224,7 +224,7 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
         on_restore=on_restore)
     if main_process:
-        report(workdir, evaluator, visual, spec, time.perf_counter() - t0)
+        report(workdir, evaluator, visual, spec, time.perf_counter() - t0, mcfg)
     return 0
 
 
@@ -234,7 +234,7 @@ def _flat(tree):
     return flatten_params(tree)
 
 
-def report(workdir: str, evaluator, visual: int, spec, seconds: float) -> None:
+def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None) -> None:
     """The final table: last train metrics, accuracy per question type, visual tokens per clip."""
     rows = []
     path = os.path.join(workdir, "metrics.jsonl")
@@ -254,6 +254,11 @@ def report(workdir: str, evaluator, visual: int, spec, seconds: float) -> None:
                   f"(answer {rec.get('answer')!r})")
     per_frame = {n: k for n, _, k in spec.visual if n == "frame"}
     extra = f" ({per_frame['frame']} per frame x {spec.num_frames} frames)" if per_frame else ""
+    if hasattr(mcfg, "spatial_ratios"):  # Chat-UniVi: what Video-ChatGPT's pooling of the same features costs
+        patches = (mcfg.vision.image_size // mcfg.vision.patch_size) ** 2
+        pooled = mcfg.num_frames + patches
+        extra = (f" (Video-ChatGPT-style pooling of the same features: {mcfg.num_frames} + {patches} = {pooled}, "
+                 f"{pooled / visual:.2f}x as many)")
     print(f"visual tokens per clip: {visual}{extra}", flush=True)
 
 

@@ -18,7 +18,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("cogvlm2_video", variant)
     c.model_overrides.llm = common.llm_overrides()
-    c.model_overrides.vision = {"out_dim": common.TINY_WIDTH, "glu_dim": 2 * common.TINY_WIDTH}  # out_dim = llm.hidden_size
+    common.tiny_vision(c, out_dim=common.TINY_WIDTH, glu_dim=2 * common.TINY_WIDTH)  # out_dim = llm.hidden_size
     c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<|image_pad|>"]
     c.placeholder_tokens.placeholder_id = "<|image_pad|>"
     c.data.sampler = "cogvlm2_chat_seconds"

@@ -51,7 +51,8 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d = c.data = ml_collections.ConfigDict()
     d.root = ""  # synthetic set directory; '' -> ~/.cache/vjax/synthetic/<hash of data.synthetic>
     d.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
-    d.synthetic.num_train = 1000  # ~3000 QA records; generated once (about a minute), then cached
+    d.synthetic.num_train = 4000  # 12,000 QA records: a from-scratch tower needs the clips (shape: 1000 -> 0.69 vs 250 -> 0.34 in a probe)
+    d.synthetic.num_test = 200  # 600 test questions: per-type accuracy within about +-6 %
     d.train_annotations = ""  # real data: JSON/JSONL conversation records ('' = the synthetic set)
     d.val_annotations = ""
     d.video_root = ""  # relative video paths of real annotations resolve here ('' = the file's folder)
@@ -89,6 +90,17 @@ def llm_overrides(vocab: int = SYNTHETIC_VOCAB, hidden: int = TINY_WIDTH, layers
     return ml_collections.ConfigDict(dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                                           num_kv_heads=kv_heads, intermediate_size=mlp, bos_token_id=1,
                                           eos_token_id=2, pad_token_id=0))
+
+
+TINY_PATCH = 7  # tiny towers see 8 x 8 patches of the 56-px frames: a from-scratch tower tells the synthetic
+# shapes apart far better than with 4 x 4 patches of 14 px (shape probe on 1000 frames: 0.69 vs 0.47)
+
+
+def tiny_vision(c: ml_collections.ConfigDict, **fields) -> None:
+    """Set the tiny run's vision-tower fields (patch size ``TINY_PATCH`` plus ``fields``) in ``model_overrides``."""
+    vision = c.model_overrides.get("vision")
+    vision = vision.to_dict() if vision is not None else {}
+    c.model_overrides.vision = {**vision, "patch_size": TINY_PATCH, **fields}
 
 
 def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: float, warmup: int, steps: int,

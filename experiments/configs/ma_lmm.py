@@ -18,6 +18,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("ma_lmm", variant)
     c.model_overrides.llm = common.llm_overrides()
+    common.tiny_vision(c)
     # The Q-Former reads the question with the synthetic tokenizer (the release: BERT's).
     c.model_overrides.qformer = {"vocab_size": common.SYNTHETIC_VOCAB, "max_position_embeddings": 64}
     c.model_overrides.qformer_text_len = 48

@@ -19,6 +19,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("minigpt4_video", variant)
     c.model_overrides.llm = common.llm_overrides()
+    common.tiny_vision(c)
     c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<ImageHere>"]
     c.placeholder_tokens.placeholder_id = "<ImageHere>"
     c.data.sampler = "minigpt4_video_interval"

@@ -17,7 +17,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("qwen2_vl", variant)
     c.model_overrides.llm = common.llm_overrides()
-    c.model_overrides.vision = {"out_dim": common.TINY_WIDTH}  # = llm.hidden_size
+    common.tiny_vision(c, out_dim=common.TINY_WIDTH)  # out_dim = llm.hidden_size
     ids = common.SYNTHETIC_IDS
     c.model_overrides.video_token_id = ids["<|video_pad|>"]
     c.model_overrides.image_token_id = ids["<|image_pad|>"]

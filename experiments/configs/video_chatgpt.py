@@ -16,6 +16,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("video_chatgpt", variant)
     c.model_overrides.llm = common.llm_overrides()
+    common.tiny_vision(c)
     c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<vid_patch>"]
     c.placeholder_tokens.placeholder_id = "<vid_patch>"
     c.data.sampler = "video_chatgpt_uniform"

@@ -21,6 +21,7 @@ from experiments.configs import common
 def get_config(variant: str = "tiny"):
     c = common.base("video_llama", variant)
     c.model_overrides.llm = common.llm_overrides()
+    common.tiny_vision(c)
     c.model_overrides.audio = {"image_width": 204}  # 2 s of 10 ms fbank frames (ImageBind pads 198 -> 204)
     c.model_overrides.num_audio_clips = 2
     c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<ImageHere>"]

@@ -21,7 +21,7 @@ HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta
 WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
 
 CFG = SyntheticConfig(seed=7, num_train=6, num_val=2, num_test=2, long_every=3, questions_per_clip=20,
-                      subtitle_fraction=0.5, show_progress=False)
+                      subtitle_fraction=0.5, train_captions=True, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +172,24 @@ def test_answers_match_the_decoded_clips(dataset):
                 assert n_frames >= 100
                 c = at_start[0]
                 assert (c if kind == "colour" else objs[c]["shape"]) == a, (rec, objs)
+            elif t == "caption":  # "A red circle moves left. A blue square appears at 1.5 seconds and stays still."
+                assert split == "train"
+                said = re.findall(r"A (\w+) (\w+)(?: appears at ([\d.]+) seconds? and)? (?:moves (\w+)|stays still)\.", a)
+                assert " ".join(f"A {c} {s}" for c, s, _, _ in said) and len(said) == len(objs), (rec, objs)
+                firsts = [objs[c]["first"] for c, *_ in said]
+                assert sorted(c for c, *_ in said) == sorted(objs) and firsts == sorted(firsts), (rec, objs)
+                for colour, shape, when, motion in said:
+                    o = objs[colour]
+                    assert (o["shape"], o["motion"]) == (shape, motion or "none"), (rec, objs)
+                    assert o["first"] / fps == pytest.approx(float(when or 0)), (rec, objs)
             else:
                 raise AssertionError(f"unknown question type {t}")
             checked[t] = checked.get(t, 0) + 1
             for o in objs.values():  # the colour read from the mean pixel agrees with the label
                 assert o["hue_name"] in HUES
     assert set(checked) == {"colour", "shape", "motion", "count", "order", "appear_time", "beep_count",
-                            "beep_pitch", "subtitle", "recall"}, checked
+                            "beep_pitch", "subtitle", "recall", "caption"}, checked
+    assert checked["caption"] == CFG.num_train  # one per training clip
 
 
 def test_record_format(dataset):

@@ -79,6 +79,9 @@ class SyntheticConfig:
 
     Sizes: ``size`` x ``size`` pixels, ``fps`` frames/s, short clips ``min_seconds``-``max_seconds``
     long, every ``long_every``-th clip long with ``long_min_frames``-``long_max_frames`` frames.
+    ``train_captions``: each training clip also gets one ``caption`` record ("Describe the video." ->
+    every object's colour, shape, motion and appearance time, in order of appearance): dense supervision
+    like the video-caption pairs of the papers' first stage. Held-out splits keep questions only.
     """
 
     seed: int = 0
@@ -93,6 +96,7 @@ class SyntheticConfig:
     long_min_frames: int = 100
     long_max_frames: int = 128
     questions_per_clip: int = 3
+    train_captions: bool = False
     multiple_choice_fraction: float = 0.5
     subtitle_fraction: float = 0.3
     audio_sample_rate: int = 16_000
@@ -122,6 +126,8 @@ class SyntheticConfig:
         """sha256 of the parameters that change the output (``show_progress`` excluded)."""
         d = dataclasses.asdict(self)
         d.pop("show_progress")
+        if not d["train_captions"]:  # added later: sets generated before it keep their hash
+            d.pop("train_captions")
         d["generator_version"] = GENERATOR_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -403,6 +409,20 @@ def _candidates(scene: dict, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+CAPTION_QUESTIONS = ("Describe the video.", "What happens in the video?")
+
+
+def caption(scene: dict) -> str:
+    """The dense caption of a scene: its objects in order of appearance, e.g. ``"A red circle moves left.
+    A blue square appears at 1.5 seconds and stays still."``"""
+    parts = []
+    for o in sorted(scene["objects"], key=lambda x: x["appear_s"]):
+        when = f" appears at {_fmt_seconds(o['appear_s'])} and" if o["appear_s"] > 0 else ""
+        motion = "stays still" if o["motion"] == "none" else f"moves {o['motion']}"
+        parts.append(f"A {o['colour']} {o['shape']}{when} {motion}.")
+    return " ".join(parts)
+
+
 def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: str | None) -> list[dict]:
     rng = _clip_rng(cfg, scene["split"], scene["index"]).spawn(1)[0]
     cands = _candidates(scene, rng)
@@ -428,6 +448,15 @@ def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: st
         else:
             human, gpt = f"<video>\n{c['question']}", c["answer"]
         rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+        if srt_rel is not None:
+            rec["subtitles"] = srt_rel
+        records.append(rec)
+    if cfg.train_captions and scene["split"] == "train":  # no rng draws: the questions above are unchanged
+        question = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)]
+        rec = {"id": f"{scene['split']}_{scene['index']:06d}_caption", "video": video_rel, "question_type": "caption",
+               "question": question, "answer": caption(scene),
+               "conversations": [{"from": "human", "value": f"<video>\n{question}"},
+                                 {"from": "gpt", "value": caption(scene)}]}
         if srt_rel is not None:
             rec["subtitles"] = srt_rel
         records.append(rec)

@@ -247,3 +247,19 @@ def test_generation_is_cached_and_deterministic(dataset, tmp_path):
     changed = ensure_synthetic_dataset(other.root, SyntheticConfig(**{**CFG.__dict__, "num_train": 3}))
     with open(changed.annotations["train"]) as f:
         assert len({json.loads(l)["video"] for l in f}) == 3
+
+
+def test_texture_std_sets_the_background_and_keeps_old_hashes():
+    from vjax.data.synthetic import _sample_scene, render_frames
+
+    assert SyntheticConfig(texture_std=18.0).params_hash() == SyntheticConfig().params_hash()
+    flat = SyntheticConfig(texture_std=0.0, long_every=0)
+    assert flat.params_hash() != SyntheticConfig(long_every=0).params_hash()
+    scene = _sample_scene(flat, "train", 0)
+    frames = render_frames(scene, seed=3).astype(np.float64)
+    background = frames[0][(frames[0].max(-1) - frames[0].min(-1)) < 1]  # grey pixels (objects are saturated)
+    textured = render_frames(_sample_scene(SyntheticConfig(long_every=0), "train", 0), seed=3).astype(np.float64)
+    grey = textured[0][(textured[0].max(-1) - textured[0].min(-1)) < 1]
+    assert background.std() < 4 < 12 < grey.std()  # per-frame noise (std 3) only vs + the texture (std 18)
+    with pytest.raises(ValueError, match="texture_std must be >= 0, got -1"):
+        SyntheticConfig(texture_std=-1)

@@ -82,6 +82,8 @@ class SyntheticConfig:
     ``train_captions``: each training clip also gets one ``caption`` record ("Describe the video." ->
     every object's colour, shape, motion and appearance time, in order of appearance): dense supervision
     like the video-caption pairs of the papers' first stage. Held-out splits keep questions only.
+    ``texture_std``: grey levels of the static background texture (a per-clip pattern; 0 = flat grey
+    with only the per-frame noise).
     """
 
     seed: int = 0
@@ -97,6 +99,7 @@ class SyntheticConfig:
     long_max_frames: int = 128
     questions_per_clip: int = 3
     train_captions: bool = False
+    texture_std: float = 18.0
     multiple_choice_fraction: float = 0.5
     subtitle_fraction: float = 0.3
     audio_sample_rate: int = 16_000
@@ -107,6 +110,8 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.size < 32 or self.size % 2:
             raise ValueError(f"size must be an even number >= 32 pixels, got {self.size}")
+        if not self.texture_std >= 0:
+            raise ValueError(f"texture_std must be >= 0, got {self.texture_std}")
         if self.fps < 1:
             raise ValueError(f"fps must be >= 1, got {self.fps}")
         if not 1.0 <= self.min_seconds <= self.max_seconds:
@@ -126,8 +131,9 @@ class SyntheticConfig:
         """sha256 of the parameters that change the output (``show_progress`` excluded)."""
         d = dataclasses.asdict(self)
         d.pop("show_progress")
-        if not d["train_captions"]:  # added later: sets generated before it keep their hash
-            d.pop("train_captions")
+        for name, default in (("train_captions", False), ("texture_std", 18.0)):
+            if d[name] == default:  # added later: sets generated before them keep their hash
+                d.pop(name)
         d["generator_version"] = GENERATOR_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -228,7 +234,8 @@ def _sample_scene(cfg: SyntheticConfig, split: str, index: int) -> dict[str, Any
         subtitle = {"object": k, "name": name, "start_s": start, "end_s": min(duration, start + 1.5),
                     "text": f"The {objects[k]['colour']} {objects[k]['shape']} is called {name}."}
     return {"split": split, "index": index, "num_frames": n_frames, "fps": fps, "size": size,
-            "long": long, "objects": objects, "beeps": beeps, "subtitle": subtitle}
+            "long": long, "objects": objects, "beeps": beeps, "subtitle": subtitle,
+            **({"texture_std": cfg.texture_std} if cfg.texture_std != 18.0 else {})}
 
 
 def _visible(obj: dict, t: float) -> bool:
@@ -263,7 +270,7 @@ def render_frames(scene: dict, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n, size, fps = scene["num_frames"], scene["size"], scene["fps"]
     duration = n / fps
-    texture = 110.0 + rng.normal(0.0, 18.0, (size, size, 1))
+    texture = 110.0 + rng.normal(0.0, scene.get("texture_std", 18.0), (size, size, 1))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     frames = np.empty((n, size, size, 3), np.uint8)
     for f in range(n):

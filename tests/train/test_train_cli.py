@@ -80,6 +80,9 @@ def test_train_three_steps_then_chat_and_eval(model, shared):
         val = [x for x in rows if x["split"] == "val"]
         assert val and "accuracy/all" in val[-1] and "loss" in val[-1]
         assert "question type" in r.stdout
+        # 4 frames of 8 x 8 patches -> 2 events x (5 + 3) clusters; Video-ChatGPT's pooling: 4 + 64 tokens
+        assert ("visual tokens per clip: 16 (Video-ChatGPT-style pooling of the same features: 4 + 64 = 68, "
+                "4.25x as many)") in r.stdout
 
     step = 3
     if model in RESUMED:

@@ -141,7 +141,6 @@ class LoadAndFormat(grain.transforms.RandomMap):
             return frames, sample, info, audio
         # The sample depends only on (frame count, fps, seed), known after the first read of the clip.
         meta = self.cache.get(("meta", path))
-        key = None
         if meta is not None:
             sample = sampler(*meta[:2])
             key = ("clip", path, tuple(int(i) for i in sample.indices))

@@ -4,8 +4,8 @@ fine-tuning recipe for the released chat model.
 COMMAND: python -m experiments.train --config=cogvlm2_video[:tiny|chat] [--workdir=DIR] [--config.a.b=value]
 
 Variants:
-  tiny  2-layer 128-wide Llama-3-style LLM with visual experts; EVA2-style tower at 56 px -> 2 x 2 patches
-        after the 2x2 conv + boi/eoi = 6 tokens per frame, one frame per second (up to 4), each followed
+  tiny  2-layer 128-wide Llama-3-style LLM with visual experts; EVA2-style tower at 56 px (7-px patches) -> 4 x 4
+        after the 2x2 conv + boi/eoi = 18 tokens per frame, one frame per second (up to 4), each followed
         by its timestamp.
   chat  the released ``cogvlm2-video-llama3-chat`` (plain Llama-3-8B, 24 frames at 224 px): the LLM
         trains, the vision tower frozen (stage ``llm``). No official training code exists: lr 1e-5,

@@ -66,7 +66,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
     d.load_audio = False
-    d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~40 MB)
+    d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~150 MB)
 
     o = c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
     o.total_steps = c.get_ref("total_steps")

@@ -4,8 +4,8 @@ published stages.
 COMMAND: python -m experiments.train --config=minigpt4_video[:tiny|stage2|stage3|mistral] [--workdir=DIR] [--config.a.b=value]
 
 Variants:
-  tiny     2-layer 128-wide LLM with LoRA r 4; EVA-style tower at 56 px -> 16 patches -> 4 tokens per
-           frame (1x4 concat), 4 frames with their subtitles; everything trains (random init).
+  tiny     2-layer 128-wide LLM with LoRA r 4; EVA-style tower at 56 px -> 64 patches of 7 px -> 16 tokens
+           per frame (1x4 concat), 4 frames with their subtitles; everything trains (random init).
   stage2   video captioning (CMD + WebVid): ``llama_proj`` + LoRA train (EVA, base Llama-2 frozen);
            lr 1e-4 -> 8e-5 cosine, 50 x 1000 iterations, batch 4, 45 frames (spec_qformer_family §3.4).
   stage3   video instruction tuning on VideoInstruct-100K with subtitles; same parts, lr 1e-5.

@@ -3,8 +3,8 @@ r"""Qwen2-VL on the synthetic video-QA set (tiny, CPU) or an instruction-tuning 
 COMMAND: python -m experiments.train --config=qwen2_vl[:tiny|7b|2b] [--workdir=DIR] [--config.a.b=value]
 
 Variants:
-  tiny  2-layer 128-wide Qwen2 LLM with M-RoPE, 2-block ViT at 56 px, 4 frames -> (2 x 4 x 4) / 4 = 8
-        visual tokens.
+  tiny  2-layer 128-wide Qwen2 LLM with M-RoPE, 2-block ViT at 56 px with 7-px patches, 4 frames -> (2 x 8 x 8) / 4
+        = 32 visual tokens.
   7b    the paper's stage 3 (instruction tuning on ChatML data): the ViT frozen, the LLM trains
         (stage ``llm``); 2 fps sampling. The paper gives no learning rate: 1e-5, cosine, warmup 3 %
         here (unverified; spec_vit_family §5.8). Reads ``~/data/qwen2_vl/{train,val}.json``.

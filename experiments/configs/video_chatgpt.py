@@ -3,8 +3,8 @@ r"""Video-ChatGPT on the synthetic video-QA set (tiny, CPU) or its published rec
 COMMAND: python -m experiments.train --config=video_chatgpt[:tiny|7b] [--workdir=DIR] [--config.a.b=value]
 
 Variants:
-  tiny  2-layer 128-wide LLM, CLIP-style tower at 56 px (4 x 4 patches), 4 frames -> 4 temporal + 16
-        spatial = 20 visual tokens.
+  tiny  2-layer 128-wide LLM, CLIP-style tower at 56 px (8 x 8 patches of 7 px), 4 frames -> 4 temporal +
+        64 spatial = 68 visual tokens.
   7b    the paper's single stage: CLIP ViT-L/14 and LLaVA-Lightning-7B frozen, ``mm_projector`` trains;
         lr 2e-5, cosine, warmup 3 %, 3 epochs of VideoInstruct-100K at global batch 32, 100 frames
         (spec_vit_family §2.5). Reads ``~/data/videoinstruct100k/{train,val}.json``.

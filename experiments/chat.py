@@ -35,6 +35,7 @@ from experiments import lib
 
 FLAGS = flags.FLAGS
 DEFAULT_CONTEXT = 8192  # the KV cache of a 32k-context 7B LLM would take ~9 GB in float32
+REENCODE = "re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)"
 
 
 def define_flags() -> None:
@@ -235,7 +236,7 @@ def main(argv: list[str]) -> int:
     try:
         chat.load_video(FLAGS.video, FLAGS.subtitles)
     except UnreadableVideo as err:
-        lib.fail(f"{err}: check the path, or re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        lib.fail(f"{err}: check the path, or {REENCODE}")
 
     def show(text: str) -> None:
         print(text, end="", flush=True)
@@ -246,7 +247,7 @@ def main(argv: list[str]) -> int:
         except ContextOverflow as err:
             lib.fail(f"{err}: shorten the question or lower --max_new_tokens")
         except UnreadableVideo as err:  # MA-LMM decodes while it streams
-            lib.fail(f"{err}: re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+            lib.fail(f"{err}: {REENCODE}")
         print(flush=True)
         return 0
     step = f" step {run.step}" if run.step is not None else ""
@@ -266,7 +267,7 @@ def main(argv: list[str]) -> int:
             print(f"\nerror: {err}: start a new chat or lower --max_new_tokens", file=sys.stderr, flush=True)
             continue
         except UnreadableVideo as err:
-            lib.fail(f"{err}: re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+            lib.fail(f"{err}: {REENCODE}")
         print(flush=True)
 
 

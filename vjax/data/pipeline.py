@@ -135,27 +135,22 @@ class LoadAndFormat(grain.transforms.RandomMap):
 
     def _decode(self, path: str, sampler: Callable):
         """``(frames, sample, info, audio)`` of one record, from the cache when it holds them."""
-        if not self.cache.capacity:
-            frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
-            audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
-            return frames, sample, info, audio
         # The sample depends only on (frame count, fps, seed), known after the first read of the clip.
         meta = self.cache.get(("meta", path))
         if meta is not None:
-            sample = sampler(*meta[:2])
-            key = ("clip", path, tuple(int(i) for i in sample.indices))
-            hit = self.cache.get(key)
+            sample = sampler(*meta)
+            hit = self.cache.get(("clip", path, tuple(int(i) for i in sample.indices)))
             if hit is not None:
-                frames, info, audio = hit
-                return frames, sample, info, audio
+                return (hit[0], sample, *hit[1:])
         frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
         audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
-        self.cache.put(("meta", path), (info.num_frames, info.fps), 0)
-        key = ("clip", path, tuple(int(i) for i in sample.indices))
-        for a in (frames, audio):
-            if a is not None:
-                a.setflags(write=False)
-        self.cache.put(key, (frames, info, audio), frames.nbytes + (audio.nbytes if audio is not None else 0))
+        if self.cache.capacity:
+            for a in (frames, audio):
+                if a is not None:
+                    a.setflags(write=False)
+            self.cache.put(("meta", path), (info.num_frames, info.fps), 0)
+            self.cache.put(("clip", path, tuple(int(i) for i in sample.indices)), (frames, info, audio),
+                           frames.nbytes + (audio.nbytes if audio is not None else 0))
         return frames, sample, info, audio
 
 

@@ -40,6 +40,9 @@ from typing import Any
 import numpy as np
 
 GENERATOR_VERSION = 1  # bump whenever the generated files change for the same parameters
+TEXTURE_STD = 18.0  # grey levels of the default background texture
+# Parameters added after sets were generated: left out of the hash at their default, so those sets stay valid.
+_LATER_PARAMS = ("train_captions", "texture_std")
 
 # Six hues 60 degrees apart: a colour is recoverable from the hue of an object's mean pixel.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -99,7 +102,7 @@ class SyntheticConfig:
     long_max_frames: int = 128
     questions_per_clip: int = 3
     train_captions: bool = False
-    texture_std: float = 18.0
+    texture_std: float = TEXTURE_STD
     multiple_choice_fraction: float = 0.5
     subtitle_fraction: float = 0.3
     audio_sample_rate: int = 16_000
@@ -131,8 +134,9 @@ class SyntheticConfig:
         """sha256 of the parameters that change the output (``show_progress`` excluded)."""
         d = dataclasses.asdict(self)
         d.pop("show_progress")
-        for name, default in (("train_captions", False), ("texture_std", 18.0)):
-            if d[name] == default:  # added later: sets generated before them keep their hash
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _LATER_PARAMS:
+            if d[name] == defaults[name]:
                 d.pop(name)
         d["generator_version"] = GENERATOR_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
@@ -235,7 +239,7 @@ def _sample_scene(cfg: SyntheticConfig, split: str, index: int) -> dict[str, Any
                     "text": f"The {objects[k]['colour']} {objects[k]['shape']} is called {name}."}
     return {"split": split, "index": index, "num_frames": n_frames, "fps": fps, "size": size,
             "long": long, "objects": objects, "beeps": beeps, "subtitle": subtitle,
-            **({"texture_std": cfg.texture_std} if cfg.texture_std != 18.0 else {})}
+            **({"texture_std": cfg.texture_std} if cfg.texture_std != TEXTURE_STD else {})}
 
 
 def _visible(obj: dict, t: float) -> bool:
@@ -270,7 +274,7 @@ def render_frames(scene: dict, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n, size, fps = scene["num_frames"], scene["size"], scene["fps"]
     duration = n / fps
-    texture = 110.0 + rng.normal(0.0, scene.get("texture_std", 18.0), (size, size, 1))
+    texture = 110.0 + rng.normal(0.0, scene.get("texture_std", TEXTURE_STD), (size, size, 1))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     frames = np.empty((n, size, size, 3), np.uint8)
     for f in range(n):
@@ -459,11 +463,11 @@ def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: st
             rec["subtitles"] = srt_rel
         records.append(rec)
     if cfg.train_captions and scene["split"] == "train":  # no rng draws: the questions above are unchanged
-        question = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)]
+        question, answer = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)], caption(scene)
         rec = {"id": f"{scene['split']}_{scene['index']:06d}_caption", "video": video_rel, "question_type": "caption",
-               "question": question, "answer": caption(scene),
+               "question": question, "answer": answer,
                "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                 {"from": "gpt", "value": caption(scene)}]}
+                                 {"from": "gpt", "value": answer}]}
         if srt_rel is not None:
             rec["subtitles"] = srt_rel
         records.append(rec)

@@ -118,6 +118,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
     from vjax.data import formats  # noqa: PLC0415
 
     groups: dict[str, list[bool]] = collections.defaultdict(list)
+    cross: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     rows, errors = [], []
     for rec, pred in zip(records, predictions):
         ok = formats.score_answer(pred, rec)
@@ -131,8 +132,11 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         rows.append(row)
         for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all"):
             groups[g].append(ok)
+        cross[row["question_type"]][row["kind"]].append(ok)
     report: dict[str, Any] = {"accuracy": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
-                                           for k, v in sorted(groups.items())}}
+                                           for k, v in sorted(groups.items())},
+                              "task_by_kind": {t: {k: {"accuracy": float(np.mean(v)), "n": len(v)}
+                                                   for k, v in sorted(ks.items())} for t, ks in sorted(cross.items())}}
     if errors:
         close = [e is not None and e <= tolerance for e in errors]
         named = [e for e in errors if e is not None]
@@ -144,10 +148,20 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
 
 
 def table(report: dict) -> str:
+    """The printed summary: accuracy per group, then per task split by kind (an open answer and a
+    multiple-choice letter can fail for different reasons), then timestamp closeness."""
     lines = [f"{'group':<28} {'accuracy':>8} {'n':>5}"]
     acc = report["accuracy"]
     for k in sorted(acc, key=lambda k: (k == "all", not k.startswith("task/"), k)):
         lines.append(f"{k:<28} {acc[k]['accuracy']:>8.3f} {acc[k]['n']:>5}")
+    cross = report.get("task_by_kind", {})
+    kinds = sorted({k for ks in cross.values() for k in ks})
+    if len(kinds) > 1:
+        lines.append("")
+        lines.append(f"{'task (accuracy, n)':<20}" + "".join(f" {k:>17}" for k in kinds))
+        for t, ks in cross.items():
+            cells = [f"{ks[k]['accuracy']:.3f} ({ks[k]['n']:>3})" if k in ks else "-" for k in kinds]
+            lines.append(f"{t:<20}" + "".join(f" {c:>17}" for c in cells))
     ts = report.get("timestamp")
     if ts:
         mae = "n/a" if ts["mean_abs_error_s"] is None else f"{ts['mean_abs_error_s']:.2f} s"

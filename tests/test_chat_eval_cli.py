@@ -135,3 +135,9 @@ def test_scoring_per_task_kind_and_timestamp():
     assert rep["timestamp"]["within_tolerance"] == 0.5  # ... but 2.0 s is within 1 s of 2.5 s
     assert rep["timestamp"]["mean_abs_error_s"] == 0.5 and rep["timestamp"]["answers_without_time"] == 1
     assert acc["all"] == {"accuracy": 0.5, "n": 4}
+    cross = rep["task_by_kind"]
+    assert cross["colour"] == {"multiple_choice": {"accuracy": 1.0, "n": 1}, "open": {"accuracy": 1.0, "n": 1}}
+    assert cross["appear_time"] == {"timestamp": {"accuracy": 0.0, "n": 2}}
+    lines = eval_cmd.table(rep).splitlines()
+    colour = next(line for line in lines if line.startswith("colour "))
+    assert colour.split() == ["colour", "1.000", "(", "1)", "1.000", "(", "1)", "-"]

@@ -139,6 +139,7 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     import jax  # noqa: PLC0415
 
     from vjax.data import formats, pipeline  # noqa: PLC0415
+    from vjax.data.annotations import merge_turns  # noqa: PLC0415
     from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
     from vjax.train.loop import LoopConfig, run  # noqa: PLC0415
     from vjax.train.sharding import make_mesh  # noqa: PLC0415
@@ -164,7 +165,7 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         paths = ensure_synthetic_dataset(root, syn) if paths is None else paths
     tok_dir = lib._expand(c.data.tokenizer) if c.data.tokenizer else paths.tokenizer_dir
     tokenizer = formats.TextTokenizer(tok_dir)
-    train_records = lib.records(c, "train", paths)
+    train_records = merge_turns(lib.records(c, "train", paths), c.data.turns_per_record, seed=c.seed)
     val_records = lib.records(c, "val", paths)
     fmt = formats.VideoQAFormat(spec, tokenizer)
     try:

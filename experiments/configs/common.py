@@ -66,6 +66,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
     d.load_audio = False
+    d.turns_per_record = 1  # >1: a clip's training questions joined into multi-turn records (annotations.merge_turns)
     d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~150 MB)
 
     o = c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))

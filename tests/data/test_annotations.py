@@ -115,3 +115,53 @@ def test_load_subtitles_by_extension(tmp_path):
     assert len(A.load_subtitles(tmp_path / "a.srt")) == 3 and len(A.load_subtitles(tmp_path / "a.vtt")) == 2
     with pytest.raises(ValueError, match=r"\.srt or \.vtt"):
         A.load_subtitles(tmp_path / "a.txt")
+
+
+def _qa(i, video, q, a, **extra):
+    return {"id": f"q{i}", "video": video, "question_type": f"t{i}", "answer": a,
+            "conversations": [{"from": "human", "value": f"<video>\n{q}"}, {"from": "gpt", "value": a}], **extra}
+
+
+def test_merge_turns_joins_a_clips_questions_into_conversations():
+    recs = [_qa(0, "/v/a.mp4", "Q0", "A0"), _qa(1, "/v/b.mp4", "Q1", "A1"), _qa(2, "/v/a.mp4", "Q2", "A2"),
+            _qa(3, "/v/a.mp4", "Q3", "A3", choices=["x", "A3"], answer_index=1),
+            {"id": "multi", "video": "/v/c.mp4", "conversations": [
+                {"from": "human", "value": "<video>\nM0"}, {"from": "gpt", "value": "N0"},
+                {"from": "human", "value": "M1"}, {"from": "gpt", "value": "N1"}]},
+            _qa(5, "/v/a.mp4", "Q5", "A5", subtitles="/v/a.srt")]
+    out = A.merge_turns(recs, 2, seed=3)
+    assert out == A.merge_turns(recs, 2, seed=3)  # seeded
+    by_video = {}
+    for r in out:
+        by_video.setdefault((r["video"], r.get("subtitles")), []).append(r)
+    # a.mp4 (no subtitles): 3 questions -> a 2-turn and a 1-turn record; b.mp4 and a.mp4 + srt stay single
+    a = by_video[("/v/a.mp4", None)]
+    assert sorted(len(r["conversations"]) for r in a) == [2, 4]
+    asked = []
+    for r in a:
+        conv = r["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<video>\n") and all("<video>" not in t["value"] for t in conv[1:])
+        pairs = [(conv[i]["value"].replace("<video>\n", ""), conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+        asked += pairs
+        if len(conv) == 4:
+            assert "choices" not in r and "answer" not in r and len(r["question_types"]) == 2
+            assert r["id"].count("+") == 1
+    assert sorted(asked) == [("Q0", "A0"), ("Q2", "A2"), ("Q3", "A3")]  # every question once, answer with it
+    assert by_video[("/v/a.mp4", "/v/a.srt")] == [recs[5]] and by_video[("/v/b.mp4", None)] == [recs[1]]
+    assert by_video[("/v/c.mp4", None)] == [recs[4]]  # already a conversation: unchanged
+    assert A.merge_turns(recs, 1) == recs
+    with pytest.raises(ValueError, match="max_turns must be a positive int, got 0"):
+        A.merge_turns(recs, 0)
+
+
+def test_merged_conversation_supervises_every_answer():
+    from vjax.data import formats, templates
+
+    recs = A.merge_turns([_qa(0, "/v/a.mp4", "What colour?", "red"),
+                                    _qa(1, "/v/a.mp4", "What shape?", "circle")], 2)
+    history, question, answer = formats.question_answer(recs[0])
+    assert len(history) == 1 and {history[0][1], answer} == {"red", "circle"}
+    pieces = templates.render("video_chatgpt", question, answer, history=history,
+                              context=templates.VisualContext(num_frames=4))
+    assert sorted(v for kind, v in pieces if kind == "target") == ["circle</s>", "red</s>"]

@@ -18,6 +18,7 @@ import bisect
 import csv
 import json
 import os
+import random
 import re
 from typing import Any, NamedTuple, Sequence
 
@@ -96,6 +97,67 @@ def load_conversations(
         out.append(rec)
     log.check()
     return out
+
+
+def merge_turns(records: Sequence[dict], max_turns: int, seed: int = 0) -> list[dict]:
+    """Join single-question records about the same clip into multi-turn conversations.
+
+    Records with one human and one gpt turn that share ``video`` and ``subtitles`` are shuffled (seeded by
+    ``seed``) and chunked into conversations of up to ``max_turns`` question/answer pairs, the way
+    instruction sets such as VideoInstruct-100K hold several questions per video: one forward pass then
+    supervises every answer while the clip is decoded and encoded once. A ``<video>`` marker stays on the
+    first human turn only; per-question keys (``answer``, ``choices``, ``answer_index``) are dropped
+    and ``question_type`` becomes the list ``question_types``. Other records (several turns already, or
+    no video) are kept unchanged, in place of their first occurrence. ``max_turns=1`` returns a copy of
+    ``records``.
+    """
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+        raise ValueError(f"max_turns must be a positive int, got {max_turns!r}")
+    if max_turns == 1:
+        return list(records)
+
+    def single(rec: dict) -> bool:
+        conv = rec.get("conversations") or []
+        return isinstance(rec.get("video"), str) and len(conv) == 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
+
+    groups: dict[tuple, list[dict]] = {}
+    order: list[Any] = []  # a group key, or a record kept as it is
+    for rec in records:
+        if not single(rec):
+            order.append(rec)
+            continue
+        key = (rec.get("video"), rec.get("subtitles"))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(rec)
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for item in order:
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        recs = groups[item]
+        rng.shuffle(recs)
+        for s in range(0, len(recs), max_turns):
+            chunk = recs[s: s + max_turns]
+            if len(chunk) == 1:
+                out.append(chunk[0])
+                continue
+            merged = {k: v for k, v in chunk[0].items() if k not in _PER_QUESTION}
+            merged["id"] = "+".join(str(r.get("id")) for r in chunk)
+            merged["question_types"] = [r.get("question_type") for r in chunk]
+            conv = []
+            for i, r in enumerate(chunk):
+                human, gpt = r["conversations"]
+                q = human["value"] if i == 0 else human["value"].replace(VIDEO_TOKEN, "").strip()
+                conv += [{"from": "human", "value": q}, dict(gpt)]
+            merged["conversations"] = conv
+            out.append(merged)
+    return out
+
+
+_PER_QUESTION = ("id", "question_type", "question", "answer", "choices", "answer_index", "conversations")
 
 
 def load_webvid_csv(

@@ -51,7 +51,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 0, "generation batch (0: the run's eval.batch_size)")
     flags.DEFINE_integer("max_new_tokens", 0, "longest answer (0: the run's eval.max_new_tokens)")
     flags.DEFINE_integer("limit", 0, "evaluate the first N records only (0: all)")
-    flags.DEFINE_float("timestamp_tolerance", 1.0, "seconds within which a timestamp answer counts as close")
+    flags.DEFINE_float("timestamp_tolerance", 0.5, "seconds within which a timestamp answer counts as close "
+                      "(0.5: the training issue's appearance-time target)")
     flags.DEFINE_string("out", None, "JSON report path (default <workdir>/eval/<data name>.json)")
     flags.DEFINE_bool("progress", True, "show a progress bar")
 
@@ -112,7 +113,7 @@ def kind(record: dict) -> str:
     return "timestamp" if formats.is_timestamp_question(record) else "open"
 
 
-def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 1.0) -> dict[str, Any]:
+def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 0.5) -> dict[str, Any]:
     """Accuracy per task (``question_type``) and per kind (``multiple_choice``/``open``/``timestamp``),
     ``all``; timestamp closeness; every prediction."""
     from vjax.data import formats  # noqa: PLC0415
@@ -172,7 +173,7 @@ def table(report: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- running
 def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
-             tolerance: float = 1.0, progress: bool = False) -> dict[str, Any]:
+             tolerance: float = 0.5, progress: bool = False) -> dict[str, Any]:
     """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat)."""
     from vjax.data import formats  # noqa: PLC0415
     from vjax.data.pipeline import DropSkipped, LoadAndFormat  # noqa: PLC0415

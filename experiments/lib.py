@@ -206,7 +206,8 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     from vjax.train.optim import OptimConfig  # noqa: PLC0415
 
     _check_positive(c, ("total_steps", "log_every", "save_every", "keep_checkpoints", "data.num_frames",
-                        "data.image_size", "data.batch_size", "data.turns_per_record", "eval.batch_size", "eval.max_new_tokens"))
+                        "data.image_size", "data.batch_size", "data.turns_per_record", "eval.batch_size",
+                        "eval.max_new_tokens"))
     for key in ("eval_every", "eval.records", "data.worker_count"):
         v = c[key.split(".")[0]] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(v, int) or v < 0:

@@ -158,8 +158,7 @@ def test_merge_turns_joins_a_clips_questions_into_conversations():
 def test_merged_conversation_supervises_every_answer():
     from vjax.data import formats, templates
 
-    recs = A.merge_turns([_qa(0, "/v/a.mp4", "What colour?", "red"),
-                                    _qa(1, "/v/a.mp4", "What shape?", "circle")], 2)
+    recs = A.merge_turns([_qa(0, "/v/a.mp4", "What colour?", "red"), _qa(1, "/v/a.mp4", "What shape?", "circle")], 2)
     history, question, answer = formats.question_answer(recs[0])
     assert len(history) == 1 and {history[0][1], answer} == {"red", "circle"}
     pieces = templates.render("video_chatgpt", question, answer, history=history,

@@ -99,6 +99,9 @@ def load_conversations(
     return out
 
 
+_PER_QUESTION = ("id", "question_type", "question", "answer", "choices", "answer_index", "conversations")
+
+
 def merge_turns(records: Sequence[dict], max_turns: int, seed: int = 0) -> list[dict]:
     """Join single-question records about the same clip into multi-turn conversations.
 
@@ -108,8 +111,7 @@ def merge_turns(records: Sequence[dict], max_turns: int, seed: int = 0) -> list[
     supervises every answer while the clip is decoded and encoded once. A ``<video>`` marker stays on the
     first human turn only; per-question keys (``answer``, ``choices``, ``answer_index``) are dropped
     and ``question_type`` becomes the list ``question_types``. Other records (several turns already, or
-    no video) are kept unchanged, in place of their first occurrence. ``max_turns=1`` returns a copy of
-    ``records``.
+    no video) are kept unchanged, where they stood. ``max_turns=1`` returns a copy of ``records``.
     """
     if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
         raise ValueError(f"max_turns must be a positive int, got {max_turns!r}")
@@ -118,7 +120,8 @@ def merge_turns(records: Sequence[dict], max_turns: int, seed: int = 0) -> list[
 
     def single(rec: dict) -> bool:
         conv = rec.get("conversations") or []
-        return isinstance(rec.get("video"), str) and len(conv) == 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
+        return (isinstance(rec.get("video"), str) and len(conv) == 2 and conv[0].get("from") == "human"
+                and conv[1].get("from") == "gpt")
 
     groups: dict[tuple, list[dict]] = {}
     order: list[Any] = []  # a group key, or a record kept as it is
@@ -155,9 +158,6 @@ def merge_turns(records: Sequence[dict], max_turns: int, seed: int = 0) -> list[
             merged["conversations"] = conv
             out.append(merged)
     return out
-
-
-_PER_QUESTION = ("id", "question_type", "question", "answer", "choices", "answer_index", "conversations")
 
 
 def load_webvid_csv(

@@ -139,7 +139,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
         meta = self.cache.get(("meta", path))
         if meta is not None:
             sample = sampler(*meta)
-            hit = self.cache.get(("clip", path, tuple(int(i) for i in sample.indices)))
+            hit = self.cache.get(_clip_key(path, sample))
             if hit is not None:
                 return (hit[0], sample, *hit[1:])
         frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
@@ -149,9 +149,14 @@ class LoadAndFormat(grain.transforms.RandomMap):
                 if a is not None:
                     a.setflags(write=False)
             self.cache.put(("meta", path), (info.num_frames, info.fps), 0)
-            self.cache.put(("clip", path, tuple(int(i) for i in sample.indices)), (frames, info, audio),
+            self.cache.put(_clip_key(path, sample), (frames, info, audio),
                            frames.nbytes + (audio.nbytes if audio is not None else 0))
         return frames, sample, info, audio
+
+
+def _clip_key(path: str, sample) -> tuple:
+    """Cache key of a decoded clip: its path and the frame indices sampled from it."""
+    return ("clip", path, tuple(int(i) for i in sample.indices))
 
 
 class DecodedCache:

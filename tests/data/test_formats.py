@@ -101,3 +101,21 @@ def test_open_answers_use_normalised_exact_match(pred, ok):
 def test_cut_at_stop():
     assert formats.cut_at_stop(" two###Human: x", ("###", "</s>")) == "two"
     assert formats.cut_at_stop("left</s><pad>", ("###", "</s>")) == "left"
+
+
+def test_prepared_audio_gives_the_same_element_and_a_wrong_shape_is_named(data):
+    tok, recs = data
+    spec = SPECS["video_llama"]
+    fmt = VideoQAFormat(spec, tok)
+    rec = dict(_record(recs, False), timestamps=np.array([0.0, 0.5]))
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    wav = np.random.default_rng(0).normal(size=16000 * 3).astype(np.float32)
+    feats = fmt.prepare_audio(wav)
+    assert feats.shape == (2, 36, 204)
+    a, b = fmt(rec, frames, wav), fmt(rec, frames, feats)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    with pytest.raises(ValueError, match=r"\(2, 36, 100\)"):
+        fmt(rec, frames, feats[:, :, :100])
+    assert VideoQAFormat(SPECS["chat_univi"], tok).prepare_audio(wav) is wav  # no audio branch: unchanged

@@ -167,3 +167,32 @@ def test_decoded_cache_stays_within_its_capacity():
     assert cache.get("big") is None and cache.size == 90
     with pytest.raises(ValueError, match="cache_mb must be >= 0, got -1"):
         pipeline.LoadAndFormat(ByteFormat(), HEADTAIL, cache_mb=-1)
+
+
+def test_audio_features_are_computed_once_per_clip_and_cached(records, monkeypatch):
+    """A format with ``prepare_audio`` (Video-LLaMA's ImageBind fbank) gets it applied before the decoded-clip
+    cache: two epochs compute each clip's fbank once and give the same batches as the uncached loader."""
+    from vjax.data import formats
+
+    spec = formats.FormatSpec("video_llama", (("video", 13, 2), ("audio", 13, 2)), 4, template_variant="vicuna",
+                              audio_clips=2, audio_mel_bins=16, audio_frames=32)
+    fmt = formats.VideoQAFormat(spec, formats.TextTokenizer(records[0]["video"].rsplit("/videos/", 1)[0] + "/tokenizer"))
+    calls = []
+    real = formats.imagebind_audio_features
+
+    def counting(wav, *args, **kw):
+        calls.append(len(wav))
+        return real(wav, *args, **kw)
+
+    monkeypatch.setattr(formats, "imagebind_audio_features", counting)
+    cfg = dict(load_audio=True, buckets={"input_ids": (128, 256), "attention_mask": (128, 256),
+                                         "loss_mask": (128, 256)}, pad_values=None)
+    plain = list(pipeline.make_loader(records, fmt, config(**cfg)))
+    assert len(calls) == 32  # two epochs of 16 records
+    calls.clear()
+    cached = list(pipeline.make_loader(records, fmt, config(**cfg, cache_mb=64)))
+    assert len(calls) == 8  # the 8 clips, once each
+    assert_batches_equal(cached, plain)
+    assert cached[0]["audio"].shape == (3, 2, 16, 32) and cached[0]["audio"].dtype == np.float32
+    # the element never shares memory with the cache
+    assert cached[0]["audio"].flags.writeable

@@ -186,17 +186,38 @@ class VideoQAFormat:
         visual = {name: (pid, counts[name]) for name, pid, _ in self.spec.visual}
         return templates.tokenize(pieces, self.tokenizer, visual)
 
+    def prepare_audio(self, audio: np.ndarray | None) -> np.ndarray | None:
+        """The model's audio input from a decoded mono waveform ``[N]``: ImageBind fbank clips
+        ``float32 [audio_clips, audio_mel_bins, audio_frames]`` (a silent 2 s clip when ``audio`` is None);
+        ``audio`` unchanged when the spec has no audio clips or it already has that 3-d shape.
+
+        The pipeline calls this once per decoded clip, before its cache, so a clip's fbank is computed once
+        rather than on every epoch (:class:`vjax.data.pipeline.LoadAndFormat`, ``audio_transform``).
+        """
+        s = self.spec
+        if not s.audio_clips:
+            return audio
+        shape = (s.audio_clips, s.audio_mel_bins, s.audio_frames)
+        if audio is not None and np.ndim(audio) == 3:
+            if np.shape(audio) != shape:
+                raise ValueError(f"audio features of shape {np.shape(audio)} do not match the spec's {shape}")
+            return audio
+        wav = np.zeros(s.audio_sample_rate * 2, np.float32) if audio is None else np.asarray(audio, np.float32)
+        return imagebind_audio_features(wav, s.audio_sample_rate, num_clips=s.audio_clips,
+                                        num_mel_bins=s.audio_mel_bins, target_length=s.audio_frames
+                                        ).astype(np.float32)
+
     def __call__(self, record: dict, frames: np.ndarray, audio: np.ndarray | None) -> dict[str, np.ndarray]:
+        """One training/eval example; ``audio`` is the decoded waveform ``[N]`` or its :meth:`prepare_audio`
+        output."""
         s = self.spec
         x, mask, t = self.frames(frames)
         ids, loss_mask = self.text(record, t)
         out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
                "frames": x, "frame_mask": mask}
         if s.audio_clips:
-            wav = np.zeros(s.audio_sample_rate * 2, np.float32) if audio is None else np.asarray(audio, np.float32)
-            out["audio"] = imagebind_audio_features(wav, s.audio_sample_rate, num_clips=s.audio_clips,
-                                                    num_mel_bins=s.audio_mel_bins,
-                                                    target_length=s.audio_frames).astype(np.float32)
+            feats = self.prepare_audio(audio)
+            out["audio"] = feats if feats is not audio else np.array(feats)  # never hand out the cached array
             out["audio_mask"] = np.ones(s.audio_clips, bool)
         if s.qformer_text_len:
             _, question, _ = question_answer(record)

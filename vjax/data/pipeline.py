@@ -89,11 +89,17 @@ class LoadAndFormat(grain.transforms.RandomMap):
     indices, up to that many MiB per process (each Grain worker has its own cache; the oldest entries go
     first). A small set that is read for many epochs then decodes each clip once; random samplers still
     hit the cache whenever they draw the same frames again. Cached arrays are returned read-only.
+
+    ``audio_transform(waveform [N]) -> array`` (optional) runs once per decoded clip, before the cache;
+    ``format_fn`` then gets its output as ``audio``. The builders pass ``format_fn.prepare_audio`` when the
+    format has one (:class:`vjax.data.formats.VideoQAFormat`: the ImageBind fbank), so a cached clip's audio
+    features are not recomputed every epoch.
     """
 
     def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
                  load_audio: bool = False, audio_sample_rate: int = 16_000, max_bad_fraction: float = 0.1,
-                 min_records_for_check: int = 20, video_key: str = "video", cache_mb: float = 0.0):
+                 min_records_for_check: int = 20, video_key: str = "video", cache_mb: float = 0.0,
+                 audio_transform: Callable | None = None):
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.format_fn = format_fn
@@ -107,6 +113,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
         self.sampler_takes_seed = _takes_seed(sampler)
         self.skips = SkipLog(max_bad_fraction)  # per process: each worker has its own copy
         self.cache = DecodedCache(int(cache_mb * 2**20))
+        self.audio_transform = audio_transform
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Load and format one record (see the class docstring)."""
@@ -144,6 +151,8 @@ class LoadAndFormat(grain.transforms.RandomMap):
                 return (hit[0], sample, *hit[1:])
         frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
         audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
+        if audio is not None and self.audio_transform is not None:
+            audio = np.asarray(self.audio_transform(audio))
         if self.cache.capacity:
             for a in (frames, audio):
                 if a is not None:
@@ -294,7 +303,8 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
 
 def _load_and_format(format_fn: FormatFn, config: PipelineConfig, sampler: Callable) -> LoadAndFormat:
     return LoadAndFormat(format_fn, sampler, config.frame_size, config.load_audio, config.audio_sample_rate,
-                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb)
+                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb,
+                         audio_transform=getattr(format_fn, "prepare_audio", None))
 
 
 def shard_by_jax_process(drop_remainder: bool = True):

@@ -16,7 +16,8 @@ template exactly as in training. Scores (:mod:`vjax.data.formats`):
   (``question_type``);
 * open-ended QA (MSVD/MSRVTT-QA style): normalised exact match (lower case, no punctuation or articles);
 * timestamp questions (``question_type`` in ``formats.TIMESTAMP_TYPES``): exact match, and the fraction
-  within ``--timestamp_tolerance`` seconds with the mean absolute error.
+  within ``--timestamp_tolerance`` seconds with the mean absolute error, next to its chance level (the
+  fraction that the best single time, given as every answer, would score).
 
 Unreadable videos are skipped and counted (more than 10 % fails the run). The report holds every
 prediction; a table is printed. Errors (not a checkpoint, a missing or unreadable annotation file):
@@ -120,7 +121,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
 
     groups: dict[str, list[bool]] = collections.defaultdict(list)
     cross: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    rows, errors = [], []
+    rows, errors, true_times = [], [], []
     for rec, pred in zip(records, predictions):
         ok = formats.score_answer(pred, rec)
         row = {"id": rec.get("id"), "question_type": rec.get("question_type", "unknown"), "kind": kind(rec),
@@ -130,6 +131,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
             err = formats.timestamp_error(pred, rec)
             row["abs_error_s"] = err
             errors.append(err)
+            true_times.append(formats.first_seconds(str(rec.get("answer"))))
         rows.append(row)
         for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all"):
             groups[g].append(ok)
@@ -143,9 +145,21 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         named = [e for e in errors if e is not None]
         report["timestamp"] = {"n": len(errors), "tolerance_s": tolerance, "within_tolerance": float(np.mean(close)),
                                "mean_abs_error_s": float(np.mean(named)) if named else None,
-                               "answers_without_time": len(errors) - len(named)}
+                               "answers_without_time": len(errors) - len(named),
+                               **_best_constant(true_times, tolerance)}
     report["predictions"] = rows
     return report
+
+
+def _best_constant(times: Sequence[float | None], tolerance: float) -> dict[str, Any]:
+    """The chance level of the closeness figure: the one time (among the true answers) that, given as the
+    answer to every timestamp question, is within ``tolerance`` of the most true times."""
+    known = [t for t in times if t is not None]
+    if not known:
+        return {"best_constant_s": None, "best_constant_within": None}
+    best = max(sorted(set(known)), key=lambda c: sum(abs(t - c) <= tolerance for t in known))
+    return {"best_constant_s": best,
+            "best_constant_within": float(np.mean([t is not None and abs(t - best) <= tolerance for t in times]))}
 
 
 def table(report: dict) -> str:
@@ -168,6 +182,9 @@ def table(report: dict) -> str:
         mae = "n/a" if ts["mean_abs_error_s"] is None else f"{ts['mean_abs_error_s']:.2f} s"
         lines.append(f"timestamps within {ts['tolerance_s']:g} s: {ts['within_tolerance']:.3f} "
                      f"(mean abs error {mae}, {ts['answers_without_time']} answers name no time)")
+        if ts.get("best_constant_s") is not None:
+            lines.append(f"  chance level: answering {ts['best_constant_s']:g} s to every one scores "
+                         f"{ts['best_constant_within']:.3f}")
     return "\n".join(lines)
 
 

@@ -134,10 +134,15 @@ def test_scoring_per_task_kind_and_timestamp():
     assert acc["kind/timestamp"] == {"accuracy": 0.0, "n": 2}  # neither is an exact match ...
     assert rep["timestamp"]["within_tolerance"] == 0.5  # ... but 2.0 s is within 1 s of 2.5 s
     assert rep["timestamp"]["mean_abs_error_s"] == 0.5 and rep["timestamp"]["answers_without_time"] == 1
+    # chance level: 2.5 s and 4 s are 1.5 s apart, so one constant answer is within 1 s of only one of them
+    assert rep["timestamp"]["best_constant_s"] == 2.5 and rep["timestamp"]["best_constant_within"] == 0.5
+    wide = eval_cmd.summarize(recs, ["(B)", "The Red.", "at 2.0 s", "soon"], tolerance=1.5)["timestamp"]
+    assert wide["best_constant_within"] == 1.0  # within 1.5 s, "2.5 s" covers both
     assert acc["all"] == {"accuracy": 0.5, "n": 4}
     cross = rep["task_by_kind"]
     assert cross["colour"] == {"multiple_choice": {"accuracy": 1.0, "n": 1}, "open": {"accuracy": 1.0, "n": 1}}
     assert cross["appear_time"] == {"timestamp": {"accuracy": 0.0, "n": 2}}
     lines = eval_cmd.table(rep).splitlines()
+    assert "chance level: answering 2.5 s to every one scores 0.500" in [line.strip() for line in lines]
     colour = next(line for line in lines if line.startswith("colour "))
     assert colour.split() == ["colour", "1.000", "(", "1)", "1.000", "(", "1)", "-"]

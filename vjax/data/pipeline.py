@@ -90,10 +90,10 @@ class LoadAndFormat(grain.transforms.RandomMap):
     first). A small set that is read for many epochs then decodes each clip once; random samplers still
     hit the cache whenever they draw the same frames again. Cached arrays are returned read-only.
 
-    ``audio_transform(waveform [N]) -> array`` (optional) runs once per decoded clip, before the cache;
-    ``format_fn`` then gets its output as ``audio``. The builders pass ``format_fn.prepare_audio`` when the
-    format has one (:class:`vjax.data.formats.VideoQAFormat`: the ImageBind fbank), so a cached clip's audio
-    features are not recomputed every epoch.
+    ``audio_transform(waveform [N]) -> array`` runs once per decoded clip, before the cache; ``format_fn``
+    then gets its output as ``audio``. It defaults to ``format_fn.prepare_audio`` when the format has one
+    (:class:`vjax.data.formats.VideoQAFormat`: the ImageBind fbank), so a cached clip's audio features are
+    not recomputed every epoch.
     """
 
     def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
@@ -113,7 +113,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
         self.sampler_takes_seed = _takes_seed(sampler)
         self.skips = SkipLog(max_bad_fraction)  # per process: each worker has its own copy
         self.cache = DecodedCache(int(cache_mb * 2**20))
-        self.audio_transform = audio_transform
+        self.audio_transform = audio_transform or getattr(format_fn, "prepare_audio", None)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Load and format one record (see the class docstring)."""
@@ -303,8 +303,7 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
 
 def _load_and_format(format_fn: FormatFn, config: PipelineConfig, sampler: Callable) -> LoadAndFormat:
     return LoadAndFormat(format_fn, sampler, config.frame_size, config.load_audio, config.audio_sample_rate,
-                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb,
-                         audio_transform=getattr(format_fn, "prepare_audio", None))
+                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb)
 
 
 def shard_by_jax_process(drop_remainder: bool = True):

@@ -17,7 +17,9 @@ template exactly as in training. Scores (:mod:`vjax.data.formats`):
 * open-ended QA (MSVD/MSRVTT-QA style): normalised exact match (lower case, no punctuation or articles);
 * timestamp questions (``question_type`` in ``formats.TIMESTAMP_TYPES``): exact match, and the fraction
   within ``--timestamp_tolerance`` seconds with the mean absolute error, next to its chance level (the
-  fraction that the best single time, given as every answer, would score).
+  fraction that the best single time, given as every answer, would score);
+* on the synthetic set, every task also per object count of the clip: a lone object needs perception only,
+  several need the answer bound to the object the question names.
 
 Unreadable videos are skipped and counted (more than 10 % fails the run). The report holds every
 prediction; a table is printed. Errors (not a checkpoint, a missing or unreadable annotation file):
@@ -94,15 +96,32 @@ def load_records(path: str, fmt: str = "auto", video_root: str | None = None, vi
 
 def synthetic_split(run: lib.Run, split: str = "test") -> tuple[list[dict], str]:
     """Records of the run's synthetic set (``test``, or ``val`` when the set has no test clips)."""
-    from vjax.data import pipeline  # noqa: PLC0415
-
     paths = lib._synthetic_paths(run.config)
     for name in (split, "val"):
-        with open(paths.annotations[name], encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+        recs = synthetic_records(paths, name)
         if recs:
-            return pipeline.resolve_records(recs, paths.root), f"synthetic_{name}"
+            return recs, f"synthetic_{name}"
     raise ValueError(f"the synthetic set in {paths.root} has no test or validation records")
+
+
+def synthetic_records(paths, split: str) -> list[dict]:
+    """The QA records of one split of a generated synthetic set (``vjax.data.synthetic.SyntheticPaths``), with
+    absolute video paths and ``num_objects``: how many objects the clip shows (from the set's ground truth,
+    ``scenes_<split>.jsonl``), so that accuracy can be split into lone objects, where a question needs only
+    perception, and several, where the answer must be bound to the object the question names."""
+    from vjax.data import pipeline  # noqa: PLC0415
+
+    with open(paths.scenes[split], encoding="utf-8") as f:
+        counts = {f"videos/{split}/{sc['index']:06d}.mp4": len(sc["objects"])
+                  for sc in map(json.loads, filter(str.strip, f))}
+    with open(paths.annotations[split], encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    for rec in recs:
+        if rec.get("video") not in counts:
+            raise ValueError(f"record {rec.get('id')!r}: video {rec.get('video')!r} is not a clip of "
+                             f"{paths.scenes[split]}")
+        rec["num_objects"] = counts[rec["video"]]
+    return pipeline.resolve_records(recs, paths.root)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -116,11 +135,13 @@ def kind(record: dict) -> str:
 
 def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 0.5) -> dict[str, Any]:
     """Accuracy per task (``question_type``) and per kind (``multiple_choice``/``open``/``timestamp``),
-    ``all``; timestamp closeness; every prediction."""
+    ``all``; per task and object count of the clip where records carry ``num_objects`` (the synthetic set);
+    timestamp closeness; every prediction."""
     from vjax.data import formats  # noqa: PLC0415
 
     groups: dict[str, list[bool]] = collections.defaultdict(list)
     cross: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    by_objects: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     rows, errors, true_times = [], [], []
     for rec, pred in zip(records, predictions):
         ok = formats.score_answer(pred, rec)
@@ -136,10 +157,16 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all"):
             groups[g].append(ok)
         cross[row["question_type"]][row["kind"]].append(ok)
+        if rec.get("num_objects") is not None:
+            row["num_objects"] = int(rec["num_objects"])
+            by_objects[row["question_type"]][str(row["num_objects"])].append(ok)
     report: dict[str, Any] = {"accuracy": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
                                            for k, v in sorted(groups.items())},
                               "task_by_kind": {t: {k: {"accuracy": float(np.mean(v)), "n": len(v)}
                                                    for k, v in sorted(ks.items())} for t, ks in sorted(cross.items())}}
+    if by_objects:
+        report["task_by_objects"] = {t: {n: {"accuracy": float(np.mean(v)), "n": len(v)} for n, v in sorted(ns.items())}
+                                     for t, ns in sorted(by_objects.items())}
     if errors:
         close = [e is not None and e <= tolerance for e in errors]
         named = [e for e in errors if e is not None]
@@ -164,19 +191,17 @@ def _best_constant(times: Sequence[float | None], tolerance: float) -> dict[str,
 
 def table(report: dict) -> str:
     """The printed summary: accuracy per group, then per task split by kind (an open answer and a
-    multiple-choice letter can fail for different reasons), then timestamp closeness."""
+    multiple-choice letter can fail for different reasons), per task split by the clip's object count
+    where known, then timestamp closeness."""
     lines = [f"{'group':<28} {'accuracy':>8} {'n':>5}"]
     acc = report["accuracy"]
     for k in sorted(acc, key=lambda k: (k == "all", not k.startswith("task/"), k)):
         lines.append(f"{k:<28} {acc[k]['accuracy']:>8.3f} {acc[k]['n']:>5}")
     cross = report.get("task_by_kind", {})
-    kinds = sorted({k for ks in cross.values() for k in ks})
-    if len(kinds) > 1:
-        lines.append("")
-        lines.append(f"{'task (accuracy, n)':<20}" + "".join(f" {k:>17}" for k in kinds))
-        for t, ks in cross.items():
-            cells = [f"{ks[k]['accuracy']:.3f} ({ks[k]['n']:>3})" if k in ks else "-" for k in kinds]
-            lines.append(f"{t:<20}" + "".join(f" {c:>17}" for c in cells))
+    if len({k for ks in cross.values() for k in ks}) > 1:
+        lines += _task_grid("task (accuracy, n)", cross)
+    if report.get("task_by_objects"):
+        lines += _task_grid("objects in the clip", report["task_by_objects"], key=int)
     ts = report.get("timestamp")
     if ts:
         mae = "n/a" if ts["mean_abs_error_s"] is None else f"{ts['mean_abs_error_s']:.2f} s"
@@ -186,6 +211,16 @@ def table(report: dict) -> str:
             lines.append(f"  chance level: answering {ts['best_constant_s']:g} s to every one scores "
                          f"{ts['best_constant_within']:.3f}")
     return "\n".join(lines)
+
+
+def _task_grid(title: str, grid: dict[str, dict[str, dict]], key=str) -> list[str]:
+    """A blank line, then one row per task and one column per split (``{task: {split: {accuracy, n}}}``)."""
+    columns = sorted({c for cs in grid.values() for c in cs}, key=key)
+    lines = ["", f"{title:<20}" + "".join(f" {c:>17}" for c in columns)]
+    for t, cs in grid.items():
+        cells = [f"{cs[c]['accuracy']:.3f} ({cs[c]['n']:>3})" if c in cs else "-" for c in columns]
+        lines.append(f"{t:<20}" + "".join(f" {c:>17}" for c in cells))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- running

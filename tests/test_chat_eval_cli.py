@@ -19,7 +19,7 @@ import vjax
 from experiments import eval as eval_cmd
 from experiments import lib
 from experiments.configs import chat_univi as chat_univi_config
-from vjax.data.synthetic import train_tokenizer, write_mp4
+from vjax.data.synthetic import NUMBER_WORDS, SyntheticConfig, ensure_synthetic_dataset, train_tokenizer, write_mp4
 
 from tests.models.tiny import random_params
 
@@ -146,3 +146,37 @@ def test_scoring_per_task_kind_and_timestamp():
     assert "chance level: answering 2.5 s to every one scores 0.500" in [line.strip() for line in lines]
     colour = next(line for line in lines if line.startswith("colour "))
     assert colour.split() == ["colour", "1.000", "(", "1)", "1.000", "(", "1)", "-"]
+
+
+def test_scoring_per_object_count_of_the_clip():
+    recs = [{"id": i, "question_type": t, "answer": "red", "num_objects": n,
+             "conversations": [{"from": "human", "value": "Q"}]}
+            for i, (t, n) in enumerate([("colour", 1), ("colour", 1), ("colour", 3), ("shape", 2)])]
+    rep = eval_cmd.summarize(recs, ["red", "red", "blue", "red"])
+    assert rep["task_by_objects"] == {"colour": {"1": {"accuracy": 1.0, "n": 2}, "3": {"accuracy": 0.0, "n": 1}},
+                                      "shape": {"2": {"accuracy": 1.0, "n": 1}}}
+    assert [row["num_objects"] for row in rep["predictions"]] == [1, 1, 3, 2]
+    lines = eval_cmd.table(rep).splitlines()
+    header = next(line for line in lines if line.startswith("objects in the clip"))
+    assert header.split()[-3:] == ["1", "2", "3"]
+    colour = [line for line in lines if line.startswith("colour ")][-1]
+    assert colour.split() == ["colour", "1.000", "(", "2)", "-", "0.000", "(", "1)"]
+    # records without the field (real annotation files) get no such section
+    plain = eval_cmd.summarize([{k: v for k, v in r.items() if k != "num_objects"} for r in recs], ["red"] * 4)
+    assert "task_by_objects" not in plain and "objects in the clip" not in eval_cmd.table(plain)
+
+
+def test_synthetic_records_carry_the_object_count_of_their_clip(tmp_path):
+    cfg = SyntheticConfig(seed=3, num_train=0, num_val=1, num_test=6, long_every=0, questions_per_clip=20,
+                          show_progress=False)
+    paths = ensure_synthetic_dataset(tmp_path / "set", cfg)
+    recs = eval_cmd.synthetic_records(paths, "test")
+    assert recs and all(os.path.isabs(r["video"]) and os.path.exists(r["video"]) for r in recs)
+    counts = [r for r in recs if r["question_type"] == "count"]
+    assert len(counts) == 6  # every clip is asked its object count: the generator's answer must agree
+    for r in counts:
+        assert r["answer"] == NUMBER_WORDS[r["num_objects"]], r
+    assert {r["num_objects"] for r in recs} <= {1, 2, 3}
+    by_clip = {}
+    for r in recs:
+        assert by_clip.setdefault(r["video"], r["num_objects"]) == r["num_objects"]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -177,6 +178,10 @@ def test_synthetic_records_carry_the_object_count_of_their_clip(tmp_path):
     for r in counts:
         assert r["answer"] == NUMBER_WORDS[r["num_objects"]], r
     assert {r["num_objects"] for r in recs} <= {1, 2, 3}
-    by_clip = {}
-    for r in recs:
-        assert by_clip.setdefault(r["video"], r["num_objects"]) == r["num_objects"]
+    # a record whose clip is not in the ground truth is named, not given a count
+    rows = Path(paths.annotations["test"]).read_text().splitlines()
+    stray = json.loads(rows[0]) | {"video": "videos/test/999999.mp4"}
+    (tmp_path / "test.jsonl").write_text("\n".join([json.dumps(stray), *rows[1:]]) + "\n")
+    bad = dataclasses.replace(paths, annotations={**paths.annotations, "test": str(tmp_path / "test.jsonl")})
+    with pytest.raises(ValueError, match="999999.mp4"):
+        eval_cmd.synthetic_records(bad, "test")

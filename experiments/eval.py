@@ -160,13 +160,13 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         if rec.get("num_objects") is not None:
             row["num_objects"] = int(rec["num_objects"])
             by_objects[row["question_type"]][str(row["num_objects"])].append(ok)
-    report: dict[str, Any] = {"accuracy": {k: {"accuracy": float(np.mean(v)), "n": len(v)}
-                                           for k, v in sorted(groups.items())},
-                              "task_by_kind": {t: {k: {"accuracy": float(np.mean(v)), "n": len(v)}
-                                                   for k, v in sorted(ks.items())} for t, ks in sorted(cross.items())}}
+    def stats(outcomes: dict[str, list[bool]]) -> dict[str, dict[str, Any]]:
+        return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(outcomes.items())}
+
+    report: dict[str, Any] = {"accuracy": stats(groups),
+                              "task_by_kind": {t: stats(ks) for t, ks in sorted(cross.items())}}
     if by_objects:
-        report["task_by_objects"] = {t: {n: {"accuracy": float(np.mean(v)), "n": len(v)} for n, v in sorted(ns.items())}
-                                     for t, ns in sorted(by_objects.items())}
+        report["task_by_objects"] = {t: stats(ns) for t, ns in sorted(by_objects.items())}
     if errors:
         close = [e is not None and e <= tolerance for e in errors]
         named = [e for e in errors if e is not None]

@@ -25,7 +25,7 @@ def get_config(variant: str = "tiny"):
     c.data.image_size = 56
     c.model_overrides.num_temporal = c.data.get_ref("num_frames")
     if variant == "tiny":
-        c.total_steps = 2700  # 3000 steps took 1199 s here (2.6-3.0 steps/s): too close to the 20-minute budget
+        c.total_steps = 2700  # 3000 steps took 1199 s here (2.5-3.0 steps/s): too close to the 20-minute budget
         return c
     if variant == "7b":
         common.published(c, preset="video_chatgpt_7b", stage="finetune", lr=2e-5, warmup=280, steps=9400, batch=32,

@@ -102,8 +102,8 @@ class VLSize:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """Patch grid ``(t, h, w)`` of one clip (temporal patch 2, patch 14)."""
-        return (self.frames // 2, self.image_size // 14, self.image_size // 14)
+        """Patch grid ``(t, h, w)`` of one clip (temporal patch 2, an odd count padded; patch 14)."""
+        return (-(-self.frames // 2), self.image_size // 14, self.image_size // 14)
 
     @property
     def visual_tokens(self) -> int:

@@ -251,3 +251,18 @@ def test_chunked_layout_and_text_equals_1d_rope():
 def test_mrope_section_validation_names_both_values():
     with pytest.raises(ValueError, match=r"sum\(mrope_section\) = 64 .* head_dim // 2 = 40"):
         mrope.mrope_cos_sin(jnp.zeros((3, 1, 2), jnp.int32), 80, 1e6, (16, 24, 24))
+
+
+def test_jax_rope_index_bound_below_the_grid_count_raises():
+    """A bound smaller than the number of grids may be exceeded: never read the extra blocks as text."""
+    rows = [[5] + image((1, 2, 2)) + image((1, 2, 2)) + image((1, 2, 2)) + [6]]
+    ids, _ = left_pad(rows)
+    grids = jnp.asarray([[1, 2, 2]] * 3)
+    kw = dict(TOKENS, max_visual_blocks=2)
+    with pytest.raises(ValueError, match="sequence 0 holds 3 images \\+ videos, more than max_visual_blocks=2"):
+        mrope.get_rope_index_jax(jnp.asarray(ids), grids, None, None, **kw)
+    traced = jax.jit(lambda i: mrope.get_rope_index_jax(i, grids, None, None, **kw))
+    with pytest.raises(Exception, match="more than max_visual_blocks=2"):
+        jax.block_until_ready(traced(jnp.asarray(ids)))
+    ref = mrope.get_rope_index(ids, [[1, 2, 2]] * 3, None, **TOKENS)[0]
+    np.testing.assert_array_equal(np.asarray(mrope.get_rope_index_jax(jnp.asarray(ids), grids, None, None, **TOKENS)[0]), ref)

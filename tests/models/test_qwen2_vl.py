@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -130,3 +131,66 @@ def test_per_slice_attention_equals_block_masked_attention(tmp_path_factory):
     dense = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg).features
     sliced = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg, slice_size=16).features
     np.testing.assert_allclose(sliced, dense, atol=1e-5)
+
+
+def test_many_visual_blocks_match_transformers(tmp_path_factory):
+    """Five images and a video in one row: every block gets M-RoPE positions (no silent cap at 4)."""
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl_many")))
+    assert module.config.max_visual_blocks is None  # from_hf: sized from the grids of each call
+    rng = np.random.default_rng(3)
+    img_grid = np.array([[1, 4, 4], [1, 2, 4], [1, 4, 2], [1, 2, 2], [1, 4, 4]])
+    vid_grid = np.array([[2, 4, 4]])
+    row = [1, 20]
+    for g in img_grid:
+        row += [VS] + [IMG] * (int(np.prod(g)) // 4) + [VE, 21]
+    row += [VS] + [VID] * 8 + [VE, 30, 31]
+    ids = np.asarray([row], np.int64)
+    pix_img = rng.normal(size=(int(np.prod(img_grid, axis=1).sum()), 1176)).astype(np.float32)
+    pix_vid = rng.normal(size=(32, 1176)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf_model()(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix_img),
+                         image_grid_thw=torch.tensor(img_grid), pixel_values_videos=torch.tensor(pix_vid),
+                         video_grid_thw=torch.tensor(vid_grid),
+                         mm_token_type_ids=torch.tensor((ids == IMG) * 1 + (ids == VID) * 2)).logits.numpy()
+    out = module.apply({"params": params}, jnp.asarray(ids), pixel_values=jnp.asarray(pix_img),
+                       image_grid_thw=img_grid, pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=vid_grid)
+    err = float(np.abs(np.asarray(out.logits) - ref).max())
+    print(f"qwen2_vl, 5 images + 1 video: max |Δ logits| = {err:.2e}")
+    assert err <= TOL
+    capped = module.clone(config=module.config.replace(max_visual_blocks=4))
+    with pytest.raises(ValueError, match="holds 6 images \\+ videos, more than max_visual_blocks=4"):
+        capped.apply({"params": params}, jnp.asarray(ids), pixel_values=jnp.asarray(pix_img),
+                     image_grid_thw=img_grid, pixel_values_videos=jnp.asarray(pix_vid), video_grid_thw=vid_grid)
+
+
+def test_odd_frame_count_pads_the_last_frame_as_transformers(tmp_path_factory):
+    """5 frames: transformers' video processor repeats the last frame up to a multiple of the temporal patch
+    (grid t = ceil(5 / 2) = 3; 3 * 6 * 6 / 4 = 27 tokens at 84 x 84); the frames path must give the same
+    logits as transformers fed the 6-frame padded clip. (84 px keeps t <= h / 2, where transformers 5's
+    text positions after a video agree with the original rule; see vjax.layers.mrope.)"""
+    module, params = converted(str(tmp_path_factory.mktemp("qwen2vl_odd")))
+    module = module.clone(config=module.config.replace(num_frames=5, image_size=84))
+    assert module.config.video_grid == (3, 6, 6) and module.config.num_visual_tokens == 27
+    frames = np.random.default_rng(4).normal(size=(5, 84, 84, 3)).astype(np.float32)
+    padded = np.concatenate([frames, frames[-1:]])
+    ids = np.asarray([[1, VS] + [VID] * 27 + [VE, 40, 41]], np.int64)
+    with torch.no_grad():
+        ref = hf_model()(input_ids=torch.tensor(ids),
+                         pixel_values_videos=torch.tensor(np.asarray(qwen2_vl_patchify(jnp.asarray(padded)))),
+                         video_grid_thw=torch.tensor([[3, 6, 6]]),
+                         mm_token_type_ids=torch.tensor((ids == VID) * 2)).logits.numpy()
+    out = module.apply({"params": params}, jnp.asarray(ids), frames=jnp.asarray(frames)[None])
+    assert float(np.abs(np.asarray(out.logits) - ref).max()) <= TOL
+
+
+def test_patch_layout_matches_the_transformers_image_processor():
+    """transformers' PIL image processor (no resize/rescale/normalise) tiles an image over the temporal
+    patch; qwen2_vl_patchify of the image twice must give the same flattened patches, grid (1, 4, 6)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    img = np.random.default_rng(6).uniform(0, 255, size=(56, 84, 3)).astype(np.float32)
+    proc = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False, do_convert_rgb=False)
+    ref = proc(images=[img], return_tensors="np", input_data_format="channels_last")
+    assert ref["image_grid_thw"].tolist() == [[1, 4, 6]]
+    ours = np.asarray(qwen2_vl_patchify(jnp.asarray(np.stack([img, img]))))
+    np.testing.assert_array_equal(ours, ref["pixel_values"])

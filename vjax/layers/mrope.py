@@ -28,7 +28,9 @@ Position ids (``get_rope_index``) follow the ORIGINAL Qwen2-VL rule (transformer
   (including the padded 1s), or ``arange(L)`` and 0 without a mask.
 
 ``get_rope_index`` runs in NumPy for the data pipeline; ``get_rope_index_jax`` is the same rule with static
-shapes (at most ``max_visual_blocks`` visual blocks per sequence) for use under ``jax.jit``.
+shapes for use under ``jax.jit``: it scans one slot per grid row it is given (every block consumes one row, so
+that is always enough), or at most ``max_visual_blocks`` slots when a smaller bound is asked for, and then
+raises when a sequence holds more blocks than that bound (they would otherwise be read as text).
 """
 
 from __future__ import annotations
@@ -233,14 +235,19 @@ def get_rope_index_jax(
     video_token_id: int,
     vision_start_token_id: int,
     spatial_merge_size: int = 2,
-    max_visual_blocks: int = 8,
+    max_visual_blocks: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``get_rope_index`` with static shapes (jitted; also usable inside ``jax.jit``; int32).
 
     Same rule and outputs as the NumPy version. Grids may be padded with unused rows (only the first
-    ``#blocks`` rows are read), so one compiled function serves every batch of a bucket. Each sequence may
-    hold at most ``max_visual_blocks`` images + videos (more are silently treated as text: size it to the
-    bucket). Whether a grid argument is ``None`` is static (``None`` for both selects the text-only rule).
+    ``#blocks`` rows are read), so one compiled function serves every batch of a bucket. Whether a grid
+    argument is ``None`` is static (``None`` for both selects the text-only rule).
+
+    ``max_visual_blocks``: blocks (images + videos) scanned per sequence. ``None`` (default): the number of
+    grid rows given, which every valid input respects (each block consumes a row). A smaller bound makes
+    the scan shorter; a sequence holding more blocks than it raises ``ValueError`` naming the bound — at
+    once when ``input_ids`` is a concrete array, or when the compiled function runs (through a host
+    callback, as a ``JaxRuntimeError`` carrying the same message) when it is traced.
 
     Algorithm: compact the unmasked tokens to the front; a ``lax.scan`` over block slots finds each block's
     start, grid, first id ``s`` and the next text id; every token then reads its block (a count of block
@@ -255,6 +262,16 @@ def get_rope_index_jax(
     >>> pos[:, 0].tolist(), delta.tolist()
     ([[0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7], [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7], [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7]], [[-3]])
     """
+    rows = sum(int(np.shape(g)[0]) for g in (image_grid_thw, video_grid_thw) if g is not None)
+    bound = rows if max_visual_blocks is None else int(max_visual_blocks)
+    if bound < 0:
+        raise ValueError(f"max_visual_blocks must be >= 0, got {max_visual_blocks}")
+    check = bound < rows  # a bound below the grid count can be exceeded by a valid prompt
+    if check and not isinstance(input_ids, jax.core.Tracer):
+        mask = None if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        _raise_if_over(visual_blocks_per_sequence(np.asarray(input_ids), mask, image_token_id, video_token_id,
+                                                  vision_start_token_id), bound)
+        check = False
     return _get_rope_index_jax(
         input_ids,
         image_grid_thw,
@@ -264,11 +281,36 @@ def get_rope_index_jax(
         int(video_token_id),
         int(vision_start_token_id),
         int(spatial_merge_size),
-        int(max_visual_blocks),
+        max(bound, 1),
+        check,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def visual_blocks_per_sequence(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int,
+                               video_token_id: int, vision_start_token_id: int) -> np.ndarray:
+    """``[B]`` images + videos in each sequence (a ``vision_start`` directly followed, among the tokens kept by
+    the mask, by an image or video token).
+
+    >>> import numpy as np
+    >>> visual_blocks_per_sequence(np.array([[7, 50, 51, 51, 50, 52, 3]]), None, 51, 52, 50).tolist()
+    [2]
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    return np.array([_count_blocks(row[m], image_token_id, vision_start_token_id)
+                     + _count_blocks(row[m], video_token_id, vision_start_token_id) for row, m in zip(ids, mask)],
+                    np.int64)
+
+
+def _raise_if_over(blocks, bound: int) -> None:
+    blocks = np.asarray(blocks)
+    if blocks.size and int(blocks.max()) > bound:
+        row = int(np.argmax(blocks))
+        raise ValueError(f"sequence {row} holds {int(blocks[row])} images + videos, more than max_visual_blocks="
+                         f"{bound}; raise max_visual_blocks (or leave it None: sized from the grids)")
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _get_rope_index_jax(
     input_ids,
     image_grid_thw,
@@ -279,6 +321,7 @@ def _get_rope_index_jax(
     vision_start_token_id,
     spatial_merge_size,
     max_visual_blocks,
+    check_bound,
 ):
     input_ids = jnp.asarray(input_ids)
     b, length = input_ids.shape
@@ -314,6 +357,8 @@ def _get_rope_index_jax(
     n_vid = jnp.sum(is_start & (nxt == video_token_id), axis=1).astype(jnp.int32)
     img_off = jnp.cumsum(n_img) - n_img
     vid_off = jnp.cumsum(n_vid) - n_vid
+    if check_bound:  # traced ids with a bound below the grid count: checked when the function runs
+        jax.debug.callback(functools.partial(_raise_if_over, bound=max_visual_blocks), n_img + n_vid)
 
     def per_sequence(ids, n_img_b, n_vid_b, img_off_b, vid_off_b, n_valid_b):
         is_img = ids == image_token_id

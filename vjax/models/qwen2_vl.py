@@ -37,7 +37,7 @@ class Qwen2VLConfig:
     image_token_id: int = 10
     video_token_id: int = 11
     vision_start_token_id: int = 12
-    max_visual_blocks: int = 4
+    max_visual_blocks: int | None = None  # None: sized from each call's grids (see get_rope_index_jax)
     _nested_configs = {"vision": EncoderConfig, "llm": DecoderConfig}
 
     def __post_init__(self):
@@ -53,9 +53,10 @@ class Qwen2VLConfig:
 
     @property
     def video_grid(self) -> tuple[int, int, int]:
-        """Patch grid ``(t, h, w)`` of a ``num_frames x image_size^2`` clip."""
+        """Patch grid ``(t, h, w)`` of a ``num_frames x image_size^2`` clip: ``t = ceil(num_frames / 2)``, as
+        the reference pads an odd frame count by repeating the last frame (:func:`qwen2_vl_patchify`)."""
         p, tp = self.vision.patch_size, self.vision.temporal_patch_size
-        return (max(1, self.num_frames // tp), self.image_size // p, self.image_size // p)
+        return (max(1, -(-self.num_frames // tp)), self.image_size // p, self.image_size // p)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -72,7 +73,7 @@ class Qwen2VLConfig:
         """Qwen2-VL-7B(-Instruct)."""
         base = dict(vision=EncoderConfig.qwen2_vl_vision(out_dim=3584),
                     llm=DecoderConfig.qwen2_7b(mrope_section=(16, 24, 24)), num_frames=16, image_size=448,
-                    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, max_visual_blocks=8)
+                    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
         return cls(**{**base, **kw})
 
     @classmethod

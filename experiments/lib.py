@@ -144,7 +144,7 @@ def format_spec(name: str, m: Any, load_audio: bool, template_variant: str = "")
                           audio_frames=m.audio.image_width or m.audio.image_size)
     if name == "minigpt4_video":
         return FormatSpec(name, (("frame", m.placeholder_id, m.tokens_per_frame),), t, template_variant=variant,
-                          subtitles=True)
+                          subtitles=True, subtitle_words=800 if m.llm.arch == "mistral" else 400)
     if name == "cogvlm2_video":
         return FormatSpec(name, (("frame", m.placeholder_id, m.tokens_per_frame),), t, template_variant=variant)
     raise ConfigError("model", f"no data format for model {name!r}")

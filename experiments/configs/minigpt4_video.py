@@ -10,7 +10,10 @@ Variants:
            lr 1e-4 -> 8e-5 cosine, 50 x 1000 iterations, batch 4, 45 frames (spec_qformer_family §3.4).
   stage3   video instruction tuning on VideoInstruct-100K with subtitles; same parts, lr 1e-5.
   mistral  stage 3 with Mistral-7B-Instruct-v0.2, 90 frames.
-Real-data variants read ``~/data/minigpt4_video/<stage>/{train,val}.json``.
+Real-data variants read ``~/data/minigpt4_video/<stage>/{train,val}.json`` and render the release's training
+input (template variant ``train``: one BOS, ``[INST] ...[/INST]answer</s>``); the release's inference prompt
+(two BOS) is ``--config.data.template_variant=inference``. Subtitles follow the release's inference rules
+(each line once per video, at most 400 words with Llama-2 and 800 with Mistral; ``vjax.data.annotations``).
 """
 
 from experiments.configs import common
@@ -47,4 +50,5 @@ def get_config(variant: str = "tiny"):
     else:
         raise ValueError(f"unknown minigpt4_video variant {variant!r}; known: tiny, stage2, stage3, mistral")
     c.data.sampler_kwargs = {"num_samples": c.data.get_ref("num_frames"), "pad": True}
+    c.data.template_variant = "train"
     return c

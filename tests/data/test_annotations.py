@@ -164,3 +164,45 @@ def test_merged_conversation_supervises_every_answer():
     pieces = templates.render("video_chatgpt", question, answer, history=history,
                               context=templates.VisualContext(num_frames=4))
     assert sorted(v for kind, v in pieces if kind == "target") == ["circle</s>", "red</s>"]
+
+
+# MiniGPT4-video's subtitle rules, as its inference script applies them (minigpt4_video_inference.py,
+# match_frames_and_subtitles): every frame up to the last sampled one is decoded; each decoded frame's cue
+# (start <= t <= end, in ms) is buffered once per video with a trailing space; a sampled frame shows the
+# buffer while fewer than max_words words were shown; the count adds len(buffer.split(" ")).
+def test_minigpt4_video_subtitles_collect_between_sampled_frames_once_each():
+    cues = [A.Cue(0.0, 0.4, "one"), A.Cue(0.45, 0.55, "two"), A.Cue(0.9, 1.0, "three four"), A.Cue(1.2, 1.5, "one")]
+    # fps 10: sampled frames 0, 5, 10, 15 (0 s, 0.5 s, 1.0 s, 1.5 s); frames 1-4, 6-9, 11-14 decoded too
+    subs = A.minigpt4_video_subtitles(cues, [0, 5, 10, 15], fps=10.0)
+    # frame 5 (0.5 s) shows "two"; frame 9 (0.9 s) buffers "three four", frame 10 (1.0 s, the cue's end:
+    # inclusive) adds nothing new; "one" again at 1.2-1.5 s is not shown twice
+    assert subs == ["one ", "two ", "three four ", None]
+
+
+def test_minigpt4_video_subtitles_cue_shorter_than_the_sampling_interval_is_kept():
+    # a 0.1 s cue between two sampled frames 1 s apart: the release still shows it (it decodes every frame)
+    cues = [A.Cue(0.3, 0.4, "quick")]
+    assert A.minigpt4_video_subtitles(cues, [0, 30], fps=30.0) == [None, "quick "]
+    # the old rule (the cue covering the sampled time, end exclusive) shows nothing at 0 s and 1 s
+    assert A.cues_at(cues, 0.0) == [] and A.cues_at(cues, 1.0) == []
+
+
+def test_minigpt4_video_subtitles_word_cap_and_padding():
+    words = " ".join(["w"] * 9)  # 9 words + the trailing space: the count grows by 10 per shown line
+    cues = [A.Cue(float(i), i + 0.5, f"{words} {i}") for i in range(6)]
+    subs = A.minigpt4_video_subtitles(cues, [0, 25, 50, 75, 100, 100, 100], fps=25.0, max_words=30)
+    # shown at 0 (count 11), 1 s (22), 2 s (33: the line that crosses the cap is shown whole), then none;
+    # the repeated index 100 (a padded clip) decodes nothing new
+    assert [s is not None for s in subs] == [True, True, True, False, False, False, False]
+    assert subs[2] == f"{words} 2 "
+    unlimited = A.minigpt4_video_subtitles(cues, [0, 25, 50, 75, 100, 100, 100], fps=25.0, max_words=400)
+    assert unlimited[3:] == [f"{words} 3 ", f"{words} 4 ", None, None]
+
+
+def test_release_ms_truncates_like_the_release():
+    # int((h * 3600 + m * 60 + float("SS.mmm")) * 1000): 1.001 s is 1000.9999999999999 -> 1000
+    assert A.release_ms(1.001) == 1000 and A.release_ms(61.25) == 61250
+    cues = [A.Cue(1.001, 2.0, "edge")]
+    # the cue starts at 1000 ms as the release reads it, so the frame at exactly 1000 ms (fps 1000) is covered
+    assert A.minigpt4_video_subtitles(cues, [1000], fps=1000.0) == ["edge "]
+    assert A.minigpt4_video_subtitles(cues, [999], fps=1000.0) == [None]

@@ -3,6 +3,7 @@ prompt is exactly the training prefix, frames normalised and padded; answer scor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -119,3 +120,17 @@ def test_prepared_audio_gives_the_same_element_and_a_wrong_shape_is_named(data):
     with pytest.raises(ValueError, match=r"\(2, 36, 100\)"):
         fmt(rec, frames, feats[:, :, :100])
     assert VideoQAFormat(SPECS["chat_univi"], tok).prepare_audio(wav) is wav  # no audio branch: unchanged
+
+
+def test_subtitles_follow_the_decoded_frames_of_the_record(tmp_path, data):
+    """The pipeline's frame indices and fps decide which subtitle each sampled frame shows (the release's
+    rule: every decoded frame up to it counts); a Mistral-sized cap is passed on from the spec."""
+    tok, _ = data
+    srt = tmp_path / "s.srt"
+    srt.write_text("1\n00:00:00,300 --> 00:00:00,400\nquick\n\n2\n00:00:01,500 --> 00:00:02,000\nlater\n")
+    rec = {"subtitles": str(srt), "timestamps": np.array([0.0, 1.0, 2.0]), "frame_indices": np.array([0, 30, 60]),
+           "fps": 30.0}
+    ctx = VideoQAFormat(SPECS["minigpt4_video"], tok).context(rec, 3)
+    assert list(ctx.subtitles) == [None, "quick ", "later "]
+    capped = dataclasses.replace(SPECS["minigpt4_video"], subtitle_words=1)
+    assert list(VideoQAFormat(capped, tok).context(rec, 3).subtitles) == [None, "quick ", None]

@@ -89,3 +89,23 @@ def test_loss_mask_covers_only_the_answer(model, word_tokenizer):
     assert len(runs) == 2
     n_vis = {"frame": 8, "video": 5}
     assert (ids == 3).sum() == n_vis.get("frame" if model in ("minigpt4_video", "cogvlm2_video") else "video")
+
+
+def test_minigpt4_video_release_train_and_inference_inputs(word_tokenizer):
+    """The release's training input (mini_gpt4_llama_v2.py: one BOS embedding, "[INST] " + frames + "\\n" +
+    question + "[/INST]", the answer + "</s>" right after) and its inference prompt (conversation template
+    "<s>[INST] ... [/INST]" whose first segment also gets the tokenizer's BOS: two BOS ids)."""
+    ctx = VisualContext(num_frames=2, subtitles=["the circle is called Bob ", None])
+    frames = "<Img><ImageHere><Cap>the circle is called Bob <Img><ImageHere>"
+    train = render("minigpt4_video", Q, A, context=ctx, variant="train")
+    assert to_string(train, {"frame": "<ImageHere>"}) == f"[INST] {frames}\n{Q}[/INST]{A}</s>"
+    infer = render("minigpt4_video", Q, context=ctx, variant="inference")
+    assert to_string(infer, {"frame": "<ImageHere>"}, bos="<s>") == f"<s><s>[INST] {frames}\n{Q} [/INST]"
+    visual = {"frame": (3, 4)}
+    ids, _ = tokenize(infer, word_tokenizer, visual)
+    assert ids[:3].tolist() == [1, 1, word_tokenizer.convert_tokens_to_ids("[INST]")]
+    ids, mask = tokenize(train, word_tokenizer, visual)
+    assert ids[0] == 1 and ids[1] != 1
+    assert word_tokenizer.convert_ids_to_tokens(ids[mask == 1].tolist()) == ["red", "</s>"]
+    with pytest.raises(KeyError, match="no template variant 'chat'"):
+        render("minigpt4_video", Q, context=ctx, variant="chat")

@@ -356,6 +356,74 @@ def load_subtitles(path: str | os.PathLike) -> list[Cue]:
     return parse_vtt(text) if ext == ".vtt" else parse_srt(text)
 
 
+def release_ms(seconds: float) -> int:
+    """A cue time as MiniGPT4-video's inference script reads it: ``int((h * 3600 + m * 60 + s) * 1000)`` of
+    ``hh:mm:ss.mmm`` in float arithmetic, truncated (so ``00:00:01.001`` reads as 1000 ms).
+
+    >>> release_ms(1.001), release_ms(1.5), release_ms(3723.004)
+    (1000, 1500, 3723004)
+    """
+    total = int(round(seconds * 1000))
+    h, rest = divmod(total, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    return int((h * 3600 + m * 60 + rest / 1000) * 1000)
+
+
+def _release_cue_at(cues_ms: Sequence[tuple[int, int, str]], t_ms: float) -> str | None:
+    """The release's binary search for the cue of one frame: a cue covers ``start <= t <= end`` (both ends
+    inclusive); the search moves left when ``t < start`` and right otherwise."""
+    lo, hi = 0, len(cues_ms) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        start, end, text = cues_ms[mid]
+        if start <= t_ms <= end:
+            return text
+        if t_ms < start:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return None
+
+
+def minigpt4_video_subtitles(cues: Sequence[Cue], frame_indices: Sequence[int], fps: float,
+                             max_words: int = 400) -> list[str | None]:
+    """The subtitle text shown after each sampled frame, by the rules of MiniGPT4-video's inference script
+    (``minigpt4_video_inference.py``: ``match_frames_and_subtitles``).
+
+    The release decodes every frame from the first up to the last sampled one; for each decoded frame ``k``
+    (time ``k / fps * 1000`` ms) it looks up the cue covering it (:func:`release_ms` times, both ends
+    inclusive) and, if that text was not shown before in this video, appends ``text + " "`` to a buffer. At
+    each sampled frame the buffer is shown (and emptied) if it is not empty and fewer than ``max_words``
+    words were shown so far (400 for Llama-2, 800 for Mistral); the count then grows by
+    ``len(buffer.split(" "))`` (the trailing space counts one). Once the cap is reached no later frame gets
+    a subtitle. A repeated index (a clip padded with its last frame) decodes nothing new: its entry is None,
+    as the release's padded frames carry no subtitle.
+
+    Returns one entry per ``frame_indices`` entry: the text (with its trailing space) or None.
+
+    >>> cues = [Cue(0.0, 1.0, "Hi."), Cue(1.2, 2.0, "Bye now."), Cue(2.5, 3.0, "Hi.")]
+    >>> minigpt4_video_subtitles(cues, [0, 2, 4, 6], fps=2.0)   # frames at 0, 1, 2, 3 s; 0.5 s decoded too
+    ['Hi. ', None, 'Bye now. ', None]
+    """
+    cues_ms = [(release_ms(c.start), release_ms(c.end), c.text) for c in cues]
+    shown: set[str] = set()
+    buffer, words, next_frame, out = "", 0, 0, []
+    for idx in frame_indices:
+        for k in range(next_frame, int(idx) + 1):
+            text = _release_cue_at(cues_ms, k / fps * 1000) if cues_ms else None
+            if text and text not in shown:
+                buffer += text + " "
+                shown.add(text)
+        next_frame = max(next_frame, int(idx) + 1)
+        if buffer and words < max_words:
+            out.append(buffer)
+            words += len(buffer.split(" "))
+            buffer = ""
+        else:
+            out.append(None)
+    return out
+
+
 def cues_at(cues: Sequence[Cue], t: float) -> list[Cue]:
     """The cues covering time ``t`` seconds (start <= t < end), as MiniGPT4-video looks up the
     subtitle of each decoded frame."""

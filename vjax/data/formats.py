@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vjax.data import templates
-from vjax.data.annotations import cues_at, load_subtitles
+from vjax.data.annotations import load_subtitles, minigpt4_video_subtitles
 from vjax.layers.audio import imagebind_audio_features
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,7 +89,9 @@ class FormatSpec:
     count per clip; ``frame``: count per frame; ``audio``: count per clip). ``num_frames``: the static
     frame count T. ``audio_clips`` > 0 adds ImageBind fbank clips of ``audio_mel_bins`` x
     ``audio_frames``. ``qformer_text_len`` > 0 adds the Q-Former instruction ids. ``subtitles``: pass
-    each sampled frame's subtitle to the template (MiniGPT4-video).
+    each sampled frame's subtitle to the template, chosen by MiniGPT4-video's rules
+    (:func:`vjax.data.annotations.minigpt4_video_subtitles`) with at most ``subtitle_words`` words shown
+    (the release: 400 with Llama-2, 800 with Mistral).
     """
 
     template: str
@@ -104,6 +106,7 @@ class FormatSpec:
     audio_sample_rate: int = 16_000
     qformer_text_len: int = 0
     subtitles: bool = False
+    subtitle_words: int = 400
     stop_strings: tuple[str, ...] = ("</s>",)
 
     def visual_counts(self, frames: int | None = None) -> dict[str, int]:
@@ -169,7 +172,11 @@ class VideoQAFormat:
                 cues = load_subtitles(record["subtitles"])
             except (OSError, ValueError):
                 cues = []
-            subs = [" ".join(c.text for c in cues_at(cues, s)) or None for s in times]
+            indices, fps = record.get("frame_indices"), record.get("fps")
+            if indices is None or not fps:  # only the sampled times known: millisecond "frames" between them
+                indices, fps = [int(round(x * 1000)) for x in times], 1000.0
+            subs = minigpt4_video_subtitles(cues, [int(i) for i in np.asarray(indices)[:t]], float(fps),
+                                            self.spec.subtitle_words)
         return templates.VisualContext(num_frames=t, frame_times=times, subtitles=subs,
                                        has_audio=self.spec.audio_clips > 0)
 

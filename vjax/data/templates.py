@@ -104,6 +104,22 @@ def _chat_univi(history, question, answer, ctx, variant) -> list[Piece]:
 
 
 def _minigpt4_video(history, question, answer, ctx, variant) -> list[Piece]:
+    """``[INST] <Img><ImageHere><Cap>subtitle <Img><ImageHere>...\n{question} [/INST]``; variants:
+
+    * ``llama2`` (default): one BOS, ``" [/INST]"``, the answer after a space — the same text in training and
+      generation (vjax's runs);
+    * ``train``: the release's training input (``mini_gpt4_llama_v2.py``): one BOS, ``"[INST] "`` +
+      frames + ``"\n"`` + question + ``"[/INST]"`` with the answer and ``</s>`` right after it;
+    * ``inference``: the release's inference prompt (``minigpt4_video_inference.py``): the template's
+      literal ``<s>`` plus the BOS the tokenizer adds to the first text segment (``get_context_emb``) —
+      two BOS tokens — then ``"[INST] "`` ... ``" [/INST]"``. (The release's evaluation script differs
+      once more: two spaces after ``[INST]``.)
+
+    Frames repeated to pad a short clip get a bare ``<Img><ImageHere>`` (the training and evaluation datasets
+    of the release do this; their subtitle entry is None, see ``minigpt4_video_subtitles``).
+    """
+    if variant not in ("llama2", "train", "inference"):
+        raise KeyError(f"minigpt4_video has no template variant {variant!r}; known: llama2, train, inference")
     subs = list(ctx.subtitles or [None] * ctx.num_frames)
     inter: list[Piece] = []
     for i in range(ctx.num_frames):
@@ -114,13 +130,16 @@ def _minigpt4_video(history, question, answer, ctx, variant) -> list[Piece]:
               history[0][1] if history else answer)]
     if history:
         turns += [([("text", q)], a) for q, a in history[1:]] + [([("text", question)], answer)]
-    out: list[Piece] = []
+    out: list[Piece] = [("bos", ""), ("bos", "")] if variant == "inference" else []
+    close, gap = ("[/INST]", "") if variant == "train" else (" [/INST]", " ")
     for user, ans in turns:
         out.append(("text", "[INST] "))
         out.extend(user)
-        out.append(("text", " [/INST]"))
+        out.append(("text", close))
         if ans is not None:
-            out += [("text", " "), ("target", f"{ans}</s>")]
+            if gap:
+                out.append(("text", gap))
+            out.append(("target", f"{ans}</s>"))
     return out
 
 

@@ -36,10 +36,22 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to ``learning_rate``, then cosine decay to ``min_lr_ratio`` of it."""
-    warm = max(0, min(cfg.warmup_steps, cfg.total_steps - 1))
+    """Learning rate of optimizer update ``u``: linear warmup from 0 to ``learning_rate``, then cosine decay to
+    ``min_lr_ratio`` of it.
+
+    ``total_steps`` and ``warmup_steps`` count training steps (batches); with ``grad_accum = k`` every k steps
+    make one update, so the schedule runs over ``U = max(1, total_steps // k)`` updates with
+    ``ceil(warmup_steps / k)`` of warmup (``optax.MultiSteps`` advances the inner schedule once per update).
+
+    >>> sched = schedule(OptimConfig(learning_rate=1.0, warmup_steps=0, total_steps=8, grad_accum=4))
+    >>> [round(float(sched(u)), 4) for u in (0, 1)]   # two updates: the whole cosine, not its first quarter
+    [1.0, 0.55]
+    """
+    k = max(1, cfg.grad_accum)
+    updates = max(1, cfg.total_steps // k)
+    warm = max(0, min(-(-cfg.warmup_steps // k), updates - 1))
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, warm, max(cfg.total_steps, warm + 1), cfg.learning_rate * cfg.min_lr_ratio)
+        0.0, cfg.learning_rate, warm, max(updates, warm + 1), cfg.learning_rate * cfg.min_lr_ratio)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

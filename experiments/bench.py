@@ -964,7 +964,7 @@ def suite_data(ctx: Context) -> dict:
     s = ctx.size
     c, plan, fmt, records, gen_s = _data_setup(ctx)
     mcfg = plan["model_config"]
-    visual = plan["spec"].tokens_per_clip()
+    visual = plan["spec"].tokens_per_clip(plan["spec"].num_frames)  # a full clip (every synthetic clip)
     batch_size = c.data.batch_size
     # one bucket (the smallest of experiments.train's that holds every record): one static step shape
     longest = lib.check_lengths(c, fmt, records)

@@ -129,7 +129,10 @@ def format_spec(name: str, m: Any, load_audio: bool, template_variant: str = "")
     variant = template_variant or None
     if name in ("video_chatgpt", "chat_univi", "ma_lmm"):
         variant = variant or ("train" if name == "video_chatgpt" else None)
-        return FormatSpec(name, (("video", m.placeholder_id, m.num_visual_tokens),), t, template_variant=variant,
+        count = m.num_visual_tokens
+        if hasattr(m, "visual_tokens_for"):  # the token count depends on the clip's real frames
+            count = tuple(m.visual_tokens_for(k) for k in range(t + 1))
+        return FormatSpec(name, (("video", m.placeholder_id, count),), t, template_variant=variant,
                           qformer_text_len=m.qformer_text_len if name == "ma_lmm" else 0)
     if name == "qwen2_vl":
         return FormatSpec(name, (("video", m.video_token_id, m.num_visual_tokens),), t, template_variant=variant,

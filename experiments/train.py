@@ -190,12 +190,14 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
 
     # --- pipeline
     nproc = jax.process_count()
-    visual = spec.tokens_per_clip()
+    # buckets: text + a full clip's visual tokens, and one more for the longest clip (Chat-UniVi: 1-2 frames)
+    visual, most = spec.tokens_per_clip(spec.num_frames), spec.tokens_per_clip()
+    lengths = tuple(sorted({b + visual for b in c.data.text_buckets} | {max(c.data.text_buckets) + most}))
     pcfg = pipeline.PipelineConfig(
         batch_size=c.data.batch_size // nproc, seed=c.seed, shuffle=True, num_epochs=None,
         worker_count=c.data.worker_count, shard_index=jax.process_index(), shard_count=nproc,
         frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
-        cache_mb=c.data.cache_mb, buckets={k: tuple(b + visual for b in c.data.text_buckets) for k in lib.TEXT_KEYS})
+        cache_mb=c.data.cache_mb, buckets={k: lengths for k in lib.TEXT_KEYS})
     data = iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"]))
 
     cfg_json = lib.config_json(c, name, mcfg)

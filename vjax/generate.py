@@ -87,6 +87,8 @@ def _prefill(module: nn.Module, params, input_ids, attention_mask, prefill_input
         [attention_mask.astype(jnp.int32), jnp.ones((b, total_len - l), jnp.int32)], axis=1)
     out = module.apply({"params": params}, input_ids=input_ids, attention_mask=full_mask, cache=cache,
                        cache_index=0, **prefill_inputs, **dict(static_inputs))
+    if getattr(out, "attention_mask", None) is not None:  # the model hid visual slots: keep them hidden
+        full_mask = out.attention_mask.astype(jnp.int32)
     return out.logits[:, -1], out.cache, out.next_position, full_mask
 
 
@@ -192,9 +194,9 @@ class ContextOverflow(ValueError):
 
 
 @functools.partial(jax.jit, static_argnames=("module",), donate_argnums=(2,))
-def _extend(module: nn.Module, params, cache, input_ids, position_ids, cache_index, last):
-    """Write ``input_ids [1, n]`` (right-padded to a bucket) at ``cache_index``; logits of token ``last``."""
-    mask = jnp.ones((1, cache[0]["k"].shape[1]), jnp.int32)  # causality hides the slots not written yet
+def _extend(module: nn.Module, params, cache, mask, input_ids, position_ids, cache_index, last):
+    """Write ``input_ids [1, n]`` (right-padded to a bucket) at ``cache_index``; logits of token ``last``.
+    ``mask [1, S]``: the prefill's key mask (1 after the prompt; causality hides the slots not written yet)."""
     out = module.apply({"params": params}, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                        cache=cache, cache_index=cache_index)
     return jax.lax.dynamic_index_in_dim(out.logits, last, axis=1, keepdims=False), out.cache
@@ -225,6 +227,7 @@ class ChatSession:
         self.max_length, self.bucket = int(max_length), int(bucket)
         self.visual_ids = frozenset(int(i) for i in visual_ids)
         self.cache = None
+        self.mask = None  # key mask of the cache's slots: 0 where the prefill hid a visual slot
         self.ids: list[int] = []  # the token in every written slot
         self.offset = 0  # position id of slot j (after the visual tokens) is j + offset
         self.floor = 0  # slots before this cannot be rewound to
@@ -240,10 +243,10 @@ class ChatSession:
         inputs = dict(prefill_inputs or {})
         static = tuple(sorted((k, v) for k, v in inputs.items() if isinstance(v, (tuple, int, float, str))))
         arrays = {k: v for k, v in inputs.items() if k not in dict(static)}
-        logits, cache, next_pos, _ = _prefill(self.module, self.params, jnp.asarray([list(ids)], jnp.int32),
-                                              jnp.ones((1, l), jnp.int32), arrays, self.max_length + self.bucket,
-                                              static)
-        self.cache, self.ids = cache, list(ids)
+        logits, cache, next_pos, mask = _prefill(self.module, self.params, jnp.asarray([list(ids)], jnp.int32),
+                                                 jnp.ones((1, l), jnp.int32), arrays, self.max_length + self.bucket,
+                                                 static)
+        self.cache, self.mask, self.ids = cache, mask, list(ids)
         self.offset = int(next_pos[0]) - l
         vis = [i for i, t in enumerate(ids) if t in self.visual_ids]
         self.floor = (vis[-1] + 1) if vis else 0
@@ -256,7 +259,7 @@ class ChatSession:
         start = len(self.ids)
         ids = jnp.asarray([list(tokens) + [0] * (size - n)], jnp.int32)
         pos = jnp.arange(start, start + size, dtype=jnp.int32)[None] + self.offset
-        logits, self.cache = _extend(self.module, self.params, self.cache, ids, pos, jnp.int32(start),
+        logits, self.cache = _extend(self.module, self.params, self.cache, self.mask, ids, pos, jnp.int32(start),
                                      jnp.int32(n - 1))
         self.ids.extend(int(t) for t in tokens)
         return logits

@@ -168,7 +168,8 @@ def test_chat_univi_tower_in_model_dir_replaced_by_later_clip_dir(tmp_path):
 
     x = torch.randn(3, 3, 56, 56, generator=g)  # 3 frames: the video path (one event)
     f = clip_features(clip, x)  # the later CLIP dir's tower
-    merged = module.apply({"params": params}, jnp.asarray(f.numpy())[None], None, method=ChatUniVi.merge)[0]
+    merged, real = module.apply({"params": params}, jnp.asarray(f.numpy())[None], None, method=ChatUniVi.merge)
+    merged = merged[0][real[0]]  # a 3-frame clip: one event of 14 tokens (slots for two 14-token images)
     tokens = torch.from_numpy(np.asarray(merged)) @ w.T + b
     pid = module.config.placeholder_id
     ids = torch.tensor([1] + [pid] * tokens.shape[0] + [20, 21, 22])

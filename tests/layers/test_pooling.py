@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vjax.layers.pooling import concat_adjacent_tokens, video_chatgpt_pool
+from vjax.layers.pooling import concat_adjacent_tokens, video_chatgpt_pool, video_chatgpt_token_mask
 
 
 def np_video_chatgpt(frames: np.ndarray, num_temporal: int = 100) -> np.ndarray:
-    """spec_vit_family.md §2.3 for ONE video of T real frames ``[T, N, C]`` (loops, float64)."""
+    """spec_vit_family.md §2.3 for ONE video of T real frames ``[T, N, C]`` (loops, float64); the release
+    (``get_spatio_temporal_features_torch``) pads the temporal tokens only when T < 100."""
     t_, n_, c_ = frames.shape
-    temporal = np.zeros((num_temporal, c_))
+    temporal = np.zeros((max(num_temporal, t_), c_))
     for i in range(t_):
         temporal[i] = sum(frames[i, n] for n in range(n_)) / n_
     spatial = np.zeros((n_, c_))
@@ -67,11 +68,31 @@ def test_padded_frames_change_nothing(seed):
         np.testing.assert_allclose(np.asarray(out[b]), np_video_chatgpt(real.astype(np.float64), 12), atol=1e-5)
 
 
-def test_pool_keeps_dtype_and_rejects_too_many_frames():
+def test_pool_keeps_dtype():
     out = video_chatgpt_pool(jnp.ones((1, 3, 4, 2), jnp.bfloat16), num_temporal=None)
     assert out.dtype == jnp.bfloat16 and out.shape == (1, 7, 2)
-    with pytest.raises(ValueError, match="num_temporal"):
-        video_chatgpt_pool(jnp.ones((1, 101, 4, 2)))
+
+
+def test_more_frames_than_num_temporal_pool_every_frame_as_the_release():
+    """101 frames: the release keeps 101 temporal tokens (it only pads below 100). In a batch, a clip with
+    fewer real frames gets its own max(num_temporal, T_b) + N tokens first; the mask marks them."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, 101, 6, 3)).astype(np.float32)
+    out = video_chatgpt_pool(jnp.asarray(x))
+    assert out.shape == (1, 107, 3)
+    np.testing.assert_allclose(np.asarray(out[0]), np_video_chatgpt(x[0].astype(np.float64)), atol=1e-5)
+    x = rng.normal(size=(3, 7, 4, 2)).astype(np.float32)
+    mask = np.zeros((3, 7), bool)
+    mask[0], mask[1, :6], mask[2, [1, 4]] = True, True, True  # 7, 6 and 2 real frames, num_temporal 5
+    out = np.asarray(video_chatgpt_pool(jnp.asarray(x), jnp.asarray(mask), num_temporal=5))
+    token_mask = np.asarray(video_chatgpt_token_mask(jnp.asarray(mask), 5, 4))
+    assert out.shape == (3, 7 + 4, 2) and token_mask.sum(axis=1).tolist() == [11, 10, 9]
+    for b in range(3):
+        ref = np_video_chatgpt(x[b][mask[b]].astype(np.float64), 5)  # [max(5, T_b) + 4, 2]
+        n = len(ref)
+        assert token_mask[b, :n].all() and not token_mask[b, n:].any()
+        np.testing.assert_allclose(out[b, :n], ref, atol=1e-5)
+        assert not np.any(out[b, n:])
 
 
 def test_minigpt4_concat_matches_numpy_and_is_1x4_horizontal():

@@ -328,3 +328,39 @@ def test_event_count_uses_exact_ceil():
     mask = np.arange(30)[None] < 20
     _, n_events = tm.temporal_events(jnp.asarray(x), 0.1, 5, frame_mask=jnp.asarray(mask))
     assert n_events.tolist() == [tm.cluster_count(20, 0.1)] == [2]
+
+
+@pytest.mark.parametrize("n_real", [20, 30])
+def test_token_distances_choose_the_formula_by_the_real_count(n_real):
+    """torch.cdist sees only the real tokens: 20 real of 40 slots -> the direct formula (exact zero
+    diagonal, as torch gives for 20 rows); 30 real -> the matrix formula, as torch for 30 rows."""
+    rng = np.random.default_rng(n_real)
+    c, slots = 6, 40
+    real = rng.normal(size=(n_real, c)).astype(np.float32) * 3
+    where = np.sort(rng.choice(slots, size=n_real, replace=False))
+    x = (rng.normal(size=(1, slots, c)) * 9).astype(np.float32)
+    x[0, where] = real
+    mask = np.zeros((1, slots), bool)
+    mask[0, where] = True
+    ref = (torch.cdist(torch.tensor(real), torch.tensor(real)) / math.sqrt(c)).numpy()
+    out = np.asarray(tm.token_distances(jnp.asarray(x), jnp.asarray(mask)))[0][np.ix_(where, where)]
+    off = ~np.eye(n_real, dtype=bool)
+    if n_real <= 25:  # direct formula on both sides: exact zero diagonal, float32 rounding elsewhere
+        assert np.all(np.diagonal(out) == 0) and np.all(np.diagonal(ref) == 0)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    else:  # matrix formula on both sides: rounding noise on the diagonal (sqrt of it), as in torch
+        assert not np.all(np.diagonal(out) == 0) and np.abs(np.diagonal(out) - np.diagonal(ref)).max() <= 1e-2
+        np.testing.assert_allclose(out[off], ref[off], atol=1e-5)
+
+
+def test_video_merge_reuses_given_frame_levels():
+    x, mask, _, _ = _video_case(2)
+    kw = dict(frame_mask=jnp.asarray(mask), spatial_ratios=(6, 4, 2), spatial_ks=(5, 3, 3), temporal_ratio=1 / 4)
+    b, t, n, ch = x.shape
+    _, levels = tm.spatial_merge(jnp.asarray(x).reshape(b * t, n, ch), (6, 4, 2), (5, 3, 3))
+    a = tm.video_merge(jnp.asarray(x), **kw)
+    given = tm.video_merge(jnp.asarray(x), frame_levels=levels, **kw)
+    for u, v in zip(a, given):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    with pytest.raises(ValueError, match="frame_levels have shapes"):
+        tm.video_merge(jnp.asarray(x), frame_levels=levels[:2], **kw)

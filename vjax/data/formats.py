@@ -86,8 +86,10 @@ class FormatSpec:
     """What a model needs from a record.
 
     ``visual``: ``(piece, placeholder_id, count)`` per visual piece of the template (``video``:
-    count per clip; ``frame``: count per frame; ``audio``: count per clip). ``num_frames``: the static
-    frame count T. ``audio_clips`` > 0 adds ImageBind fbank clips of ``audio_mel_bins`` x
+    count per clip; ``frame``: count per frame; ``audio``: count per clip). A ``video`` count may be a
+    tuple indexed by the clip's real frame count ``t = 0..T`` where a model's token count depends on it
+    (Chat-UniVi: 1-2 frames are images, longer clips have ``ceil(t / 16)`` events). ``num_frames``: the
+    static frame count T. ``audio_clips`` > 0 adds ImageBind fbank clips of ``audio_mel_bins`` x
     ``audio_frames``. ``qformer_text_len`` > 0 adds the Q-Former instruction ids. ``subtitles``: pass
     each sampled frame's subtitle to the template, chosen by MiniGPT4-video's rules
     (:func:`vjax.data.annotations.minigpt4_video_subtitles`) with at most ``subtitle_words`` words shown
@@ -95,7 +97,7 @@ class FormatSpec:
     """
 
     template: str
-    visual: tuple[tuple[str, int, int], ...]
+    visual: tuple[tuple[str, int, int | tuple[int, ...]], ...]
     num_frames: int
     template_variant: str | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -109,12 +111,28 @@ class FormatSpec:
     subtitle_words: int = 400
     stop_strings: tuple[str, ...] = ("</s>",)
 
+    def __post_init__(self):
+        for name, _, count in self.visual:
+            if isinstance(count, tuple) and len(count) != self.num_frames + 1:
+                raise ValueError(f"visual piece {name!r}: a count per real frame count needs num_frames + 1 = "
+                                 f"{self.num_frames + 1} entries, got {len(count)}")
+
     def visual_counts(self, frames: int | None = None) -> dict[str, int]:
-        """Placeholder tokens per visual piece kind for a clip of ``frames`` real frames."""
+        """Placeholder tokens per visual piece kind for a clip of ``frames`` real frames (default T)."""
         t = self.num_frames if frames is None else frames
-        return {name: count * (t if name == "frame" else 1) for name, _, count in self.visual}
+        return {name: self._count(count, t) * (t if name == "frame" else 1) for name, _, count in self.visual}
+
+    def piece_counts(self, frames: int) -> dict[str, int]:
+        """Placeholder tokens per occurrence of each visual piece (``frame`` pieces occur once per frame)."""
+        return {name: self._count(count, frames) for name, _, count in self.visual}
+
+    def _count(self, count: int | tuple[int, ...], frames: int) -> int:
+        return int(count[min(max(frames, 0), self.num_frames)]) if isinstance(count, tuple) else int(count)
 
     def tokens_per_clip(self, frames: int | None = None) -> int:
+        """Visual tokens of a clip of ``frames`` real frames; ``None``: the most any clip takes."""
+        if frames is None:
+            return max(sum(self.visual_counts(t).values()) for t in range(1, self.num_frames + 1))
         return sum(self.visual_counts(frames).values())
 
 
@@ -189,7 +207,7 @@ class VideoQAFormat:
         if self.prompt_only:  # everything before the last answer: the text that precedes it (" ") included,
             last = max(i for i, (kind, _) in enumerate(pieces) if kind == "target")  # exactly as in training
             pieces = pieces[:last]
-        counts = self.spec.visual_counts(1)  # per piece occurrence: "frame" pieces repeat per frame
+        counts = self.spec.piece_counts(t)  # per piece occurrence: "frame" pieces repeat per frame
         visual = {name: (pid, counts[name]) for name, pid, _ in self.spec.visual}
         return templates.tokenize(pieces, self.tokenizer, visual)
 

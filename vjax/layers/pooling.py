@@ -8,6 +8,8 @@
       s_n = mean_i F[i, n]     n = 0 .. N-1 (mean over the real frames only)
       V   = [t_0 .. t_{99} ; s_0 .. s_{N-1}]                           -> [100 + N, C] (356 for CLIP-L/14)
 
+  The release pads only up to 100: given more frames it keeps one temporal token per frame (T + N tokens).
+
 * MiniGPT4-video adjacent-token concatenation (Ataallah et al. 2024, arXiv 2404.03413; Vision-CAIR/MiniGPT4-video
   ``mini_gpt4_llama_v2.py``, ``token_pooling``): the 256 patch tokens of a frame (CLS dropped), in raster
   order, are viewed as 64 groups of 4 consecutive tokens and each group is concatenated channel-wise:
@@ -23,32 +25,37 @@ import jax.numpy as jnp
 def video_chatgpt_pool(
     features: jax.Array, frame_mask: jax.Array | None = None, num_temporal: int | None = 100
 ) -> jax.Array:
-    """Video-ChatGPT spatio-temporal pooling: ``[temporal tokens ; spatial tokens]``.
+    """Video-ChatGPT spatio-temporal pooling: ``[temporal tokens ; spatial tokens]`` per clip.
 
     Temporal token i is the mean over the N patches of the i-th real frame; the real frames' tokens
-    come first (in frame order) and the remaining ``num_temporal - T_real`` slots are zero, as the
-    official code zero-pads to 100. Spatial token n is the mean of patch n over the real frames.
-    Padded frames (``frame_mask`` False, anywhere in the clip) change no output. Means accumulate in
-    float32; the output has the input dtype.
+    come first (in frame order), zero tokens pad them to ``num_temporal`` (the official code zero-pads to
+    100; a clip of more real frames keeps one token per frame, as the release). Spatial token n is the mean
+    of patch n over the real frames. A clip of ``T_b`` real frames thus has ``M_b = max(num_temporal, T_b)``
+    temporal then N spatial tokens; the output has ``max(num_temporal, T) + N`` slots, and a clip shorter
+    than the longest fills the slots after its own ``M_b + N`` tokens with zeros
+    (:func:`video_chatgpt_token_mask` marks them). Padded frames (``frame_mask`` False, anywhere in the clip)
+    change no output. Means accumulate in float32; the output has the input dtype.
 
     Args:
       features: ``[B, T, N, C]`` per-frame patch features (CLIP layer -2, CLS dropped).
       frame_mask: ``[B, T]`` bool, True for real frames (default: all real). A sample with no real
         frame gets zero tokens.
-      num_temporal: number of temporal tokens (Video-ChatGPT: 100); ``None`` uses T. Must be ``>= T``.
+      num_temporal: temporal tokens of a clip of at most that many frames (Video-ChatGPT: 100); ``None``
+        uses T.
 
     Returns:
-      ``[B, num_temporal + N, C]``.
+      ``[B, max(num_temporal, T) + N, C]``.
 
     >>> import jax.numpy as jnp
     >>> f = jnp.arange(2 * 3 * 1, dtype=jnp.float32).reshape(1, 2, 3, 1)   # T=2 frames, N=3 patches
     >>> video_chatgpt_pool(f, num_temporal=4)[0, :, 0].tolist()
     [1.0, 4.0, 0.0, 0.0, 1.5, 2.5, 3.5]
+    >>> video_chatgpt_pool(f, num_temporal=1)[0, :, 0].tolist()          # more frames than num_temporal
+    [1.0, 4.0, 1.5, 2.5, 3.5]
     """
     b, t, n, c = features.shape
-    num_temporal = t if num_temporal is None else num_temporal
-    if num_temporal < t:
-        raise ValueError(f"num_temporal={num_temporal} is smaller than the number of frames T={t}")
+    num_temporal = t if num_temporal is None else int(num_temporal)
+    slots = max(num_temporal, t)
     if frame_mask is None:
         frame_mask = jnp.ones((b, t), bool)
     frame_mask = jnp.asarray(frame_mask, bool)
@@ -58,11 +65,32 @@ def video_chatgpt_pool(
     # Move real frames to the front (stable: frame order kept); padded ones become zero slots at the end.
     order = jnp.argsort(~frame_mask, axis=1, stable=True)  # [B, T]
     temporal = jnp.take_along_axis(temporal, order[..., None], axis=1)  # [B, T, C]
-    temporal = jnp.pad(temporal, ((0, 0), (0, num_temporal - t), (0, 0)))  # [B, num_temporal, C]
+    temporal = jnp.pad(temporal, ((0, 0), (0, slots - t), (0, 0)))  # [B, slots, C]
     n_real = jnp.sum(w, axis=1)  # [B]
     spatial = jnp.einsum("btnc,bt->bnc", x, w, precision=jax.lax.Precision.HIGHEST)  # [B, N, C]
     spatial = spatial / jnp.maximum(n_real, 1.0)[:, None, None]
-    return jnp.concatenate([temporal, spatial], axis=1).astype(features.dtype)  # [B, num_temporal + N, C]
+    # Each clip's spatial tokens follow its own M_b = max(num_temporal, T_b) temporal tokens.
+    m = jnp.maximum(num_temporal, jnp.sum(frame_mask, axis=1))[:, None]  # [B, 1]
+    pos = jnp.arange(slots + n)[None, :]  # [1, S]
+    t_idx = jnp.broadcast_to(jnp.minimum(pos, slots - 1), (b, slots + n))
+    from_temporal = jnp.take_along_axis(temporal, t_idx[..., None], axis=1)
+    from_spatial = jnp.take_along_axis(spatial, jnp.clip(pos - m, 0, n - 1)[..., None], axis=1)
+    out = jnp.where((pos < m)[..., None], from_temporal, jnp.where((pos < m + n)[..., None], from_spatial, 0.0))
+    return out.astype(features.dtype)  # [B, max(num_temporal, T) + N, C]
+
+
+def video_chatgpt_token_mask(frame_mask: jax.Array, num_temporal: int, num_patches: int) -> jax.Array:
+    """``bool [B, max(num_temporal, T) + N]``: the slots of :func:`video_chatgpt_pool` that hold a clip's
+    tokens (its first ``max(num_temporal, T_b) + N``).
+
+    >>> import jax.numpy as jnp
+    >>> video_chatgpt_token_mask(jnp.array([[True, True, True], [True, False, False]]), 2, 1).astype(int).tolist()
+    [[1, 1, 1, 1], [1, 1, 1, 0]]
+    """
+    frame_mask = jnp.asarray(frame_mask, bool)
+    slots = max(int(num_temporal), frame_mask.shape[1]) + num_patches
+    m = jnp.maximum(num_temporal, jnp.sum(frame_mask, axis=1))[:, None]
+    return jnp.arange(slots)[None, :] < m + num_patches
 
 
 def concat_adjacent_tokens(tokens: jax.Array, group: int = 4) -> jax.Array:

@@ -20,10 +20,13 @@ contiguous in time); per event the frames' level-l tokens are concatenated and r
 
 JAX notes. Everything has static shapes: a ``mask`` marks real tokens (padded tokens are never neighbours,
 denser tokens or centers, the fallback distance is the maximum over real pairs only, and they get no merge
-weight), which reproduces the unpadded result. The density noise is an explicit ``density_noise [B, N]``
-input; without it ties in density are broken deterministically (the lower token index counts as denser),
-with it the comparison is the official strict ``rho_j > rho_i``. Clustering runs under ``stop_gradient``;
-only the final averaging is differentiable, as in the official ``no_grad`` block.
+weight, and the distance formula is chosen by the real count, as ``torch.cdist`` sees only real tokens),
+which reproduces the unpadded result. The density noise is an explicit ``density_noise [B, N]`` input;
+without it ties in density are broken deterministically (the lower token index counts as denser), with it
+the comparison is the official strict ``rho_j > rho_i``. Exact ties in the score are ordered by
+``lax.top_k``: lower index first (``torch.topk`` orders exact ties differently, so with equal scores the
+two may pick different centers; with the official noise exact ties do not occur). Clustering runs under
+``stop_gradient``; only the final averaging is differentiable, as in the official ``no_grad`` block.
 """
 
 from __future__ import annotations
@@ -65,11 +68,13 @@ def _knn_size_array(k: int, num_clusters: jax.Array) -> jax.Array:
     return jnp.where(k > num_clusters, small, k).astype(jnp.int32)
 
 
-def token_distances(x: jax.Array) -> jax.Array:
+def token_distances(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Pairwise distances ``cdist(x, x) / sqrt(C)`` in float32, ``[B, N, C] -> [B, N, N]``.
 
     Follows ``torch.cdist``'s default mode: the direct difference formula for ``N <= 25`` (exact zero
-    diagonal) and ``sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-30))`` for ``N > 25``.
+    diagonal) and ``sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-30))`` for ``N > 25``. With a ``mask [B, N]``
+    of real tokens, ``N`` is each row's real count (the release clusters unpadded tokens): a row of at most
+    25 real tokens among more slots gets the direct formula between its real tokens.
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -78,14 +83,30 @@ def token_distances(x: jax.Array) -> jax.Array:
     """
     x = x.astype(jnp.float32)
     n, c = x.shape[-2], x.shape[-1]
-    if n <= 25:
-        diff = x[..., :, None, :] - x[..., None, :, :]  # [B, N, N, C]
-        d = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
-    else:
-        sq = jnp.sum(x * x, axis=-1)  # [B, N]
-        gram = jnp.einsum("bic,bjc->bij", x, x, precision=_HIGHEST)  # [B, N, N]
-        d = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 1e-30))
+    if n <= _DIRECT_MAX:
+        return _direct_distances(x) / math.sqrt(c)
+    sq = jnp.sum(x * x, axis=-1)  # [B, N]
+    gram = jnp.einsum("bic,bjc->bij", x, x, precision=_HIGHEST)  # [B, N, N]
+    d = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 1e-30))
+    if mask is not None:  # rows with few real tokens: the direct formula among them (real tokens first)
+        mask = jnp.asarray(mask, bool)
+        first = jnp.argsort(~mask, axis=1, stable=True)[:, :_DIRECT_MAX]  # [B, 25]: the real ones lead
+        small = _direct_distances(jnp.take_along_axis(x, first[..., None], axis=1))  # [B, 25, 25]
+
+        def put(d_b, first_b, small_b):
+            return d_b.at[first_b[:, None], first_b[None, :]].set(small_b)
+
+        few = jnp.sum(mask, axis=1) <= _DIRECT_MAX
+        d = jnp.where(few[:, None, None], jax.vmap(put)(d, first, small), d)
     return d / math.sqrt(c)
+
+
+_DIRECT_MAX = 25  # torch.cdist's default mode: matrix formula above 25 rows
+
+
+def _direct_distances(x: jax.Array) -> jax.Array:
+    diff = x[..., :, None, :] - x[..., None, :, :]  # [B, N, N, C]
+    return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
 
 class DPCKNN(NamedTuple):
@@ -149,7 +170,7 @@ def _cluster_dpc_knn(x, num_clusters, k, mask, density_noise, num_valid_clusters
     b, n, _ = x.shape
     x = jax.lax.stop_gradient(x)
     valid = jnp.ones((b, n), bool) if mask is None else jnp.asarray(mask, bool)
-    dist = token_distances(x)  # [B, N, N]
+    dist = token_distances(x, None if mask is None else valid)  # [B, N, N]
     pair_valid = valid[:, :, None] & valid[:, None, :]  # [B, N, N]
 
     # Local density from the k nearest real tokens (self included).
@@ -416,6 +437,7 @@ def video_merge(
     density_noise: VideoMergeNoise | None = None,
     rng: jax.Array | None = None,
     max_event_frames: int | None = None,
+    frame_levels: Sequence[jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chat-UniVi video tokens (``project(..., "video")``): events, then multi-scale merging per event.
 
@@ -436,9 +458,12 @@ def video_merge(
       density_noise: explicit noise of the clusterings (``VideoMergeNoise``).
       rng: key for the official ``U[0,1) * 1e-6`` noise wherever ``density_noise`` gives none (neither: the
         deterministic tie-break).
+      frame_levels: step 2's result when the caller has it already: per level, ``[B * T, c_l, C]`` (the
+        ``levels`` of ``spatial_merge`` over the frames folded into the batch); skips that step.
 
     Returns:
-      ``(tokens [B, E * sum(c_l), C], token_mask [B, E * sum(c_l)], event_id [B, T])``.
+      ``(tokens [B, E * sum(c_l), C], token_mask [B, E * sum(c_l)], event_id [B, T])``; a sample's real events
+      come first, so its real tokens are a prefix.
 
     >>> import jax, jax.numpy as jnp
     >>> f = jax.random.normal(jax.random.key(0), (1, 6, 16, 4))
@@ -457,14 +482,19 @@ def video_merge(
             None if density_noise.frame_levels is None else tuple(density_noise.frame_levels),
             None if density_noise.event_levels is None else tuple(density_noise.event_levels),
         )
+    if frame_levels is not None:
+        frame_levels = tuple(frame_levels)
+        b, t = features.shape[:2]
+        want = [(b * t, int(r), features.shape[-1]) for r in spatial_ratios]
+        if [tuple(lv.shape) for lv in frame_levels] != want:
+            raise ValueError(f"frame_levels have shapes {[tuple(lv.shape) for lv in frame_levels]}, expected {want}")
     static = (tuple(spatial_ratios), tuple(spatial_ks), temporal_ratio, temporal_k, max_event_frames)
-    return _video_merge(features, frame_mask, density_noise, rng, *static)
+    return _video_merge(features, frame_mask, density_noise, rng, frame_levels, *static)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _video_merge(
-    features, frame_mask, density_noise, rng, spatial_ratios, spatial_ks, temporal_ratio, temporal_k, max_event_frames
-):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _video_merge(features, frame_mask, density_noise, rng, frame_levels, spatial_ratios, spatial_ks, temporal_ratio,
+                 temporal_k, max_event_frames):
     b, t, n, c = features.shape
     valid = jnp.ones((b, t), bool) if frame_mask is None else jnp.asarray(frame_mask, bool)
     f_slots = t if max_event_frames is None else min(max_event_frames, t)
@@ -483,9 +513,11 @@ def _video_merge(
     e_max = cluster_count(t, temporal_ratio)
 
     # 2. Per-frame spatial hierarchy (frames folded into the batch).
-    _, levels = spatial_merge(
-        features.reshape(b * t, n, c), spatial_ratios, spatial_ks, density_noise=noise.frame_levels, rng=keys[1]
-    )  # each [B*T, c_l, C]
+    levels = frame_levels
+    if levels is None:
+        _, levels = spatial_merge(
+            features.reshape(b * t, n, c), spatial_ratios, spatial_ks, density_noise=noise.frame_levels, rng=keys[1]
+        )  # each [B*T, c_l, C]
 
     # 3. Frames of each event, in time order: event e owns sorted slots [start_e, start_e + n_e).
     sort_key = jnp.where(valid, event_id * t, e_max * t) + jnp.arange(t)[None, :]

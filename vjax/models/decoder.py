@@ -263,12 +263,15 @@ class DecoderConfig:
 class CausalLMOutput:
     """``logits [B, L, V]`` (float32), the updated ``cache`` (or None), ``hidden_states`` (when asked:
     the input embeddings and every layer's output, the last one after the final norm) and
-    ``next_position [B]``: the position id of the token that would follow (for decoding)."""
+    ``next_position [B]``: the position id of the token that would follow (for decoding). ``attention_mask``
+    ``[B, S]``: set by a video model that hid some of its visual slots (``VideoLLM.encode_masked``): the
+    key mask it used, which later decoding steps over the same cache must use too."""
 
     logits: jax.Array
     cache: Any = None
     hidden_states: tuple[jax.Array, ...] | None = None
     next_position: jax.Array | None = None
+    attention_mask: jax.Array | None = None
 
 
 def next_position(position_ids: jax.Array, valid: jax.Array) -> jax.Array:

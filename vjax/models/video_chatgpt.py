@@ -6,6 +6,10 @@ spatio-temporal pooling, one linear projection, a Vicuna (LLaVA) decoder.
     Z = mm_projector(V)                          [B, 356, D]          (Linear with bias)
     logits = LLaMA(splice(embed(ids), Z))
 
+Given more than ``num_temporal`` frames the release keeps one temporal token per frame (T + 256 tokens);
+a clip with fewer real frames than the batch's longest gets ``visual_tokens_for(T_b)`` placeholders and
+its extra slots are masked (``encode_masked``).
+
 Source: spec_vit_family.md §2 (official ``video_chatgpt/model/video_chatgpt.py``).
 """
 
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from vjax.layers.mlp import dense
-from vjax.layers.pooling import video_chatgpt_pool
+from vjax.layers.pooling import video_chatgpt_pool, video_chatgpt_token_mask
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
 from vjax.models.video_llm import VideoLLM
@@ -36,10 +40,22 @@ class VideoChatGPTConfig:
         return dataclasses.replace(self, **kw)
 
     @property
-    def num_visual_tokens(self) -> int:
-        """Tokens per clip: ``num_temporal + patches`` (356 at the published settings)."""
+    def num_patches(self) -> int:
         g = self.vision.grid
-        return self.num_temporal + g[0] * g[1]
+        return g[0] * g[1]
+
+    def visual_tokens_for(self, frames: int) -> int:
+        """Tokens of a clip of ``frames`` real frames: ``max(num_temporal, frames) + patches``."""
+        return max(self.num_temporal, frames) + self.num_patches
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens of a clip of ``num_frames`` frames (356 at the published settings)."""
+        return self.visual_tokens_for(self.num_frames)
+
+    @property
+    def max_visual_tokens(self) -> int:
+        return self.num_visual_tokens
 
     @classmethod
     def tiny(cls, **kw) -> "VideoChatGPTConfig":
@@ -67,7 +83,15 @@ class VideoChatGPT(VideoLLM):
         self.llm = CausalLM(c.llm)
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
-        """``frames [B, T, H, W, 3]`` -> video tokens ``[B, num_temporal + N, D]``."""
+        """``frames [B, T, H, W, 3]`` -> video tokens ``[B, max(num_temporal, T) + N, D]``."""
         feats = self.frame_features(frames)  # [B, T, N, C]
         pooled = video_chatgpt_pool(feats, frame_mask, self.config.num_temporal)  # [B, Tt + N, C]
         return self.mm_projector(pooled)  # [B, Tt + N, D]
+
+    def encode_masked(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """:meth:`encode` and, when T exceeds ``num_temporal``, which slots hold each clip's tokens."""
+        c = self.config
+        if frames.shape[1] <= c.num_temporal:  # every clip has num_temporal + N tokens
+            return self.encode(frames, frame_mask), None
+        mask = jnp.ones(frames.shape[:2], bool) if frame_mask is None else frame_mask
+        return self.encode(frames, frame_mask), video_chatgpt_token_mask(mask, c.num_temporal, c.num_patches)

@@ -16,6 +16,12 @@ Batch format (every model reads the keys it needs; shapes are static per bucket)
 A model subclasses :class:`VideoLLM`, builds ``self.llm`` (a :class:`~vjax.models.decoder.CausalLM`)
 in ``setup`` and implements ``encode(**visual) -> [B, N, D_llm]``; its visual tokens, in prompt order,
 replace the placeholder positions (``vjax.layers.splice``).
+
+A model whose token count depends on the clip (Chat-UniVi's events, Video-ChatGPT beyond 100 frames)
+implements ``encode_masked(**visual) -> (tokens [B, N, D], token_mask bool[B, N])`` with each row's real
+tokens first. The data pipeline writes as many placeholders as the row's clip has tokens (the release's
+sequence exactly); a placeholder beyond a row's real tokens is hidden instead — removed from the attention
+mask, so neither attention nor the position ids (``cumsum(mask) - 1``) see it, as if it were not there.
 """
 
 from __future__ import annotations
@@ -59,14 +65,25 @@ class VideoLLM(nn.Module):
         """
         embeds = self.llm.embed(input_ids)  # [B, L, D]
         present = {k: v for k, v in visual.items() if v is not None}
+        hidden = None
         if visual_tokens is not None or present:
-            tokens = self.encode(**present) if visual_tokens is None else visual_tokens  # [B, N, D]
-            embeds = splice_tokens(embeds, tokens, input_ids == self.config.placeholder_id)
+            tokens, token_mask = self.encode_masked(**present) if visual_tokens is None else (visual_tokens, None)
+            placeholder = input_ids == self.config.placeholder_id
+            embeds = splice_tokens(embeds, tokens, placeholder)  # tokens [B, N, D]
+            if token_mask is not None:
+                attention_mask = hide_slots(attention_mask, placeholder, token_mask, cache, cache_index)
+                hidden = attention_mask
             if position_ids is None:
                 mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)
-                position_ids = self.positions(input_ids, mask[:, : input_ids.shape[1]], **present)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=cache, cache_index=cache_index)
+                mask = jax.lax.dynamic_slice_in_dim(mask, jnp.asarray(cache_index, jnp.int32), input_ids.shape[1], 1)
+                position_ids = self.positions(input_ids, mask, **present)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, cache_index=cache_index)
+        return out if hidden is None else out.replace(attention_mask=hidden)
+
+    def encode_masked(self, **visual: Any) -> tuple[jax.Array, jax.Array | None]:
+        """``(tokens [B, N, D], token_mask [B, N] | None)``: :meth:`encode` with every token real by default."""
+        return self.encode(**visual), None
 
     def frame_features(self, frames: jax.Array) -> jax.Array:
         """``frames [B, T, H, W, 3]`` -> the tower's per-frame features ``[B, T, N, C]`` (``self.vision``)."""
@@ -97,6 +114,31 @@ class VideoLLM(nn.Module):
         """Inputs that trace every parameter (used by ``abstract_params``)."""
         b = self.example_batch(1)
         return {"input_ids": b["input_ids"], **{k: b[k] for k in VISUAL_KEYS if k in b}}
+
+
+def hide_slots(attention_mask: jax.Array | None, placeholder: jax.Array, token_mask: jax.Array, cache: Any = None,
+               cache_index: jax.Array | int = 0) -> jax.Array:
+    """The attention mask with every placeholder whose visual token is not real set to 0.
+
+    Placeholder ``k`` of row ``b`` (counted left to right) shows ``token_mask[b, k]``; placeholders beyond
+    ``N`` are hidden. ``attention_mask [B, S]`` covers the key slots (``S = L`` without a cache); the chunk's
+    ``L`` slots start at ``cache_index``. Returns an int32 ``[B, S]`` mask.
+
+    >>> import jax.numpy as jnp
+    >>> ph = jnp.array([[False, True, True, True, False]])
+    >>> hide_slots(None, ph, jnp.array([[True, False, False]])).tolist()
+    [[1, 1, 0, 0, 1]]
+    """
+    b, l = placeholder.shape
+    s = l if cache is None else cache[0]["k"].shape[1]
+    mask = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    k = jnp.cumsum(placeholder.astype(jnp.int32), axis=1) - 1  # [B, L]: which visual token each slot shows
+    n = token_mask.shape[1]
+    real = jnp.take_along_axis(token_mask.astype(bool), jnp.clip(k, 0, n - 1), axis=1) & (k < n)
+    keep = ~(placeholder & ~real)  # [B, L]
+    start = jnp.asarray(cache_index, jnp.int32)
+    chunk = jax.lax.dynamic_slice_in_dim(mask, start, l, axis=1) * keep.astype(jnp.int32)
+    return jax.lax.dynamic_update_slice_in_dim(mask, chunk, start, axis=1)
 
 
 def example_text(batch: int, num_visual: int, placeholder_id: int, text: int = 8) -> dict[str, jax.Array]:

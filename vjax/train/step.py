@@ -106,7 +106,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, params, batch, rng):
-        return self.module.apply({"params": params}, batch, method="loss", rngs={"dropout": rng})
+        merge = jax.random.fold_in(rng, 1)  # Chat-UniVi's density noise when merge_noise="release"
+        return self.module.apply({"params": params}, batch, method="loss", rngs={"dropout": rng, "merge": merge})
 
     def _train_impl(self, state: TrainState, batch: Mapping[str, jax.Array]):
         key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))

@@ -12,7 +12,7 @@ Variants:
   mistral  stage 3 with Mistral-7B-Instruct-v0.2, 90 frames.
 Real-data variants read ``~/data/minigpt4_video/<stage>/{train,val}.json`` and render the release's training
 input (template variant ``train``: one BOS, ``[INST] ...[/INST]answer</s>``); the release's inference prompt
-(two BOS) is ``--config.data.template_variant=inference``. Subtitles follow the release's inference rules
+(two BOS) is the variant ``inference`` (``data.template_variant``). Subtitles follow the release's inference rules
 (each line once per video, at most 400 words with Llama-2 and 800 with Mistral; ``vjax.data.annotations``).
 """
 

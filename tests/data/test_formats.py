@@ -134,3 +134,18 @@ def test_subtitles_follow_the_decoded_frames_of_the_record(tmp_path, data):
     assert list(ctx.subtitles) == [None, "quick ", "later "]
     capped = dataclasses.replace(SPECS["minigpt4_video"], subtitle_words=1)
     assert list(VideoQAFormat(capped, tok).context(rec, 3).subtitles) == [None, "quick ", None]
+
+
+def test_a_count_per_real_frame_count(data):
+    """A model whose token count depends on the clip (Chat-UniVi: 1-2 frames are images) gives the spec a
+    count for every real frame count 0..T; the prompt of a t-frame clip carries that many placeholders."""
+    tok, recs = data
+    table = (0, 14, 28, 14, 14)
+    spec = FormatSpec("chat_univi", (("video", 5, table),), 4)
+    assert spec.tokens_per_clip(2) == 28 and spec.tokens_per_clip(4) == 14 and spec.tokens_per_clip() == 28
+    rec = dict(_record(recs, False))
+    for t in (1, 2, 3, 4):
+        ids, _ = VideoQAFormat(spec, tok).text(rec, t)
+        assert int((ids == 5).sum()) == table[t]
+    with pytest.raises(ValueError, match="needs num_frames \\+ 1 = 5 entries, got 3"):
+        FormatSpec("chat_univi", (("video", 5, (0, 14, 28)),), 4)

@@ -88,7 +88,8 @@ class VideoChatGPT(VideoLLM):
         pooled = video_chatgpt_pool(feats, frame_mask, self.config.num_temporal)  # [B, Tt + N, C]
         return self.mm_projector(pooled)  # [B, Tt + N, D]
 
-    def encode_masked(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    def encode_masked(self, frames: jax.Array,
+                      frame_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """:meth:`encode` and, when T exceeds ``num_temporal``, which slots hold each clip's tokens."""
         c = self.config
         if frames.shape[1] <= c.num_temporal:  # every clip has num_temporal + N tokens

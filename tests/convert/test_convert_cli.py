@@ -170,7 +170,7 @@ def test_chat_univi_tower_in_model_dir_replaced_by_later_clip_dir(tmp_path):
     f = clip_features(clip, x)  # the later CLIP dir's tower
     merged, real = module.apply({"params": params}, jnp.asarray(f.numpy())[None], None, method=ChatUniVi.merge)
     merged = merged[0][real[0]]  # a 3-frame clip: one event of 14 tokens (slots for two 14-token images)
-    tokens = torch.from_numpy(np.asarray(merged)) @ w.T + b
+    tokens = torch.from_numpy(np.array(merged)) @ w.T + b
     pid = module.config.placeholder_id
     ids = torch.tensor([1] + [pid] * tokens.shape[0] + [20, 21, 22])
     embeds = llm.model.embed_tokens.weight.detach()[torch.where(ids == pid, 0, ids)].clone()

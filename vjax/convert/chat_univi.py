@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import clip_hf_table
+from vjax.convert.layout import Layout
 from vjax.convert.llava import (
     CLIP_TEXT_SKIPS,
     canonical_clip_key,
@@ -67,3 +68,9 @@ def to_hf(config: ChatUniViConfig) -> dict:
                                   hidden_size=c.width, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
                                   intermediate_size=c.mlp_dim, hidden_act=c.act, layer_norm_eps=c.eps,
                                   num_channels=c.in_channels)}
+
+
+def layout() -> Layout:
+    return Layout("chat_univi", config_from_hf, chat_univi_table, canonical_key, to_hf,
+                  hint="Chat-UniVi releases may omit the CLIP tower: add the openai/clip-vit-large-patch14 "
+                       "directory as a further source (python -m experiments.convert --src=MODEL_DIR,CLIP_DIR)")

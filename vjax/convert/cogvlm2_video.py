@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from vjax.convert.encoders import eva2_cogvlm2_table
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import Rule, Skip, Split, with_prefix
 from vjax.convert.visual_expert import visual_expert_lm_table
 from vjax.models.cogvlm2_video import CogVLM2VideoConfig
@@ -90,3 +91,7 @@ def config_from_hf(configs: Mapping[str, Any] | list, shapes: Mapping[str, tuple
         glu_dim=llm.intermediate_size)
     pad = llm.pad_token_id if llm.pad_token_id is not None else 128002
     return CogVLM2VideoConfig.cogvlm2_video_llama3_chat(**{"vision": vision, "llm": llm, "placeholder_id": pad, **kw})
+
+
+def layout() -> Layout:
+    return Layout("cogvlm2_video", config_from_hf, cogvlm2_video_table)

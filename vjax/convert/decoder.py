@@ -5,6 +5,9 @@ torch ``nn.Linear.weight`` is ``[out, in]``; a vjax ``Dense`` kernel is ``[in, o
 
 from __future__ import annotations
 
+from typing import Mapping
+
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import Rule, Skip
 from vjax.models.decoder import DecoderConfig
 
@@ -31,3 +34,12 @@ def decoder_table(config: DecoderConfig, prefix: str = "model.", dst_prefix: str
         rules.append(Rule(lm_head, f"{d}lm_head/kernel", "T"))
     rules.append(Skip(f"{p}layers.{{i}}.self_attn.rotary_emb.inv_freq"))  # old transformers buffers
     return rules
+
+
+def layout() -> Layout:
+    """The LLaMA-family decoder (Llama, Mistral, Qwen2 ``*ForCausalLM`` directories)."""
+
+    def config(configs, shapes=None, **kw):
+        return DecoderConfig.from_hf(configs if isinstance(configs, Mapping) else next(iter(configs)), **kw)
+
+    return Layout("decoder", config, lambda config, keys=None: decoder_table(config), to_hf=lambda c: c.to_hf())

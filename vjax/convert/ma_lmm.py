@@ -37,6 +37,7 @@ import numpy as np
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import eva_hf_table, eva_lavis_table
 from vjax.convert.lavis import component_key, no_config_json
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import PadRows, Rule, Skip, with_prefix
 from vjax.convert.qformer import qformer_hf_table, qformer_lavis_table
 from vjax.models.ma_lmm import MALMMConfig
@@ -88,3 +89,10 @@ def defaults(config: MALMMConfig) -> dict:
     if not config.memory_bank:
         return {}
     return {"image_pe.weight": np.zeros((config.max_num_frames, config.vision.width), np.float32)}
+
+
+def layout() -> Layout:
+    return Layout("ma_lmm", config_from_hf, layout_table, canonical_key, defaults=defaults,
+                  hint="MA-LMM is released in pieces: python -m experiments.convert --model=ma_lmm "
+                       "--variant=ma_lmm_vicuna7b --src=eva_vit_g.pth,VICUNA_DIR,instruct_blip_vicuna7b_trimmed.pth,"
+                       "checkpoint_best.pth")

@@ -34,6 +34,7 @@ from __future__ import annotations
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import eva_lavis_table
 from vjax.convert.lavis import component_key, layer_norm_init, no_config_json
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import Rule, with_prefix
 from vjax.models.minigpt4_video import MiniGPT4VideoConfig
 
@@ -71,3 +72,9 @@ def layout_table(config: MiniGPT4VideoConfig, keys=None) -> list:
 def defaults(config: MiniGPT4VideoConfig) -> dict:
     """``ln_vision`` as constructed: no MiniGPT4-video file holds it (spec §3.1)."""
     return layer_norm_init("ln_vision", config.vision.width) if config.vision.post_norm else {}
+
+
+def layout() -> Layout:
+    return Layout("minigpt4_video", config_from_hf, layout_table, canonical_key, defaults=defaults,
+                  hint="MiniGPT4-video is released in pieces: python -m experiments.convert --model=minigpt4_video "
+                       "--variant=minigpt4_video_llama2 --src=eva_vit_g.pth,LLM_DIR,video_llama_checkpoint_last.pth")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import qwen2_vl_vision_table
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import with_prefix
 from vjax.models.qwen2_vl import Qwen2VLConfig
 
@@ -50,3 +51,10 @@ def to_hf(config: Qwen2VLConfig) -> dict:
                                  patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
                                  temporal_patch_size=v.temporal_patch_size, hidden_act=v.act))
     return hf
+
+
+def layout() -> Layout:
+    def table(config, keys=None):
+        return qwen2_vl_table(config, detect_layout(keys or ()))
+
+    return Layout("qwen2_vl", config_from_hf, table, to_hf=to_hf)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import clip_hf_table
+from vjax.convert.layout import Layout
 from vjax.convert.llava import (
     CLIP_TEXT_SKIPS,
     canonical_clip_key,
@@ -85,3 +86,9 @@ def to_hf(config: VideoChatGPTConfig) -> dict:
                                 intermediate_size=c.mlp_dim, hidden_act=c.act, layer_norm_eps=c.eps,
                                 num_channels=c.in_channels)}
     return hf
+
+
+def layout() -> Layout:
+    return Layout("video_chatgpt", config_from_hf, video_chatgpt_table, canonical_key, to_hf,
+                  hint="Video-ChatGPT is released in three pieces: python -m experiments.convert "
+                       "--model=video_chatgpt --src=LLAVA_DIR,CLIP_DIR,video_chatgpt-7B.bin")

@@ -44,6 +44,7 @@ from __future__ import annotations
 from vjax.convert.decoder import decoder_table
 from vjax.convert.encoders import eva_lavis_table, imagebind_audio_table
 from vjax.convert.lavis import component_key, layer_norm_init, no_config_json
+from vjax.convert.layout import Layout
 from vjax.convert.mapping import Rule, Skip, with_prefix
 from vjax.convert.qformer import qformer_lavis_table
 from vjax.models.video_llama import VideoLLaMAConfig
@@ -93,3 +94,10 @@ def layout_table(config: VideoLLaMAConfig, keys=None) -> list:
 def defaults(config: VideoLLaMAConfig) -> dict:
     """``ln_vision`` as constructed (used only when no source holds it)."""
     return layer_norm_init("ln_vision", config.vision.width) if config.vision.post_norm else {}
+
+
+def layout() -> Layout:
+    return Layout("video_llama", config_from_hf, layout_table, canonical_key, defaults=defaults,
+                  hint="Video-LLaMA is released in pieces: python -m experiments.convert --model=video_llama "
+                       "--variant=video_llama2_7b --src=eva_vit_g.pth,blip2_pretrained_flant5xxl.pth,"
+                       "imagebind_huge.pth,LLM_DIR,VL_*.pth,AL_*.pth")

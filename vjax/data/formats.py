@@ -9,8 +9,8 @@ templates, described by a plain :class:`FormatSpec` (ints and strings — this m
       audio    -> ImageBind fbank clips [K, mel, frames] (Video-LLaMA), audio_mask [K]
       question -> qformer_input_ids / _attention_mask [Lq] (MA-LMM's Q-Former instruction)
 
-The spec is computed from a model config by the experiment code (``experiments/``), so chat, eval
-and training share one format, and a user with their own model can fill a spec by hand.
+:func:`format_spec` builds the spec from a model's declaration (``vjax.models.spec.ModelSpec``) and config, so
+chat, eval and training share one format; a user with their own model can fill a spec by hand.
 :class:`VideoQAFormat` is a picklable module-level class, as Grain workers need.
 
 :func:`score_answer` is the accuracy rule of the synthetic set: normalised exact match (lower case,
@@ -110,6 +110,7 @@ class FormatSpec:
     subtitles: bool = False
     subtitle_words: int = 400
     stop_strings: tuple[str, ...] = ("</s>",)
+    template_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         for name, _, count in self.visual:
@@ -134,6 +135,28 @@ class FormatSpec:
         if frames is None:
             return max(sum(self.visual_counts(t).values()) for t in range(1, self.num_frames + 1))
         return sum(self.visual_counts(frames).values())
+
+
+def format_spec(model: Any, config: Any, *, load_audio: bool = False, template_variant: str | None = None
+                ) -> FormatSpec:
+    """The :class:`FormatSpec` of a model from its declaration (``ModelSpec``) and config: template, visual
+    pieces with their placeholder ids and counts, stop strings, audio, Q-Former text and subtitles.
+    ``template_variant``: ``None`` or ``""`` for the model's default."""
+    t = int(config.num_frames)
+    visual = tuple((v.piece, int(getattr(config, v.id_field)), v.counts(config, t))
+                   for v in model.visual if v.enabled(config, load_audio))
+    kw: dict[str, Any] = {}
+    if model.audio and any(name == "audio" for name, _, _ in visual):
+        clips, mel, frames = getattr(config, model.audio)
+        kw.update(audio_clips=int(clips), audio_mel_bins=int(mel), audio_frames=int(frames))
+    if model.qformer_text:
+        kw["qformer_text_len"] = int(getattr(config, model.qformer_text))
+    if model.subtitles:
+        kw.update(subtitles=True, subtitle_words=int(getattr(config, model.subtitle_words)) if model.subtitle_words
+                  else 400)
+    options = tuple(sorted(model.template_options.items()))
+    return FormatSpec(model.template, visual, t, template_variant=template_variant or model.template_variant,
+                      stop_strings=tuple(model.stop_strings), template_options=options, **kw)
 
 
 def question_answer(record: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str, str | None]:
@@ -203,7 +226,7 @@ class VideoQAFormat:
         history, question, answer = question_answer(record)
         pieces = templates.render(self.spec.template, question, "" if self.prompt_only else answer,
                                   history=history, context=self.context(record, t),
-                                  variant=self.spec.template_variant)
+                                  variant=self.spec.template_variant, options=dict(self.spec.template_options))
         if self.prompt_only:  # everything before the last answer: the text that precedes it (" ") included,
             last = max(i for i, (kind, _) in enumerate(pieces) if kind == "target")  # exactly as in training
             pieces = pieces[:last]

@@ -5,27 +5,30 @@ Every frame sampler maps ``(num_frames, fps, **config)`` to a :class:`FrameSampl
 ``index / fps`` — the start time of each frame for a constant-rate video). Random samplers take an
 explicit ``seed`` and are deterministic given it. Nothing here opens a file; use
 :func:`vjax.data.video.read_sampled_frames` to decode what a sampler picked, e.g.
-``read_sampled_frames(path, functools.partial(video_llama_uniform, num_samples=8))``.
+``read_sampled_frames(path, functools.partial(uniform_floor, num_samples=8))``.
+
+Samplers are named by their rule; the release that uses a rule names it in its model spec
+(``ModelSpec.sampler``), and the earlier names by model stay as aliases (:data:`ALIASES`).
 
 Sources (formulas from ``shared/specs``, read from each official code base):
 
 ==========================  =====================================================================
 sampler                     formula
 ==========================  =====================================================================
-video_llama_uniform         n = min(8, L); idx_i = floor(i * L / n)                 (Video-LLaMA)
-video_llama_headtail        n/2 sorted random from [0, L//2), n/2 from [L//2, L)     (VL stage 1)
-video_chatgpt_uniform       T = min(L, 100); seg = (L-1)/T;
-                            idx_i = (round(seg*i) + round(seg*(i+1))) // 2, half-to-even rounding
-ma_lmm_uniform              rint(linspace(0, L-1, T))                                 (MA-LMM eval)
-ma_lmm_segment_random       one random index per segment of linspace(0, L, T+1)       (MA-LMM train)
-chat_univi_fps              stride = int(round(fps)); 0, stride, ... <= L-1; if more than
-                            max_frames: take positions[linspace(0, n-1, max_frames, dtype=int)]
-minigpt4_video_interval     interval = max(1, int(total / T)); every frame with i % interval == 0,
-                            the first T of them; training pads to T with the last frame
-qwen2_vl_fps                n = L / fps * 2.0, clamped to [ceil2(4), floor2(min(768, L))], rounded
+uniform_floor               n = min(8, L); idx_i = floor(i * L / n)                 (Video-LLaMA)
+head_tail_random            n/2 sorted random from [0, L//2), n/2 from [L//2, L)     (VL stage 1)
+segment_midpoints           T = min(L, 100); seg = (L-1)/T;
+                            idx_i = (round(seg*i) + round(seg*(i+1))) // 2, half-to-even (Video-ChatGPT)
+linspace_rint               rint(linspace(0, L-1, T))                                 (MA-LMM eval)
+segment_random              one random index per segment of linspace(0, L, T+1)       (MA-LMM train)
+fps_stride                  stride = int(round(fps)); 0, stride, ... <= L-1; if more than
+                            max_frames: positions[linspace(0, n-1, max_frames, dtype=int)] (Chat-UniVi)
+fixed_interval              interval = max(1, int(total / T)); every frame with i % interval == 0,
+                            the first T of them; training pads to T with the last frame (MiniGPT4-video)
+fps_linspace_even           n = L / fps * 2.0, clamped to [ceil2(4), floor2(min(768, L))], rounded
                             to a multiple of 2; idx = round(linspace(0, L-1, n))  (qwen-vl-utils)
-cogvlm2_chat_seconds        for s = 0..round(max_ts): frame with timestamp closest to s; <= 24
-cogvlm2_base_linspace       linspace(0, min(L, 60*fps) - 1, 24, dtype=int)
+nearest_each_second         for s = 0..round(max_ts): frame with timestamp closest to s; <= 24 (CogVLM2)
+linspace_floor              linspace(0, min(L, 60*fps) - 1, 24, dtype=int)      (CogVLM2-Video base)
 video_llama_audio_clips     8 clips of 2 s, start_k = k * max(dur - 2, 0) / 7
 ==========================  =====================================================================
 """
@@ -71,7 +74,7 @@ def _sample(indices, fps: float) -> FrameSample:
 # ---------------------------------------------------------------------------------------------
 
 
-def video_llama_uniform(num_frames: int, fps: float, num_samples: int = 8) -> FrameSample:
+def uniform_floor(num_frames: int, fps: float, num_samples: int = 8) -> FrameSample:
     """Video-LLaMA ``load_video(sampling="uniform")``: n = min(num_samples, L), idx_i = floor(i*L/n).
 
     Source: Video-LLaMA ``processors/video_processor.py`` (spec_qformer_family §2.4). A video shorter
@@ -82,7 +85,7 @@ def video_llama_uniform(num_frames: int, fps: float, num_samples: int = 8) -> Fr
     return _sample([(i * n_total) // n for i in range(n)], fps)
 
 
-def video_llama_headtail(num_frames: int, fps: float, num_samples: int = 8, seed: int = 0) -> FrameSample:
+def head_tail_random(num_frames: int, fps: float, num_samples: int = 8, seed: int = 0) -> FrameSample:
     """Video-LLaMA stage-1 "headtail": sorted random frames, half from each half of the video.
 
     ``num_samples // 2`` distinct indices from ``[0, L//2)`` and ``num_samples - num_samples // 2``
@@ -108,7 +111,7 @@ def video_llama_headtail(num_frames: int, fps: float, num_samples: int = 8, seed
     return _sample(draw(0, half, n_head) + draw(half, n_total, n_tail), fps)
 
 
-def video_chatgpt_uniform(num_frames: int, fps: float, num_samples: int = 100) -> FrameSample:
+def segment_midpoints(num_frames: int, fps: float, num_samples: int = 100) -> FrameSample:
     """Video-ChatGPT segment sampling: T = min(L, 100); seg = (L-1)/T;
     idx_i = (round(seg*i) + round(seg*(i+1))) // 2 with numpy's round-half-to-even.
 
@@ -121,7 +124,7 @@ def video_chatgpt_uniform(num_frames: int, fps: float, num_samples: int = 100) -
     return _sample(idx, fps)
 
 
-def ma_lmm_uniform(num_frames: int, fps: float, num_samples: int = 20) -> FrameSample:
+def linspace_rint(num_frames: int, fps: float, num_samples: int = 20) -> FrameSample:
     """MA-LMM evaluation sampling: ``np.rint(np.linspace(0, L-1, T))`` (T frames, repeats if L < T).
 
     Source: MA-LMM ``lavis/datasets/datasets`` video loaders (spec_qformer_family §4.4).
@@ -131,7 +134,7 @@ def ma_lmm_uniform(num_frames: int, fps: float, num_samples: int = 20) -> FrameS
     return _sample(np.rint(np.linspace(0, n_total - 1, t)), fps)
 
 
-def ma_lmm_segment_random(num_frames: int, fps: float, num_samples: int = 20, seed: int = 0) -> FrameSample:
+def segment_random(num_frames: int, fps: float, num_samples: int = 20, seed: int = 0) -> FrameSample:
     """MA-LMM training sampling: split ``[0, L)`` at ``linspace(0, L, T+1)`` (truncated to int) into T
     segments and draw one index uniformly from each; an empty segment (L < T) gives its start frame.
 
@@ -148,7 +151,7 @@ def ma_lmm_segment_random(num_frames: int, fps: float, num_samples: int = 20, se
     return _sample(idx, fps)
 
 
-def chat_univi_fps(num_frames: int, fps: float, max_frames: int = 64, sample_fps: float = 1.0) -> FrameSample:
+def fps_stride(num_frames: int, fps: float, max_frames: int = 64, sample_fps: float = 1.0) -> FrameSample:
     """Chat-UniVi ``_get_rawvideo_dec``: one frame per second, at most ``max_frames``.
 
     stride = int(round(fps / sample_fps)) (Python rounding, half-to-even; at least 1); positions
@@ -165,7 +168,7 @@ def chat_univi_fps(num_frames: int, fps: float, max_frames: int = 64, sample_fps
     return _sample(pos, fps)
 
 
-def minigpt4_video_interval(
+def fixed_interval(
     num_frames: int,
     fps: float,
     num_samples: int = 45,
@@ -217,7 +220,7 @@ def _floor_by(x: float, f: int) -> int:
     return math.floor(x / f) * f
 
 
-def qwen2_vl_fps(
+def fps_linspace_even(
     num_frames: int,
     fps: float,
     sample_fps: float = QWEN_FPS,
@@ -305,7 +308,7 @@ def qwen2_vl_video_size(
 # ---------------------------------------------------------------------------------------------
 
 
-def cogvlm2_chat_seconds(
+def nearest_each_second(
     num_frames: int,
     fps: float,
     max_frames: int = 24,
@@ -332,7 +335,7 @@ def cogvlm2_chat_seconds(
     return FrameSample(indices=idx_arr, timestamps=ts[idx_arr])
 
 
-def cogvlm2_base_linspace(
+def linspace_floor(
     num_frames: int, fps: float, num_samples: int = 24, clip_end_sec: float = 60.0
 ) -> FrameSample:
     """CogVLM2-Video base sampling: ``np.linspace(0, end-1, 24, dtype=int)`` with
@@ -395,3 +398,28 @@ def cut_audio_clips(audio: np.ndarray, clips: AudioClips) -> np.ndarray:
         piece = wav[s:e]
         out[i, : piece.shape[0]] = piece
     return out
+
+
+# Earlier names, by the model that samples so (kept working).
+ALIASES = {
+    "video_llama_uniform": "uniform_floor",
+    "video_llama_headtail": "head_tail_random",
+    "video_chatgpt_uniform": "segment_midpoints",
+    "ma_lmm_uniform": "linspace_rint",
+    "ma_lmm_segment_random": "segment_random",
+    "chat_univi_fps": "fps_stride",
+    "minigpt4_video_interval": "fixed_interval",
+    "qwen2_vl_fps": "fps_linspace_even",
+    "cogvlm2_chat_seconds": "nearest_each_second",
+    "cogvlm2_base_linspace": "linspace_floor",
+}
+video_llama_uniform = uniform_floor
+video_llama_headtail = head_tail_random
+video_chatgpt_uniform = segment_midpoints
+ma_lmm_uniform = linspace_rint
+ma_lmm_segment_random = segment_random
+chat_univi_fps = fps_stride
+minigpt4_video_interval = fixed_interval
+qwen2_vl_fps = fps_linspace_even
+cogvlm2_chat_seconds = nearest_each_second
+cogvlm2_base_linspace = linspace_floor

@@ -80,7 +80,7 @@ def _vicuna_v1(system: str, user_first: list[Piece], history, question, answer) 
     turns = [(user_first, history[0][1] if history else answer)]
     if history:
         turns += [([("text", q)], a) for q, a in history[1:]] + [([("text", question)], answer)]
-    out: list[Piece] = [("text", system + " ")]
+    out: list[Piece] = [("text", system + " ")] if system else []
     for user, ans in turns:
         out.append(("text", "USER: "))
         out.extend(user)
@@ -97,10 +97,12 @@ def _video_chatgpt(history, question, answer, ctx, variant) -> list[Piece]:
     return _vicuna_v1(system, user, history, question, answer)
 
 
-def _chat_univi(history, question, answer, ctx, variant) -> list[Piece]:
+def _vicuna_v1_visual_first(history, question, answer, ctx, variant, system: str = VICUNA_V1_SYSTEM) -> list[Piece]:
+    """``{system} USER: <video>\n{question} ASSISTANT: {answer}</s>`` (Chat-UniVi; LLaVA-style models with
+    ``system=""``: ``USER: <video>\n{question} ASSISTANT:``)."""
     first_q = history[0][0] if history else question
     user = [("visual", "video"), ("text", "\n" + first_q)]
-    return _vicuna_v1(VICUNA_V1_SYSTEM, user, history, question, answer)
+    return _vicuna_v1(system, user, history, question, answer)
 
 
 def _minigpt4_video(history, question, answer, ctx, variant) -> list[Piece]:
@@ -184,20 +186,23 @@ RENDERERS = {
     "cogvlm2_video": (_cogvlm2_video, "chat"),
     "qwen2_vl": (_qwen2_vl, "chat"),
     "ma_lmm": (_ma_lmm, "qa"),
-    "chat_univi": (_chat_univi, "v1"),
+    "vicuna_v1": (_vicuna_v1_visual_first, "v1"),
+    "chat_univi": (_vicuna_v1_visual_first, "v1"),  # its model's name (the template is vicuna_v1)
 }
 
 
-def render(model: str, question: str, answer: str | None = None, *, history: Sequence[tuple[str, str]] = (),
-           context: VisualContext | None = None, variant: str | None = None) -> list[Piece]:
-    """Render one user turn (after ``history``) with the model's official template.
+def render(template: str, question: str, answer: str | None = None, *, history: Sequence[tuple[str, str]] = (),
+           context: VisualContext | None = None, variant: str | None = None,
+           options: Mapping[str, Any] | None = None) -> list[Piece]:
+    """Render one user turn (after ``history``) with a template (a model's name works for its own).
 
-    ``answer=None`` renders a generation prompt that ends where the model starts answering.
+    ``answer=None`` renders a generation prompt that ends where the model starts answering. ``options``:
+    the template's keyword arguments (a model spec's ``template_options``, e.g. ``vicuna_v1``'s ``system``).
     """
-    if model not in RENDERERS:
-        raise KeyError(f"no chat template for model {model!r}; known: {sorted(RENDERERS)}")
-    fn, default = RENDERERS[model]
-    return fn(list(history), question, answer, context or VisualContext(), variant or default)
+    if template not in RENDERERS:
+        raise KeyError(f"no chat template {template!r}; known: {sorted(RENDERERS)}")
+    fn, default = RENDERERS[template]
+    return fn(list(history), question, answer, context or VisualContext(), variant or default, **dict(options or {}))
 
 
 def to_string(pieces: Sequence[Piece], visual_text: Mapping[str, str], *, bos: str = "", eos: str = "") -> str:

@@ -37,6 +37,7 @@ from vjax.layers.token_merge import cluster_count, spatial_merge, video_merge
 MERGE_NOISE = ("none", "release")
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -151,3 +152,11 @@ class ChatUniVi(VideoLLM):
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         """All ``max_visual_tokens`` slots, masked ones included (use :meth:`encode_masked` for the mask)."""
         return self.encode_masked(frames, frame_mask)[0]
+
+
+SPEC = ModelSpec(
+    name="chat_univi", config=ChatUniViConfig, module=ChatUniVi,
+    template="vicuna_v1", visual=(Visual("video", "visual_tokens_for"),),
+    sampler="fps_stride", sampler_frames="max_frames", marker_tokens={"placeholder_id": "<image>"},
+    conversion="vjax.convert.chat_univi", hf_architectures=("ChatUniViLlamaForCausalLM",),
+    hf_model_types=("ChatUniVi",))

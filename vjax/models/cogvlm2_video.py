@@ -21,6 +21,7 @@ from vjax.layers.splice import splice_tokens
 from vjax.layers.visual_expert import build_position_ids
 from vjax.models.decoder import CausalLM, CausalLMOutput, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -99,3 +100,10 @@ class CogVLM2Video(VideoLLM):
         experts = {"token_type_ids": types} if self.config.llm.visual_experts else {}
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         cache=cache, cache_index=cache_index, **experts)
+
+
+SPEC = ModelSpec(
+    name="cogvlm2_video", config=CogVLM2VideoConfig, module=CogVLM2Video,
+    template="cogvlm2_video", visual=(Visual("frame", "tokens_per_frame"),),
+    sampler="nearest_each_second", sampler_frames="max_frames", marker_tokens={"placeholder_id": "<|image_pad|>"},
+    conversion="vjax.convert.cogvlm2_video", hf_architectures=("CogVLMVideoForCausalLM",))

@@ -32,6 +32,7 @@ from vjax.layers.visual_expert import (
     vision_expert_mask,
 )
 from vjax.models.losses import next_token_loss
+from vjax.models.spec import ModelSpec
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -437,3 +438,9 @@ class CausalLM(nn.Module):
         """A batch of the documented format with every key the model reads (for tracing and tests)."""
         ids = jnp.zeros((batch, length), jnp.int32)
         return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+
+
+SPEC = ModelSpec(
+    name="decoder", config=DecoderConfig, module=CausalLM, conversion="vjax.convert.decoder",
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    hf_bare_model_types=("llama", "mistral", "qwen2"))

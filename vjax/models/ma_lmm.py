@@ -25,6 +25,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.qformer import MemoryQFormer, MemoryQFormerState, QFormer, QFormerConfig
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -156,3 +157,10 @@ class MALMM(VideoLLM):
                 "frame_mask": jnp.ones((batch, c.num_frames), bool),
                 "qformer_input_ids": jnp.ones((batch, lt), jnp.int32),
                 "qformer_attention_mask": jnp.ones((batch, lt), jnp.int32)}
+
+
+SPEC = ModelSpec(
+    name="ma_lmm", config=MALMMConfig, module=MALMM,
+    template="ma_lmm", visual=(Visual("video", "num_visual_tokens"),),
+    sampler="segment_random", marker_tokens={"placeholder_id": "<video>"},
+    conversion="vjax.convert.ma_lmm", qformer_text="qformer_text_len", streams_frames="memory_bank")

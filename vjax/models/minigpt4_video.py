@@ -25,6 +25,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.pooling import concat_adjacent_tokens
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM, example_text
 
 
@@ -44,6 +45,11 @@ class MiniGPT4VideoConfig:
     def tokens_per_frame(self) -> int:
         g = self.vision.grid
         return g[0] * g[1] // self.token_group
+
+    @property
+    def subtitle_words(self) -> int:
+        """Subtitle words the release shows at most: 400 with Llama-2, 800 with Mistral."""
+        return 800 if self.llm.arch == "mistral" else 400
 
     @property
     def num_visual_tokens(self) -> int:
@@ -107,3 +113,10 @@ def merge_lora(params: Mapping[str, Any], config: MiniGPT4VideoConfig) -> tuple[
     model without adapters (``llm.lora_rank = 0``), e.g. for export to a plain Llama / Mistral checkpoint."""
     merged = lora.merge_lora(params, config.llm)
     return merged, config.replace(llm=config.llm.replace(lora_rank=0))
+
+
+SPEC = ModelSpec(
+    name="minigpt4_video", config=MiniGPT4VideoConfig, module=MiniGPT4Video,
+    template="minigpt4_video", visual=(Visual("frame", "tokens_per_frame"),),
+    sampler="fixed_interval", marker_tokens={"placeholder_id": "<ImageHere>"},
+    conversion="vjax.convert.minigpt4_video", subtitles=True, subtitle_words="subtitle_words")

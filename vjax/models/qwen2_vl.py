@@ -24,6 +24,7 @@ from vjax.layers.mrope import get_rope_index_jax
 from vjax.layers.splice import splice_tokens
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig, qwen2_vl_vision_inputs
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -202,3 +203,13 @@ class Qwen2VL(VideoLLM):
                 "loss_mask": jnp.zeros_like(ids).at[:, -4:].set(1),
                 "frames": jnp.zeros((batch, c.num_frames, c.image_size, c.image_size, 3), jnp.float32),
                 "frame_mask": jnp.ones((batch, c.num_frames), bool)}
+
+
+SPEC = ModelSpec(
+    name="qwen2_vl", config=Qwen2VLConfig, module=Qwen2VL,
+    template="qwen2_vl", visual=(Visual("video", "num_visual_tokens", id_field="video_token_id"),),
+    stop_strings=("<|im_end|>",), sampler="fps_linspace_even", sampler_frames="nframes",
+    marker_tokens={"video_token_id": "<|video_pad|>", "image_token_id": "<|image_pad|>",
+                   "vision_start_token_id": "<|vision_start|>"},
+    conversion="vjax.convert.qwen2_vl", hf_architectures=("Qwen2VLForConditionalGeneration",),
+    hf_model_types=("qwen2_vl",))

@@ -1,8 +1,7 @@
-"""Model registry: a name -> (Config class, Flax module class), imported lazily.
+"""Model registry: a name -> the model file that declares its :class:`~vjax.models.spec.ModelSpec` as ``SPEC``.
 
-The seven video LLMs register here as they land (``video_llama``, ``video_chatgpt``,
-``minigpt4_video``, ``cogvlm2_video``, ``qwen2_vl``, ``ma_lmm``, ``chat_univi``); ``decoder`` is the
-LLaMA-family causal LM they share.
+Registering a model is one line here; everything else about it lives in its file's spec. Files are imported
+lazily (``spec(name)``), so importing the registry costs nothing.
 """
 
 from __future__ import annotations
@@ -11,15 +10,15 @@ import dataclasses
 import importlib
 from typing import Any, Mapping
 
-_MODELS: dict[str, tuple[str, str, str]] = {
-    "decoder": ("vjax.models.decoder", "DecoderConfig", "CausalLM"),
-    "video_chatgpt": ("vjax.models.video_chatgpt", "VideoChatGPTConfig", "VideoChatGPT"),
-    "chat_univi": ("vjax.models.chat_univi", "ChatUniViConfig", "ChatUniVi"),
-    "qwen2_vl": ("vjax.models.qwen2_vl", "Qwen2VLConfig", "Qwen2VL"),
-    "video_llama": ("vjax.models.video_llama", "VideoLLaMAConfig", "VideoLLaMA"),
-    "ma_lmm": ("vjax.models.ma_lmm", "MALMMConfig", "MALMM"),
-    "minigpt4_video": ("vjax.models.minigpt4_video", "MiniGPT4VideoConfig", "MiniGPT4Video"),
-    "cogvlm2_video": ("vjax.models.cogvlm2_video", "CogVLM2VideoConfig", "CogVLM2Video"),
+_MODELS: dict[str, str] = {
+    "decoder": "vjax.models.decoder",
+    "video_chatgpt": "vjax.models.video_chatgpt",
+    "chat_univi": "vjax.models.chat_univi",
+    "qwen2_vl": "vjax.models.qwen2_vl",
+    "video_llama": "vjax.models.video_llama",
+    "ma_lmm": "vjax.models.ma_lmm",
+    "minigpt4_video": "vjax.models.minigpt4_video",
+    "cogvlm2_video": "vjax.models.cogvlm2_video",
 }
 
 
@@ -28,13 +27,20 @@ def names() -> list[str]:
     return sorted(_MODELS)
 
 
-def get(name: str) -> tuple[type, type]:
-    """``(ConfigClass, ModuleClass)`` for a registered model name."""
+def spec(name: str):
+    """The :class:`~vjax.models.spec.ModelSpec` of a registered model name."""
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {names()}")
-    mod, cfg, cls = _MODELS[name]
-    m = importlib.import_module(mod)
-    return getattr(m, cfg), getattr(m, cls)
+    s = importlib.import_module(_MODELS[name]).SPEC
+    if s.name != name:
+        raise ValueError(f"{_MODELS[name]}.SPEC is named {s.name!r}, registered as {name!r}")
+    return s
+
+
+def get(name: str) -> tuple[type, type]:
+    """``(ConfigClass, ModuleClass)`` for a registered model name."""
+    s = spec(name)
+    return s.config, s.module
 
 
 def tokens_per_clip(name: str, variant: str = "tiny") -> int:

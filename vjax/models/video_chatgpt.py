@@ -24,6 +24,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.pooling import video_chatgpt_pool, video_chatgpt_token_mask
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -96,3 +97,11 @@ class VideoChatGPT(VideoLLM):
             return self.encode(frames, frame_mask), None
         mask = jnp.ones(frames.shape[:2], bool) if frame_mask is None else frame_mask
         return self.encode(frames, frame_mask), video_chatgpt_token_mask(mask, c.num_temporal, c.num_patches)
+
+
+SPEC = ModelSpec(
+    name="video_chatgpt", config=VideoChatGPTConfig, module=VideoChatGPT,
+    template="video_chatgpt", template_variant="train", visual=(Visual("video", "visual_tokens_for"),),
+    sampler="segment_midpoints", marker_tokens={"placeholder_id": "<vid_patch>"},
+    conversion="vjax.convert.video_chatgpt", hf_architectures=("VideoChatGPTLlamaForCausalLM",),
+    hf_model_types=("VideoChatGPT",))

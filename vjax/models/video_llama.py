@@ -27,6 +27,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.qformer import QFormer, QFormerConfig
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
+from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM, example_text
 
 
@@ -70,6 +71,11 @@ class VideoLLaMAConfig:
     @property
     def num_audio_tokens(self) -> int:
         return self.audio_qformer.num_query_tokens if self.audio_branch else 0
+
+    @property
+    def audio_input(self) -> tuple[int, int, int]:
+        """``(clips, mel bins, frames)`` of the audio input: ImageBind fbank clips (8 x 128 x 204 released)."""
+        return self.num_audio_clips, self.audio.image_size, self.audio.image_width or self.audio.image_size
 
     @property
     def num_visual_tokens(self) -> int:
@@ -179,3 +185,11 @@ class VideoLLaMA(VideoLLM):
             out["audio"] = jnp.zeros((batch, c.num_audio_clips, mel, width), jnp.float32)
             out["audio_mask"] = jnp.ones((batch, c.num_audio_clips), bool)
         return out
+
+
+SPEC = ModelSpec(
+    name="video_llama", config=VideoLLaMAConfig, module=VideoLLaMA,
+    template="video_llama", visual=(Visual("video", "num_video_tokens"),
+                                    Visual("audio", "num_audio_tokens", when="audio_branch")),
+    stop_strings=("###", "</s>"), sampler="uniform_floor", marker_tokens={"placeholder_id": "<ImageHere>"},
+    conversion="vjax.convert.video_llama", audio="audio_input")

@@ -1,0 +1,114 @@
+"""A model's declaration: everything the rest of vjax needs to know about it, in one place.
+
+Each model file ends with ``SPEC = ModelSpec(...)`` and ``vjax.models.registry`` names the file (one
+line). Everything outside the file reads the spec — the registry (config and module classes),
+``vjax.convert`` (its conversion module and the Hugging Face architecture names it reads),
+``vjax.data.formats.format_spec`` (its chat template, visual prompt pieces, stop strings, audio and
+subtitle inputs), the experiments (default frame sampler, marker tokens, streaming) — so no code outside a
+model file asks for a model by name or probes its config with ``hasattr``.
+
+The spec is plain data: names of config attributes, of templates, samplers and modules, so that
+``vjax.models`` imports neither ``vjax.data`` nor ``vjax.convert`` (the dependency arrows point down).
+
+Attribute names refer to the model's config: ``Visual("video", "num_visual_tokens")`` reads
+``config.num_visual_tokens``; a count that is a method (``"visual_tokens_for"``) is called with the clip's
+real frame count (Chat-UniVi: 1-2 frames are images; Video-ChatGPT: one temporal token per frame beyond 100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+PIECES = ("video", "frame", "audio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Visual:
+    """One kind of visual slot in the prompt.
+
+    Attributes:
+      piece: the template's piece: ``video`` (once per clip), ``frame`` (once per frame), ``audio`` (once per
+        clip, only when the data loads audio).
+      count: config attribute with the tokens per occurrence — an int, or a method of the clip's real frame
+        count.
+      id_field: config field holding the placeholder id those slots carry.
+      when: config attribute that must be true for the piece to appear (``""``: always).
+    """
+
+    piece: str
+    count: str
+    id_field: str = "placeholder_id"
+    when: str = ""
+
+    def __post_init__(self):
+        if self.piece not in PIECES:
+            raise ValueError(f"visual piece {self.piece!r} is not one of {PIECES}")
+
+    def enabled(self, config: Any, load_audio: bool = True) -> bool:
+        return (not self.when or bool(getattr(config, self.when))) and (self.piece != "audio" or load_audio)
+
+    def counts(self, config: Any, num_frames: int) -> int | tuple[int, ...]:
+        """Tokens per occurrence: an int, or a tuple indexed by the real frame count ``0..num_frames``."""
+        value = getattr(config, self.count)
+        if callable(value):
+            return tuple(int(value(t)) for t in range(num_frames + 1))
+        return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What vjax needs to know about one model (see the module docstring).
+
+    Attributes:
+      name: registry name (``chat_univi``).
+      config, module: the frozen config dataclass and the Flax module class.
+      template: chat template of ``vjax.data.templates`` (a rule name or the model name).
+      template_variant: that template's default variant for this model (``None``: the template's own).
+      template_options: keyword arguments of the template (e.g. the system prompt of ``vicuna_v1``).
+      visual: the visual pieces of the prompt, in the order the template places them.
+      stop_strings: where a generated answer ends (besides EOS).
+      sampler: default frame sampler of ``vjax.data.sampling`` (the release's rule); ``sampler_frames`` names
+        its argument that receives the clip's frame count T.
+      marker_tokens: config field -> the token a tokenizer spells that id with (resolved from the
+        tokenizer when it has the token: the synthetic set's, or a release's added tokens).
+      conversion: module of ``vjax.convert`` whose ``layout()`` reads the released checkpoints (``""``: none).
+      hf_architectures: ``config.json`` architectures that module reads (``vjax.from_pretrained``).
+      hf_model_types: ``config.json`` model types that identify the model whatever ``architectures`` says
+        (a release that names a generic class).
+      hf_bare_model_types: model types that identify it only when ``config.json`` names no architecture
+        (the generic decoder types ``llama``, ``mistral``, ``qwen2``).
+      audio: config attribute giving ``(clips, mel_bins, frames)`` of its audio input (``""``: no audio).
+      qformer_text: config field with the length of the Q-Former instruction (``""``: none).
+      subtitles: the template interleaves subtitles; ``subtitle_words`` is the config attribute capping them.
+      streams_frames: config attribute that is true when the module can take the video frame by frame
+        (``stream_init`` / ``stream_step``; MA-LMM's memory bank).
+    """
+
+    name: str
+    config: type
+    module: type
+    template: str = ""
+    template_variant: str | None = None
+    visual: tuple[Visual, ...] = ()
+    stop_strings: tuple[str, ...] = ("</s>",)
+    sampler: str = "uniform_floor"
+    sampler_frames: str = "num_samples"
+    template_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    marker_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    conversion: str = ""
+    hf_architectures: tuple[str, ...] = ()
+    hf_model_types: tuple[str, ...] = ()
+    hf_bare_model_types: tuple[str, ...] = ()
+    audio: str = ""
+    qformer_text: str = ""
+    subtitles: bool = False
+    subtitle_words: str = ""
+    streams_frames: str = ""
+
+    def placeholder_ids(self, config: Any) -> tuple[int, ...]:
+        """The ids of every visual slot of ``config`` (a chat session never rewinds into them)."""
+        return tuple(sorted({int(getattr(config, v.id_field)) for v in self.visual}))
+
+    def can_stream(self, config: Any) -> bool:
+        return bool(self.streams_frames) and bool(getattr(config, self.streams_frames))

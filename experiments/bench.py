@@ -589,8 +589,8 @@ def qwen2_vl_train_flops(module, params, v: VLSize) -> dict[str, Any]:
     flat = {jax.tree_util.keystr(p): int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     count = lambda pred: sum(n for k, n in flat.items() if pred(k))  # noqa: E731
     n_llm = count(lambda k: k.startswith("['llm']") and "embed_tokens" not in k)
-    n_merger = count(lambda k: k.startswith("['visual']['merger']"))
-    n_vit = count(lambda k: k.startswith("['visual']") and "['merger']" not in k)
+    n_merger = count(lambda k: k.startswith("['merger']"))
+    n_vit = count(lambda k: k.startswith("['vision']"))
     c = module.config.llm
     t, h, w = v.grid
     tokens, patches, seg = v.batch * v.seq, v.batch * t * h * w, h * w

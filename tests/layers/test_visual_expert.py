@@ -104,7 +104,8 @@ def lm_from_golden(case: str):
 def test_tiny_cogvlm2_language_model_matches_official(case):
     t, lm, params = lm_from_golden(case)
     valid = t["in/attention_mask"].astype(bool)
-    out = jax.jit(lambda p, e, ty, m: lm.apply({"params": p}, inputs_embeds=e, token_type_ids=ty, attention_mask=m,
+    out = jax.jit(lambda p, e, ty, m: lm.apply({"params": p}, inputs_embeds=e, vision=vision_expert_mask(ty),
+                                               position_ids=build_position_ids(ty, m), attention_mask=m,
                                                return_hidden=True))(
         params, jnp.asarray(t["out/inputs_embeds"], jnp.float32), jnp.asarray(t["in/token_type_ids"]),
         jnp.asarray(t["in/attention_mask"]))
@@ -124,9 +125,10 @@ def test_cached_decoding_equals_full_forward_and_compiles_once():
     embeds = jnp.asarray(t["out/inputs_embeds"], jnp.float32)
     types, mask = jnp.asarray(t["in/token_type_ids"]), jnp.asarray(t["in/attention_mask"])
     pos = build_position_ids(types, mask)
-    full = lm.apply({"params": params}, inputs_embeds=embeds, token_type_ids=types, attention_mask=mask).logits
+    full = lm.apply({"params": params}, inputs_embeds=embeds, vision=vision_expert_mask(types), position_ids=pos,
+                    attention_mask=mask).logits
     n = 9  # prefill 9 slots, then decode the last 3 one at a time
-    step = jax.jit(lambda c, e, ty, p, i: lm.apply({"params": params}, inputs_embeds=e, token_type_ids=ty,
+    step = jax.jit(lambda c, e, ty, p, i: lm.apply({"params": params}, inputs_embeds=e, vision=vision_expert_mask(ty),
                                                    attention_mask=mask, position_ids=p, cache=c, cache_index=i))
     out = step(lm.init_cache(2, 12), embeds[:, :n], types[:, :n], pos[:, :n], 0)
     valid = np.asarray(mask[:, :n], bool)
@@ -141,7 +143,8 @@ def test_cached_decoding_equals_full_forward_and_compiles_once():
 
 def test_one_compilation_serves_any_token_type_layout():
     t, lm, params = lm_from_golden("full_tiny")
-    run = jax.jit(lambda ty: lm.apply({"params": params}, jnp.asarray(t["in/input_ids"]), token_type_ids=ty).logits)
+    run = jax.jit(lambda ty: lm.apply({"params": params}, jnp.asarray(t["in/input_ids"]), vision=vision_expert_mask(ty),
+                                      position_ids=build_position_ids(ty)).logits)
     a = run(jnp.asarray(t["in/token_type_ids"]))
     b = run(jnp.zeros((2, 12), jnp.int32))  # text only
     assert run._cache_size() == 1 and np.abs(np.asarray(a - b)).max() > 1e-3
@@ -150,7 +153,7 @@ def test_one_compilation_serves_any_token_type_layout():
 def test_parameters_carry_logical_axes():
     lm = CausalLM(DecoderConfig.from_expert_config(VisualExpertConfig.tiny()))
     boxed = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
-                                           token_type_ids=jnp.array([[1, 1]], jnp.int32)))["params"]
+                                           vision=jnp.array([[True, True]])))["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
     layer = boxed["layers_0"]["self_attn"]

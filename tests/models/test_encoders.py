@@ -2,8 +2,10 @@
 
 * CLIP ViT-L/14 (224/336)  vs transformers ``CLIPVisionModel``          (penultimate features, pooled CLS)
 * EVA ViT-g + ln_vision    vs transformers ``Blip2VisionModel``          (HF and LAVIS key layouts)
-* EVA2-CLIP-E + conv + GLU vs golden vectors of CogVLM2's ``visual.py``  (tests/golden/eva2_clip_e)
-* Qwen2-VL vision tower    vs ``Qwen2VLForConditionalGeneration.model.visual`` (2 images + 1 video packed)
+* EVA2-CLIP-E trunk + CogVLM2-Video's conv + GLU adapter vs golden vectors of CogVLM2's ``visual.py``
+  (tests/golden/eva2_clip_e)
+* Qwen2-VL vision trunk + Qwen2-VL's patch merger vs ``Qwen2VLForConditionalGeneration.model.visual``
+  (2 images + 1 video packed)
 * ImageBind audio encoder  vs a torch transcription of spec_qformer_family §2.1 written below
 Tolerance: max |Δ| <= 1e-4 in float32. Published sizes: parameter names/shapes and counts.
 """
@@ -14,6 +16,7 @@ import functools
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +27,58 @@ from safetensors.numpy import load_file
 
 from vjax.convert.encoders import (
     clip_hf_table,
+    eva2_cogvlm2_adapter_table,
     eva2_cogvlm2_table,
     eva_hf_table,
     eva_lavis_table,
     imagebind_audio_table,
+    qwen2_vl_merger_table,
     qwen2_vl_vision_table,
 )
 from vjax.convert.io import SafetensorsSource, TorchSource, save_safetensors
-from vjax.convert.mapping import ConversionError, convert, export, export_plan, flatten_params, plan_conversion
+from vjax.convert.mapping import (
+    ConversionError,
+    convert,
+    export,
+    export_plan,
+    flatten_params,
+    plan_conversion,
+    with_prefix,
+)
+from vjax.models.cogvlm2_video import CogVLM2Adapter
 from vjax.models.encoders import Encoder, EncoderConfig, qwen2_vl_vision_inputs
+from vjax.models.qwen2_vl import PatchMerger
 from vjax.pretrained import abstract_params
+
+
+class TowerThenHead(nn.Module):
+    """A trunk followed by the head its model puts after it (CogVLM2-Video's adapter, Qwen2-VL's merger), as
+    the models compose them; ``features`` of the output is what the LLM consumes."""
+
+    config: EncoderConfig
+
+    def setup(self):
+        c = self.config
+        self.vision = Encoder(c)
+        self.head = CogVLM2Adapter(c) if c.tower == "eva2" else PatchMerger(c.out_dim, c.spatial_merge_size,
+                                                                             c.merger_eps)
+
+    def __call__(self, inputs, grid_thw=None, **kw):
+        out = self.vision(inputs, grid_thw, **kw)
+        head = self.head(out.features) if self.config.tower == "eva2" else self.head(out.features[None])[0]
+        return out.replace(features=head)
+
+    def example_inputs(self):
+        return Encoder(self.config, parent=None).example_inputs()
+
+
+def tower_then_head_table(config: EncoderConfig, prefix: str) -> list:
+    """The trunk's and the head's tables under ``TowerThenHead``'s parameter names."""
+    if config.tower == "eva2":
+        return [*with_prefix(eva2_cogvlm2_table(config, prefix), "vision/"),
+                *with_prefix(eva2_cogvlm2_adapter_table(prefix), "head/")]
+    return [*with_prefix(qwen2_vl_vision_table(config, prefix), "vision/"),
+            *with_prefix(qwen2_vl_merger_table(prefix), "head/")]
 
 TOL = 1e-4
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden" / "eva2_clip_e"
@@ -58,8 +103,8 @@ def torch_source(state: dict, tmp_path: pathlib.Path, name: str = "model.safeten
     return SafetensorsSource([path])
 
 
-def load_tower(config: EncoderConfig, source, table) -> tuple[Encoder, dict]:
-    module = Encoder(config)
+def load_tower(config: EncoderConfig, source, table, module: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    module = Encoder(config) if module is None else module
     params = convert(source, table, abstract_params(module))
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
@@ -199,7 +244,8 @@ def test_eva2_clip_e_matches_cogvlm2_golden(case, tmp_path):
     weights = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
     path = tmp_path / "vision.safetensors"
     save_safetensors(weights, path)
-    module, params = load_tower(config, SafetensorsSource([path]), eva2_cogvlm2_table(config))
+    table = tower_then_head_table(config, "model.vision.")
+    module, params = load_tower(config, SafetensorsSource([path]), table, TowerThenHead(config))
     images = jnp.asarray(data["in/images"].transpose(0, 2, 3, 1))
     out = module.apply({"params": params}, images)
     err = max_err(out.features, data["out/features"])
@@ -207,7 +253,7 @@ def test_eva2_clip_e_matches_cogvlm2_golden(case, tmp_path):
     print(f"eva2_clip_e {case}: max |Δ| features {err:.2e}, transformer {err_vit:.2e}")
     assert out.features.shape == data["out/features"].shape
     assert max(err, err_vit) <= TOL
-    assert set(dict(export(params, eva2_cogvlm2_table(config)))) == set(weights)
+    assert set(dict(export(params, table))) == set(weights)
 
 
 # ============================================================================ Qwen2-VL
@@ -244,7 +290,7 @@ def qwen_converted(tmp_path_factory):
     released = {f"visual.{k}": v for k, v in visual.state_dict().items()}
     config = qwen_tiny_config()
     module, params = load_tower(config, torch_source(released, tmp_path_factory.mktemp("qwen")),
-                                qwen2_vl_vision_table(config))
+                                tower_then_head_table(config, "visual."), TowerThenHead(config))
     n = int(np.prod(QWEN_GRIDS, axis=1).sum())
     x = torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -260,7 +306,7 @@ def test_qwen2_vl_vision_matches_transformers_packed_batch(qwen_converted):
     print(f"qwen2_vl vision (2 images + 1 video): max |Δ| merged {err:.2e}, ViT {err_vit:.2e}")
     assert out.features.shape == (x.shape[0] // 4, 48)
     assert max(err, err_vit) <= TOL
-    assert set(dict(export(params, qwen2_vl_vision_table(config)))) == set(released)
+    assert set(dict(export(params, tower_then_head_table(config, "visual.")))) == set(released)
 
 
 def test_qwen2_vl_vision_under_jit_and_masks_matter(qwen_converted):
@@ -412,12 +458,13 @@ def test_bf16_towers_stay_close_to_f32():
 
 
 # ============================================================================ published sizes
-def expected_shapes(config: EncoderConfig) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in flatten_params(abstract_params(Encoder(config))).items()}
+def expected_shapes(config: EncoderConfig, module: nn.Module | None = None) -> dict[str, tuple]:
+    module = Encoder(config) if module is None else module
+    return {k: tuple(v.shape) for k, v in flatten_params(abstract_params(module)).items()}
 
 
-def assert_layout(config, table, torch_shapes) -> int:
-    expected = expected_shapes(config)
+def assert_layout(config, table, torch_shapes, module: nn.Module | None = None) -> int:
+    expected = expected_shapes(config, module)
     plan = plan_conversion(torch_shapes, table, expected)
     assert (plan.missing, plan.unexpected, plan.mismatched) == ([], [], [])
     assert {k for k, _, _ in export_plan(list(expected), table)} == set(torch_shapes)
@@ -488,7 +535,7 @@ def test_eva2_clip_e_published_layout():
                        b + "mlp.fc2.bias": (d,), b + "post_attention_layernorm.weight": (d,),
                        b + "post_attention_layernorm.bias": (d,)})
     config = EncoderConfig.eva2_clip_e()
-    n = assert_layout(config, eva2_cogvlm2_table(config), shapes)
+    n = assert_layout(config, tower_then_head_table(config, p), shapes, TowerThenHead(config))
     adapter = d * d * 4 + d + h * d + 2 * h + 3 * h * inner + 2 * h
     # spec §4.1: "EVA2-CLIP-E (63 layers) ≈ 4.28 B + adapter ≈ 0.2 B"
     assert round((n - adapter) / 1e9, 2) == 4.28 and round(adapter / 1e9, 1) == 0.2
@@ -505,7 +552,7 @@ def test_qwen2_vl_vision_published_layout():
         shapes = {k.replace("model.visual.", "visual."): s for k, s in meta_shapes(hf).items()
                   if k.startswith("model.visual.")}
         config = getattr(EncoderConfig, variant)()
-        n = assert_layout(config, qwen2_vl_vision_table(config), shapes)
+        n = assert_layout(config, tower_then_head_table(config, "visual."), shapes, TowerThenHead(config))
         assert n == sum(int(np.prod(s)) for s in shapes.values())
         # Qwen2-VL paper: a 675 M-parameter ViT for every size (7B merger to 3584: 675.8 M)
         assert n == {3584: 675_759_104, 1536: 665_271_296}[out_dim]

@@ -128,8 +128,8 @@ def test_per_slice_attention_equals_block_masked_attention(tmp_path_factory):
     pix = jnp.asarray(np.random.default_rng(5).normal(size=(48, 3 * 2 * 14 * 14)), jnp.float32)
     pos, seg = qwen2_vl_vision_inputs(grid)
     enc = Encoder(module.config.vision)
-    dense = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg).features
-    sliced = enc.apply({"params": params["visual"]}, pix, positions=pos, segment_ids=seg, slice_size=16).features
+    dense = enc.apply({"params": params["vision"]}, pix, positions=pos, segment_ids=seg).features
+    sliced = enc.apply({"params": params["vision"]}, pix, positions=pos, segment_ids=seg, slice_size=16).features
     np.testing.assert_allclose(sliced, dense, atol=1e-5)
 
 

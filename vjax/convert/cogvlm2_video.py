@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from vjax.convert.encoders import eva2_cogvlm2_table
+from vjax.convert.encoders import eva2_cogvlm2_adapter_table, eva2_cogvlm2_table
 from vjax.convert.layout import Layout
 from vjax.convert.mapping import Rule, Skip, Split, with_prefix
 from vjax.convert.visual_expert import visual_expert_lm_table
@@ -59,7 +59,8 @@ def language_lm_table(llm: DecoderConfig, prefix: str = "model.", dst_prefix: st
 
 
 def cogvlm2_video_table(config: CogVLM2VideoConfig, keys=None) -> list:
-    vision = with_prefix(eva2_cogvlm2_table(config.vision), "vision/")
+    vision = [*with_prefix(eva2_cogvlm2_table(config.vision), "vision/"),
+              *with_prefix(eva2_cogvlm2_adapter_table(), "adapter/")]
     if config.llm.visual_experts:
         return [*vision, *visual_expert_lm_table(config.llm.expert_config, prefix="model.", dst_prefix="llm/")]
     return [*vision, *language_lm_table(config.llm)]

@@ -200,7 +200,8 @@ def eva_lavis_table(config: EncoderConfig, prefix: str = "visual_encoder.", ln_p
 
 # ----------------------------------------------------------------------------- EVA2-CLIP-E (CogVLM2)
 def eva2_cogvlm2_table(config: EncoderConfig, prefix: str = "model.vision.") -> Table:
-    """CogVLM2 remote-code ``EVA2CLIPModel`` (``visual.py``) keys, as in the released safetensors."""
+    """CogVLM2 remote-code ``EVA2CLIPModel`` (``visual.py``) trunk keys, as in the released safetensors (its
+    adapter: :func:`eva2_cogvlm2_adapter_table`)."""
     p, layer, d = prefix, f"{prefix}transformer.layers.{{i}}", config.width
     return [
         Rule(f"{p}patch_embedding.proj.weight", "vit/patch_embed/kernel", "conv"),
@@ -210,6 +211,14 @@ def eva2_cogvlm2_table(config: EncoderConfig, prefix: str = "model.vision.") -> 
         *_qkv(f"{layer}.attention.query_key_value.weight", f"{layer}.attention.query_key_value.bias",
               "vit/blocks_{i}", d, (True, True, True)),
         *_block(layer, norm1="input_layernorm", norm2="post_attention_layernorm", out="attention.dense"),
+    ]
+
+
+def eva2_cogvlm2_adapter_table(prefix: str = "model.vision.") -> Table:
+    """CogVLM2's vision head after the trunk (``conv``, ``linear_proj``, ``boi``/``eoi`` of ``visual.py``) ->
+    :class:`vjax.models.cogvlm2_video.CogVLM2Adapter` parameters."""
+    p = prefix
+    return [
         Rule(f"{p}conv.weight", "conv/kernel", "conv"),
         Rule(f"{p}conv.bias", "conv/bias"),
         Rule(f"{p}linear_proj.linear_proj.weight", "glu/linear_proj/kernel", "T"),
@@ -224,17 +233,21 @@ def eva2_cogvlm2_table(config: EncoderConfig, prefix: str = "model.vision.") -> 
 
 # ----------------------------------------------------------------------------- Qwen2-VL
 def qwen2_vl_vision_table(config: EncoderConfig, prefix: str = "visual.") -> Table:
-    """Qwen2-VL ``visual.*`` (released safetensors; use ``prefix="model.visual."`` for transformers-5 saves)."""
+    """Qwen2-VL ``visual.*`` trunk (released safetensors; ``prefix="model.visual."`` for transformers-5 saves;
+    the merger: :func:`qwen2_vl_merger_table`)."""
     p, blk, d = prefix, f"{prefix}blocks.{{i}}", config.width
     return [
         Rule(f"{p}patch_embed.proj.weight", "vit/patch_embed/kernel", "conv"),
         *_qkv(f"{blk}.attn.qkv.weight", f"{blk}.attn.qkv.bias", "vit/blocks_{i}", d, (True, True, True)),
         *_block(blk, norm1="norm1", norm2="norm2", out="attn.proj"),
-        *_norm(f"{p}merger.ln_q", "merger/ln_q"),
-        *_linear(f"{p}merger.mlp.0", "merger/mlp_0"),
-        *_linear(f"{p}merger.mlp.2", "merger/mlp_2"),
         Skip(f"{p}rotary_pos_emb.inv_freq"),
     ]
+
+
+def qwen2_vl_merger_table(prefix: str = "visual.") -> Table:
+    """Qwen2-VL's ``visual.merger.*`` -> :class:`vjax.models.qwen2_vl.PatchMerger` parameters."""
+    return [*_norm(f"{prefix}merger.ln_q", "ln_q"), *_linear(f"{prefix}merger.mlp.0", "mlp_0"),
+            *_linear(f"{prefix}merger.mlp.2", "mlp_2")]
 
 
 # ----------------------------------------------------------------------------- ImageBind audio

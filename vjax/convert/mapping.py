@@ -187,7 +187,7 @@ Table = Sequence["Rule | Split | Skip | PadRows"]
 
 def with_prefix(table: Table, dst_prefix: str = "", src_prefix: str = "") -> list:
     """The same rules with ``src_prefix`` before every torch key and ``dst_prefix`` before every vjax
-    path, to place a component's table inside a larger model (``"visual/"``, ``"llm/"``)."""
+    path, to place a component's table inside a larger model (``"vision/"``, ``"llm/"``)."""
     out = []
     for rule in table:
         kw = {"src": src_prefix + rule.src}

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from vjax.convert.decoder import decoder_table
-from vjax.convert.encoders import qwen2_vl_vision_table
+from vjax.convert.encoders import qwen2_vl_merger_table, qwen2_vl_vision_table
 from vjax.convert.layout import Layout
 from vjax.convert.mapping import with_prefix
 from vjax.models.qwen2_vl import Qwen2VLConfig
@@ -19,7 +19,8 @@ def qwen2_vl_table(config: Qwen2VLConfig, layout: str = "release") -> list:
         vision, llm = "model.visual.", "model.language_model."
     else:
         raise ValueError(f"unknown Qwen2-VL layout {layout!r}; use 'release' or 'transformers5'")
-    return [*with_prefix(qwen2_vl_vision_table(config.vision, prefix=vision), "visual/"),
+    return [*with_prefix(qwen2_vl_vision_table(config.vision, prefix=vision), "vision/"),
+            *with_prefix(qwen2_vl_merger_table(prefix=vision), "merger/"),
             *decoder_table(config.llm, prefix=llm, dst_prefix="llm/")]
 
 

@@ -259,10 +259,12 @@ class VisualExpertDecoderLayer(nn.Module):
     config: VisualExpertConfig
 
     @nn.compact
-    def __call__(self, h, vision, cos=None, sin=None, mask=None, cache=None, cache_index=0):
-        """``h [B, L, D]``, ``vision [B, L]``, ``cos``/``sin [B, L, Dh]``, bool ``mask [B, 1, L, S]``
-        (default: causal over ``L``) -> ``(h [B, L, D], cache)``."""
+    def __call__(self, h, vision=None, cos=None, sin=None, mask=None, cache=None, cache_index=0):
+        """``h [B, L, D]``, ``vision [B, L]`` (default: every token to the language expert), ``cos``/``sin
+        [B, L, Dh]``, bool ``mask [B, 1, L, S]`` (default: causal over ``L``) -> ``(h [B, L, D], cache)``."""
         c = self.config
+        if vision is None:
+            vision = jnp.zeros(h.shape[:2], bool)
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if mask is None and cache is None:
             mask = jnp.tril(jnp.ones((h.shape[1], h.shape[1]), bool))[None, None]

@@ -1,5 +1,6 @@
 """CogVLM2-Video (Hong et al. 2024, arXiv 2408.16500): EVA2-CLIP-E frames with a 2x2 conv + GLU
-adapter, each frame followed by its timestamp, CogVLM's position ids, and a Llama-3 decoder.
+adapter (:class:`CogVLM2Adapter`, after the tower's trunk), each frame followed by its timestamp, CogVLM's
+position ids, and a Llama-3 decoder.
 
     per frame:  V_t = [boi ; GLU(conv2x2(EVA2(frame_t))) ; eoi]       [66, D]   (224 px)
     sequence:   BOS, V_0, "0", V_1, "1", ..., V_{T-1}, "T-1", "Question: ... Answer:"
@@ -13,13 +14,17 @@ adapter, each frame followed by its timestamp, CogVLM's position ids, and a Llam
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vjax.layers.splice import splice_tokens
-from vjax.layers.visual_expert import build_position_ids
-from vjax.models.decoder import CausalLM, CausalLMOutput, DecoderConfig
+from vjax.layers.mlp import GatedMlp, activation, dense
+from vjax.layers.norm import LayerNorm
+from vjax.layers.partitioning import constrain
+from vjax.layers.visual_expert import build_position_ids, vision_expert_mask
+from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
 from vjax.models.spec import ModelSpec, Visual
 from vjax.models.video_llm import VideoLLM
@@ -69,7 +74,56 @@ class CogVLM2VideoConfig:
         base = cls.cogvlm2_video_llama3_chat()
         return cls.cogvlm2_video_llama3_chat(**{"llm": base.llm.replace(visual_experts=True), **kw})
 
-    STAGES = {"full": None, "llm": (r"^llm/",), "adapter": (r"^vision/(conv|glu|boi|eoi)",)}
+    STAGES = {"full": None, "llm": (r"^llm/",), "adapter": (r"^adapter/",)}
+
+
+class GluAdapter(nn.Module):
+    """CogVLM2's ``linear_proj``: ``y = LN(linear_proj(x)); y = GELU(y); down(silu(gate(y)) * up(y))``."""
+
+    hidden_size: int
+    intermediate_size: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, H]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = dense(self.hidden_size, ("embed", "mlp"), name="linear_proj", **kw)(x)  # [B, N, H]
+        y = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm1")(y)
+        y = activation("gelu")(y)
+        # Batch-sharded, features replicated: without this pin, XLA's SPMD partitioner mis-partitions the
+        # backward pass of this block on meshes that use all three axes (data, fsdp, tensor) — the
+        # gradients of the whole EVA2 tower came out wrong (tests/train/test_sharded.py, cogvlm2 2x2x2).
+        y = constrain(y, ("batch", None, None))
+        return GatedMlp(self.hidden_size, self.intermediate_size, "silu", name="mlp", **kw)(y)
+
+
+class CogVLM2Adapter(nn.Module):
+    """CogVLM2's vision head after the EVA2 trunk (``visual.py``): the ``g x g`` patch grid (CLS dropped) is
+    downsampled by a 2x2 stride-2 ``conv``, projected by :class:`GluAdapter` (``glu``) to the LLM width, and
+    framed by learned ``boi`` / ``eoi``: ``[B, g*g, D] -> [B, (g/2)^2 + 2, H]``."""
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        b, _, d = x.shape
+        g = c.grid[0]
+        x = x.reshape(b, g, g, d)  # row-major grid
+        x = nn.Conv(d, (2, 2), strides=(2, 2), padding="VALID", dtype=dt, param_dtype=pdt, name="conv",
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                             (None, None, "embed", None)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
+        x = x.reshape(b, -1, d)  # [B, (g/2)^2, D]
+        x = GluAdapter(c.out_dim, c.glu_dim, c.glu_eps, dt, pdt, name="glu")(x)  # [B, (g/2)^2, H]
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",))
+        boi = self.param("boi", init, (c.out_dim,), pdt).astype(x.dtype)
+        eoi = self.param("eoi", init, (c.out_dim,), pdt).astype(x.dtype)
+        edge = lambda v: jnp.broadcast_to(v, (b, 1, c.out_dim))  # noqa: E731
+        return jnp.concatenate([edge(boi), x, edge(eoi)], axis=1)  # [B, (g/2)^2 + 2, H]
 
 
 class CogVLM2Video(VideoLLM):
@@ -77,29 +131,30 @@ class CogVLM2Video(VideoLLM):
 
     def setup(self):
         c = self.config
-        self.vision = Encoder(c.vision)
-        self.llm = CausalLM(c.llm)  # llm.visual_experts switches CogVLM's expert layers on
+        self.vision = Encoder(c.vision)  # the EVA2-CLIP-E trunk
+        self.adapter = CogVLM2Adapter(c.vision)
+        self.llm = CausalLM(c.llm)  # llm.visual_experts: CogVLM's expert blocks (decoder.visual_expert_block)
 
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         """``[B, T, H, W, 3]`` -> ``[B, T * 66, D]`` in frame order (padded frames are never referenced)."""
-        feats = self.frame_features(frames)  # [B, T, 66, D]
-        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+        feats = self.frame_features(frames)  # [B, T, g*g, C]
+        b, t, n, d = feats.shape
+        tokens = self.adapter(feats.reshape(b * t, n, d))  # [B*T, 66, D]
+        return tokens.reshape(b, -1, tokens.shape[-1])
 
-    def __call__(self, input_ids, *, attention_mask=None, position_ids=None, cache=None, cache_index=0,
-                 frames=None, frame_mask=None) -> CausalLMOutput:
-        b, l = input_ids.shape
-        types = (input_ids == self.config.placeholder_id).astype(jnp.int32)  # 1 = vision slot
-        embeds = self.llm.embed(input_ids)
-        if frames is not None:
-            embeds = splice_tokens(embeds, self.encode(frames, frame_mask), types.astype(bool))
-        mask = attention_mask if attention_mask is not None else jnp.ones((b, l), jnp.int32)
-        if position_ids is None:
-            if not (isinstance(cache_index, int) and cache_index == 0):
-                raise ValueError("position_ids are required when decoding from a non-empty cache")
-            position_ids = build_position_ids(types, mask[:, :l])
-        experts = {"token_type_ids": types} if self.config.llm.visual_experts else {}
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=cache, cache_index=cache_index, **experts)
+    def token_types(self, input_ids: jax.Array) -> jax.Array:
+        """``[B, L]`` 1 on vision slots (the placeholder), 0 on text."""
+        return (input_ids == self.config.placeholder_id).astype(jnp.int32)
+
+    def positions(self, input_ids: jax.Array, attention_mask: jax.Array, **visual: Any) -> jax.Array:
+        """CogVLM's ids (``build_position_ids``): a vision run shares one position."""
+        return build_position_ids(self.token_types(input_ids), attention_mask)
+
+    def llm_inputs(self, input_ids: jax.Array) -> dict[str, jax.Array]:
+        """The routing of the visual-expert blocks (vision slots to the vision expert)."""
+        if not self.config.llm.visual_experts:
+            return {}
+        return {"vision": vision_expert_mask(self.token_types(input_ids))}
 
 
 SPEC = ModelSpec(

@@ -8,12 +8,16 @@
 Numerics follow transformers' ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``.
 Position ids are ``[B, L]`` (1-D RoPE) or ``[3, B, L]`` (Qwen2-VL's M-RoPE when ``mrope_section`` is
 set); masks are over cache slots, so left-padded batches and KV-cache decoding share one code path.
+
+The block is a factory (``CausalLM(config, block=...)``): :func:`decoder_block` by default, and
+:func:`visual_expert_block` for CogVLM's visual-expert layers (a config with ``visual_experts=True``), which
+read the per-token routing ``vision [B, L]`` passed through ``CausalLM.__call__(..., vision=...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -25,12 +29,7 @@ from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
-from vjax.layers.visual_expert import (
-    VisualExpertConfig,
-    VisualExpertDecoderLayer,
-    build_position_ids,
-    vision_expert_mask,
-)
+from vjax.layers.visual_expert import VisualExpertConfig, VisualExpertDecoderLayer
 from vjax.models.losses import next_token_loss
 from vjax.models.spec import ModelSpec
 
@@ -316,10 +315,26 @@ class DecoderLayer(nn.Module):
         return h, cache
 
 
+def decoder_block(config: "DecoderConfig", name: str) -> nn.Module:
+    """The LLaMA-family block (:class:`DecoderLayer`), rematerialised when ``config.remat``."""
+    return (nn.remat(DecoderLayer) if config.remat else DecoderLayer)(config, name=name)
+
+
+def visual_expert_block(config: "DecoderConfig", name: str) -> nn.Module:
+    """CogVLM's visual-expert block (:class:`~vjax.layers.visual_expert.VisualExpertDecoderLayer`) with this
+    decoder's sizes; it reads ``vision [B, L]`` (True: the token goes to the vision expert)."""
+    layer = nn.remat(VisualExpertDecoderLayer) if config.remat else VisualExpertDecoderLayer
+    return layer(config.expert_config, name=name)
+
+
 class CausalLM(nn.Module):
-    """The decoder with its embedding and LM head. See the module docstring for the formula."""
+    """The decoder with its embedding and LM head. See the module docstring for the formula.
+
+    ``block``: ``(config, name) -> module`` building each layer (:func:`decoder_block`, or
+    :func:`visual_expert_block` for a config with ``visual_experts``)."""
 
     config: DecoderConfig
+    block: Callable[..., nn.Module] | None = None
 
     def setup(self):
         c = self.config
@@ -328,12 +343,8 @@ class CausalLM(nn.Module):
             c.vocab_size, c.hidden_size, param_dtype=pdt, dtype=jnp.dtype(c.dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        if c.visual_experts:
-            layer = nn.remat(VisualExpertDecoderLayer) if c.remat else VisualExpertDecoderLayer
-            self.layers = [layer(c.expert_config, name=f"layers_{i}") for i in range(c.num_layers)]
-        else:
-            layer = nn.remat(DecoderLayer) if c.remat else DecoderLayer
-            self.layers = [layer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        block = self.block or (visual_expert_block if c.visual_experts else decoder_block)
+        self.layers = [block(c, f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, pdt)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), param_dtype=pdt)
@@ -365,8 +376,8 @@ class CausalLM(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Sequence[Cache] | None = None,
         cache_index: jax.Array | int = 0,
-        token_type_ids: jax.Array | None = None,
         return_hidden: bool = False,
+        **block_inputs: jax.Array,
     ) -> CausalLMOutput:
         """Run the decoder.
 
@@ -376,8 +387,8 @@ class CausalLM(nn.Module):
             cache length with one (1 = real token, 0 = padding). Default: all ones.
           position_ids: ``[B, L]`` or ``[3, B, L]``; default HF's ``cumsum(mask) - 1``.
           cache / cache_index: the KV cache and the slot where this chunk starts.
-          token_type_ids: ``[B, L]`` 1 on image tokens, 0 on text — routes the visual experts and sets
-            CogVLM's default positions (``build_position_ids``); only with ``visual_experts``.
+          **block_inputs: passed to every block, e.g. ``vision [B, L]`` (bool: the token takes the vision
+            expert) for :func:`visual_expert_block`.
         Returns:
           ``CausalLMOutput`` with float32 ``logits [B, L, V]`` and the updated cache.
         """
@@ -396,23 +407,15 @@ class CausalLM(nn.Module):
         if position_ids is None:
             if not (isinstance(cache_index, int) and cache_index == 0):
                 raise ValueError("position_ids are required when decoding from a non-empty cache")
-            if c.visual_experts and token_type_ids is not None:
-                position_ids = build_position_ids(token_type_ids, attention_mask[:, :l])
-            else:
-                position_ids = default_position_ids(attention_mask[:, :l])
+            position_ids = default_position_ids(attention_mask[:, :l])
         if position_ids.ndim == 2 and c.mrope_section is not None:
             position_ids = jnp.broadcast_to(position_ids, (3,) + position_ids.shape)  # text: t = h = w
         cos, sin = self.rotary(position_ids)
         mask = make_attention_mask(attention_mask, l, query_offset=cache_index, sliding_window=c.sliding_window)
-        extra = ()
-        if c.visual_experts:
-            types = token_type_ids if token_type_ids is not None else jnp.zeros((b, l), jnp.int32)
-            extra = (vision_expert_mask(types),)
-        elif token_type_ids is not None:
-            raise ValueError("token_type_ids route visual experts; this decoder has visual_experts=False")
         hidden, new_cache = [h], []
         for i, layer in enumerate(self.layers):
-            h, layer_cache = layer(h, *extra, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            h, layer_cache = layer(h, cos=cos, sin=sin, mask=mask, cache=None if cache is None else cache[i],
+                                   cache_index=cache_index, **block_inputs)
             new_cache.append(layer_cache)
             hidden.append(h)
         h = self.norm(h)

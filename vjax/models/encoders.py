@@ -4,9 +4,12 @@
 |---|---|---|
 | ``clip``  OpenAI CLIP ViT-L/14 @224/@336 | Video-ChatGPT, Chat-UniVi | ``hidden_states[-2][:, 1:]`` ``[B, 256, 1024]`` (penultimate block, CLS dropped, no final LN) |
 | ``eva``   EVA-CLIP ViT-g/14 of BLIP-2 + ``ln_vision`` | Video-LLaMA, MiniGPT4-video, MA-LMM | ``ln_vision(vit(x))`` ``[B, 257, 1408]`` (CLS kept) |
-| ``eva2``  EVA2-CLIP-E of CogVLM2 + 2x2 conv + GLU + boi/eoi | CogVLM2-Video | ``[B, 66, 4096]`` |
-| ``qwen2_vl`` Qwen2-VL ViT (3-D patches, 2-D RoPE, packed, merger) | Qwen2-VL | ``[sum t*h*w / 4, D_llm]`` |
+| ``eva2``  EVA2-CLIP-E of CogVLM2 | CogVLM2-Video | ``vit(x)[:, 1:]`` ``[B, 256, 1792]`` (CLS dropped; the model's adapter follows) |
+| ``qwen2_vl`` Qwen2-VL ViT (3-D patches, 2-D RoPE, packed) | Qwen2-VL | ``[sum t*h*w, 1280]`` patch features (the model's merger follows) |
 | ``imagebind_audio`` ImageBind-Huge audio trunk + head + x20 L2 norm | Video-LLaMA audio branch | ``[B, 1024]`` with norm 20 |
+
+A tower is a trunk: what turns its features into LLM tokens (a projector, CogVLM2's conv + GLU adapter,
+Qwen2-VL's patch merger) lives in the model that uses it.
 
 Per-tower differences are switches of the one trunk (sources: the official code as read in
 ``spec_vit_family.md`` §1.1, §4.2, §5.3 and ``spec_qformer_family.md`` §1.1, §1.2, §2.1):
@@ -15,12 +18,11 @@ Per-tower differences are switches of the one trunk (sources: the official code 
   quick_gelu; ``post_layernorm`` only on the pooled CLS (``EncoderOutput.pooled``).
 * EVA-g: patch conv with bias, q/v bias without k bias, pre-LN eps 1e-6, exact GELU, 39 blocks, no final
   norm inside the ViT; then ``ln_vision`` (eps 1e-5) over all tokens.
-* EVA2-CLIP-E: post-branch norms ``x + LN(Attn(x))``, fused qkv with bias, no final LN; CLS dropped; the
-  16x16 grid is downsampled by a 2x2 stride-2 conv; GLU adapter ``linear_proj -> LN(1e-5) -> GELU ->
-  down(silu(gate(y)) * up(y))``; learned ``boi``/``eoi`` around the 64 tokens.
+* EVA2-CLIP-E: post-branch norms ``x + LN(Attn(x))``, fused qkv with bias, no final LN; CLS dropped
+  (CogVLM2-Video's adapter: ``vjax.models.cogvlm2_video``).
 * Qwen2-VL: Conv3d (2, 14, 14) without bias on pre-flattened patches, no cls/abs positions, 2-D RoPE
-  (theta 1e4) on q/k, block-diagonal attention per image / temporal slice, LN eps 1e-6, quick_gelu;
-  ``merger``: ``ln_q`` then concat 2x2 neighbours -> Linear -> GELU -> Linear.
+  (theta 1e4) on q/k, block-diagonal attention per image / temporal slice, LN eps 1e-6, quick_gelu (the
+  patch merger: ``vjax.models.qwen2_vl``).
 * ImageBind audio: 1-channel Conv2d kernel 16 stride 10 without bias on the ``[128 mel, 204 frames]``
   fbank, LayerNorm (1e-5) on the patch tokens, cls, learned positions; 12 pre-LN blocks (eps 1e-6) whose
   attention appends learned ``bias_k``/``bias_v``; head ``LN(1e-6) -> CLS -> Linear(no bias)``;
@@ -38,9 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vjax.layers.mlp import GatedMlp, activation, dense
+from vjax.layers.mlp import dense
 from vjax.layers.norm import LayerNorm
-from vjax.layers.partitioning import constrain
 from vjax.layers.vit import (
     ViT,
     grid_positions_2d,
@@ -90,7 +91,7 @@ class EncoderConfig:
     feature_layer: int = -1  # CLIP: -2 (index into hidden_states)
     drop_cls: bool = False
     pool_norm: bool = False  # CLIP post_layernorm on the CLS token
-    out_dim: int | None = None  # LLM width (eva2 GLU, qwen2_vl merger) or ImageBind's 1024
+    out_dim: int | None = None  # LLM width of the model's eva2 adapter / qwen2_vl merger; ImageBind's 1024
     glu_dim: int | None = None  # eva2 GLU inner width (the LLM's intermediate_size)
     glu_eps: float = 1e-5
     spatial_merge_size: int = 2
@@ -203,54 +204,9 @@ class EncoderOutput:
     hidden_states: tuple[jax.Array, ...] = ()
 
 
-class GluAdapter(nn.Module):
-    """CogVLM2's ``linear_proj``: ``y = LN(linear_proj(x)); y = GELU(y); down(silu(gate(y)) * up(y))``."""
-
-    hidden_size: int
-    intermediate_size: int
-    eps: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, H]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = dense(self.hidden_size, ("embed", "mlp"), name="linear_proj", **kw)(x)  # [B, N, H]
-        y = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm1")(y)
-        y = activation("gelu")(y)
-        # Batch-sharded, features replicated: without this pin, XLA's SPMD partitioner mis-partitions the
-        # backward pass of this block on meshes that use all three axes (data, fsdp, tensor) — the
-        # gradients of the whole EVA2 tower came out wrong (tests/train/test_sharded.py, cogvlm2 2x2x2).
-        y = constrain(y, ("batch", None, None))
-        return GatedMlp(self.hidden_size, self.intermediate_size, "silu", name="mlp", **kw)(y)
-
-
-class PatchMerger(nn.Module):
-    """Qwen2-VL ``merger``: ``ln_q`` per patch, concatenate ``m*m`` consecutive (= spatially adjacent, by the
-    merge-block order) patches, then ``mlp_0 -> GELU -> mlp_2`` (``[N, D] -> [N / m^2, out]``)."""
-
-    out_dim: int
-    merge: int = 2
-    eps: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, d = x.shape
-        k = self.merge**2
-        x = LayerNorm(self.eps, param_dtype=self.param_dtype, name="ln_q")(x)
-        x = x.reshape(b, n // k, k * d)  # [B, N/4, 4D]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
-        x = dense(k * d, ("embed", "mlp"), name="mlp_0", **kw)(x)
-        x = activation("gelu")(x)
-        return dense(self.out_dim, ("mlp", "embed"), name="mlp_2", **kw)(x)  # [B, N/4, out]
-
-
 class Encoder(nn.Module):
-    """One encoder tower; ``config.tower`` picks the head. Parameter tree: ``vit`` (the trunk) plus
-    ``post_layernorm`` (clip), ``conv``/``glu``/``boi``/``eoi`` (eva2), ``merger`` (qwen2_vl),
-    ``head_norm``/``head_proj`` (imagebind_audio)."""
+    """One encoder tower; ``config.tower`` picks its final norm or head. Parameter tree: ``vit`` (the trunk)
+    plus ``post_layernorm`` (clip), ``ln_vision`` (eva), ``head_norm``/``head_proj`` (imagebind_audio)."""
 
     config: EncoderConfig
 
@@ -318,22 +274,7 @@ class Encoder(nn.Module):
             feats = LayerNorm(c.post_norm_eps, param_dtype=pdt, name="ln_vision")(h) if c.post_norm else h
             return EncoderOutput(feats, h, None, hidden)
         if c.tower == "eva2":
-            x = h[:, 1:]  # [B, g*g, D]
-            b, n, d = x.shape
-            g = c.grid[0]
-            x = x.reshape(b, g, g, d)  # row-major grid
-            x = nn.Conv(d, (2, 2), strides=(2, 2), padding="VALID", dtype=dt, param_dtype=pdt, name="conv",
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                 (None, None, "embed", None)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
-            x = x.reshape(b, -1, d)  # [B, (g/2)^2, D]
-            x = GluAdapter(c.out_dim, c.glu_dim, c.glu_eps, dt, pdt, name="glu")(x)  # [B, (g/2)^2, H]
-            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",))
-            boi = self.param("boi", init, (c.out_dim,), pdt).astype(x.dtype)
-            eoi = self.param("eoi", init, (c.out_dim,), pdt).astype(x.dtype)
-            edge = lambda v: jnp.broadcast_to(v, (b, 1, c.out_dim))  # noqa: E731
-            feats = jnp.concatenate([edge(boi), x, edge(eoi)], axis=1)  # [B, (g/2)^2 + 2, H]
-            return EncoderOutput(feats, h, None, hidden)
+            return EncoderOutput(h[:, 1:], h, None, hidden)  # [B, g*g, D]: the patch grid, row-major
         # imagebind_audio: head = LN -> CLS -> Linear (no bias); postprocessor = logit_scale * l2norm
         cls = LayerNorm(c.head_eps, param_dtype=pdt, name="head_norm")(h)[:, 0]  # [B, D]
         emb = dense(c.out_dim, ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="head_proj")(cls)  # [B, out]
@@ -363,9 +304,7 @@ class Encoder(nn.Module):
             mask = segment_mask(segment_ids[None])  # [1, 1, N, N]
             out = self.trunk()(inputs[None], cos=cos, sin=sin, mask=mask)
             last, hidden = out.last, out.hidden_states
-        merged = PatchMerger(c.out_dim, c.spatial_merge_size, c.merger_eps, jnp.dtype(c.dtype),
-                             jnp.dtype(c.param_dtype), name="merger")(last)  # [1, N/4, out]
-        return EncoderOutput(merged[0], last[0], None, hidden)
+        return EncoderOutput(last[0], last[0], None, hidden)  # [N, D] in merge-block order
 
 
 def qwen2_vl_vision_inputs(grid_thw, merge: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@ x 14 x 14, 2-D RoPE, block-diagonal attention per image / frame pair, 2x2 patch 
 Qwen2 decoder with M-RoPE over (temporal, height, width).
 
     patches  = pack(images, videos)                         [N, 3*2*14*14]   (merge-block-major order)
-    features = merger(ViT(patches, grid_thw))               [N / 4, D]
+    features = merger(ViT(patches, grid_thw))               [N / 4, D]       (PatchMerger: the model's, after the trunk)
     embeds   = embed(ids) with image/video pad tokens <- features (in order)
     pos      = rope_index(ids, grids)                       [3, B, L]        (original Qwen2-VL rule)
     logits   = Qwen2(embeds, M-RoPE(pos))
@@ -14,13 +14,16 @@ Source: spec_vit_family.md §5; the transformers ``Qwen2VLForConditionalGenerati
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vjax.layers.mlp import activation, dense
 from vjax.layers.mrope import get_rope_index_jax
+from vjax.layers.norm import LayerNorm
 from vjax.layers.splice import splice_tokens
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig, qwen2_vl_vision_inputs
@@ -105,7 +108,7 @@ class Qwen2VLConfig:
                    vision_start_token_id=cfg.get("vision_start_token_id", 151652))
         return cls(**{"vision": vision, "llm": llm, **ids, **kw})
 
-    STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^visual/merger/", r"^llm/")}
+    STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^merger/", r"^llm/")}
 
 
 def qwen2_vl_patchify(frames: jax.Array, patch: int = 14, temporal: int = 2, merge: int = 2) -> jax.Array:
@@ -132,66 +135,89 @@ def _host_grid(grid: Any, name: str) -> np.ndarray:
     return np.asarray(grid, np.int64).reshape(-1, 3)
 
 
+class PatchMerger(nn.Module):
+    """Qwen2-VL ``merger``: ``ln_q`` per patch, concatenate ``m*m`` consecutive (= spatially adjacent, by the
+    merge-block order) patches, then ``mlp_0 -> GELU -> mlp_2`` (``[N, D] -> [N / m^2, out]``)."""
+
+    out_dim: int
+    merge: int = 2
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        k = self.merge**2
+        x = LayerNorm(self.eps, param_dtype=self.param_dtype, name="ln_q")(x)
+        x = x.reshape(b, n // k, k * d)  # [B, N/4, 4D]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        x = dense(k * d, ("embed", "mlp"), name="mlp_0", **kw)(x)
+        x = activation("gelu")(x)
+        return dense(self.out_dim, ("mlp", "embed"), name="mlp_2", **kw)(x)  # [B, N/4, out]
+
+
 class Qwen2VL(VideoLLM):
     config: Qwen2VLConfig
 
     def setup(self):
-        self.visual = Encoder(self.config.vision)
-        self.llm = CausalLM(self.config.llm)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        *,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        cache: Any = None,
-        cache_index: jax.Array | int = 0,
-        pixel_values: jax.Array | None = None,
-        image_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None,
-        pixel_values_videos: jax.Array | None = None,
-        video_grid_thw: Sequence[Sequence[int]] | np.ndarray | None = None,
-        frames: jax.Array | None = None,
-        frame_mask: jax.Array | None = None,
-    ):
-        """Logits for text with packed images/videos (reference layout) or a batch of clips ``frames``.
-
-        Args:
-          pixel_values / image_grid_thw: packed image patches ``[N_i, 1176]`` and their grids (host).
-          pixel_values_videos / video_grid_thw: the same for videos.
-          frames: ``[B, T, H, W, 3]`` normalised clips (one video per row, static grid); ``frame_mask``
-            is accepted for the shared batch format (Qwen2-VL encodes every frame it is given).
-        """
         c = self.config
-        b, l = input_ids.shape
+        self.vision = Encoder(c.vision)  # the ViT trunk (packed patches, 2-D RoPE)
+        v = c.vision
+        self.merger = PatchMerger(v.out_dim, v.spatial_merge_size, v.merger_eps, jnp.dtype(v.dtype),
+                                  jnp.dtype(v.param_dtype))
+        self.llm = CausalLM(c.llm)
+
+    def _visual_inputs(self, batch: int, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                       video_grid_thw=None, frames=None, frame_mask=None) -> dict[str, tuple[Any, np.ndarray, int]]:
+        """``{"image" | "video": (packed patches, host grid [n, 3], placeholder id)}`` of the given inputs;
+        ``frames [B, T, H, W, 3]`` (one video per row, static grid) are patchified here."""
+        c = self.config
         if frames is not None:
-            grid = c.video_grid
             pixel_values_videos = jax.vmap(lambda f: qwen2_vl_patchify(
                 f, c.vision.patch_size, c.vision.temporal_patch_size, c.vision.spatial_merge_size))(frames)
             pixel_values_videos = pixel_values_videos.reshape(-1, pixel_values_videos.shape[-1])
-            video_grid_thw = np.asarray([grid] * b, np.int64)
-        embeds = self.llm.embed(input_ids)  # [B, L, D]
-        grids = {}
+            video_grid_thw = np.asarray([c.video_grid] * batch, np.int64)
+        out = {}
         for name, pix, grid, token in (("image", pixel_values, image_grid_thw, c.image_token_id),
                                        ("video", pixel_values_videos, video_grid_thw, c.video_token_id)):
-            if pix is None:
-                continue
-            g = _host_grid(grid, f"{name}_grid_thw")
-            pos2d, seg = qwen2_vl_vision_inputs(g, c.vision.spatial_merge_size)
-            areas = set((g[:, 1] * g[:, 2]).tolist())  # equal h*w everywhere: attend per slice, unmasked
+            if pix is not None:
+                out[name] = (pix, _host_grid(grid, f"{name}_grid_thw"), token)
+        return out
+
+    def splice(self, embeds, input_ids, visual_tokens=None, **visual):
+        """Images' and videos' merged patch features at their pad tokens, in order, across the batch.
+
+        Visual inputs: packed image patches ``pixel_values [N_i, 1176]`` with host ``image_grid_thw``, the same
+        for videos (``pixel_values_videos`` / ``video_grid_thw``), or a batch of clips ``frames
+        [B, T, H, W, 3]`` (``frame_mask`` is accepted for the shared batch format: Qwen2-VL encodes every
+        frame it is given)."""
+        if visual_tokens is not None:
+            raise ValueError("Qwen2-VL splices images and videos by kind: pass pixels (or frames), not visual_tokens")
+        c = self.config
+        b, l = input_ids.shape
+        for pix, grid, token in self._visual_inputs(b, **visual).values():
+            pos2d, seg = qwen2_vl_vision_inputs(grid, c.vision.spatial_merge_size)
+            areas = set((grid[:, 1] * grid[:, 2]).tolist())  # equal h*w everywhere: attend per slice, unmasked
             slice_size = areas.pop() if len(areas) == 1 else None
-            feats = self.visual(pix, positions=pos2d, segment_ids=seg, slice_size=slice_size).features  # [N/4, D]
+            patches = self.vision(pix, positions=pos2d, segment_ids=seg, slice_size=slice_size).features  # [N, C]
+            feats = self.merger(patches[None])[0]  # [N/4, D]
             flat = splice_tokens(embeds.reshape(1, b * l, -1), feats[None], (input_ids == token).reshape(1, b * l))
             embeds = flat.reshape(b, l, -1)
-            grids[name] = jnp.asarray(g, jnp.int32)
-        if position_ids is None and grids:
-            mask = attention_mask if attention_mask is not None else jnp.ones((b, l), jnp.int32)
-            position_ids, _ = get_rope_index_jax(
-                input_ids, grids.get("image"), grids.get("video"), mask[:, :l], image_token_id=c.image_token_id,
-                video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id,
-                spatial_merge_size=c.vision.spatial_merge_size, max_visual_blocks=c.max_visual_blocks)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=cache, cache_index=cache_index)
+        return embeds, None
+
+    def positions(self, input_ids, attention_mask, **visual):
+        """M-RoPE ids of the original Qwen2-VL rule (``vjax.layers.mrope``) from the host grids."""
+        c = self.config
+        grids = {k: jnp.asarray(g, jnp.int32) for k, (_, g, _) in self._visual_inputs(input_ids.shape[0],
+                                                                                      **visual).items()}
+        if not grids:
+            return None
+        position_ids, _ = get_rope_index_jax(
+            input_ids, grids.get("image"), grids.get("video"), attention_mask, image_token_id=c.image_token_id,
+            video_token_id=c.video_token_id, vision_start_token_id=c.vision_start_token_id,
+            spatial_merge_size=c.vision.spatial_merge_size, max_visual_blocks=c.max_visual_blocks)
+        return position_ids
 
     def example_batch(self, batch: int = 2) -> dict[str, jax.Array]:
         c = self.config

@@ -41,11 +41,29 @@ VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "qformer_input_ids
 
 class VideoLLM(nn.Module):
     """Base class; subclasses define ``config`` (with ``llm`` and ``placeholder_id``), ``setup``,
-    ``encode(**visual) -> [B, N, D]`` and ``example_batch(batch) -> dict``."""
+    ``encode(**visual) -> [B, N, D]`` and ``example_batch(batch) -> dict``.
+
+    ``__call__`` is shared; a model changes what differs through hooks: :meth:`encode_masked` (its tokens
+    and which slots are real), :meth:`splice` (where they go: Qwen2-VL packs images and videos),
+    :meth:`positions` (CogVLM's and Qwen2-VL's position ids) and :meth:`llm_inputs` (extra inputs of the
+    decoder's blocks, such as CogVLM's visual-expert routing)."""
 
     def positions(self, input_ids, attention_mask, **visual) -> jax.Array | None:
         """Position ids of a prefill; ``None``: the decoder's default (``cumsum(mask) - 1``)."""
         return None
+
+    def llm_inputs(self, input_ids) -> dict[str, jax.Array]:
+        """Extra keyword inputs of the decoder's blocks for ``input_ids`` (default none)."""
+        return {}
+
+    def splice(self, embeds: jax.Array, input_ids: jax.Array, visual_tokens: jax.Array | None = None,
+               **visual: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Visual tokens into the text embeddings at the placeholders: ``(embeds, hide)`` where ``hide`` is
+        ``(placeholder [B, L], token_mask [B, N])`` when some visual slots hold no real token."""
+        tokens, token_mask = self.encode_masked(**visual) if visual_tokens is None else (visual_tokens, None)
+        placeholder = input_ids == self.config.placeholder_id
+        embeds = splice_tokens(embeds, tokens, placeholder)  # tokens [B, N, D]
+        return embeds, None if token_mask is None else (placeholder, token_mask)
 
     def __call__(
         self,
@@ -67,18 +85,17 @@ class VideoLLM(nn.Module):
         present = {k: v for k, v in visual.items() if v is not None}
         hidden = None
         if visual_tokens is not None or present:
-            tokens, token_mask = self.encode_masked(**present) if visual_tokens is None else (visual_tokens, None)
-            placeholder = input_ids == self.config.placeholder_id
-            embeds = splice_tokens(embeds, tokens, placeholder)  # tokens [B, N, D]
-            if token_mask is not None:
-                attention_mask = hide_slots(attention_mask, placeholder, token_mask, cache, cache_index)
+            embeds, hide = self.splice(embeds, input_ids, visual_tokens, **present)
+            if hide is not None:
+                attention_mask = hide_slots(attention_mask, *hide, cache, cache_index)
                 hidden = attention_mask
-            if position_ids is None:
-                mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)
-                mask = jax.lax.dynamic_slice_in_dim(mask, jnp.asarray(cache_index, jnp.int32), input_ids.shape[1], 1)
-                position_ids = self.positions(input_ids, mask, **present)
+        if position_ids is None:
+            if not (isinstance(cache_index, int) and cache_index == 0):
+                raise ValueError("position_ids are required when decoding from a non-empty cache")
+            mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)
+            position_ids = self.positions(input_ids, mask[:, : input_ids.shape[1]], **present)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, cache_index=cache_index)
+                       cache=cache, cache_index=cache_index, **self.llm_inputs(input_ids))
         return out if hidden is None else out.replace(attention_mask=hidden)
 
     def encode_masked(self, **visual: Any) -> tuple[jax.Array, jax.Array | None]:

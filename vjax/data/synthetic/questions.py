@@ -1,0 +1,125 @@
+"""Questions about a scene (open-ended and multiple choice) and its caption, as conversation records."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vjax.data.synthetic.config import MOTION_ANSWERS, NAMES, NUMBER_WORDS, PALETTE, SHAPES, SyntheticConfig
+from vjax.data.synthetic.scene import _clip_rng
+
+
+def _fmt_seconds(t: float) -> str:
+    return f"{t:g} second" + ("" if t == 1 else "s")
+
+
+def _describe(obj: dict) -> str:
+    return f"the {obj['colour']} {obj['shape']}"
+
+
+def _candidates(scene: dict, rng: np.random.Generator) -> list[dict]:
+    """All questions that have one unambiguous answer for this scene, with distractor pools."""
+    objs = scene["objects"]
+    out: list[dict] = []
+
+    def add(qtype: str, questions: list[str], answer: str, pool: list[str]) -> None:
+        out.append({"type": qtype, "question": str(rng.choice(questions)), "answer": answer,
+                    "pool": [p for p in dict.fromkeys(pool) if p != answer]})
+
+    o = objs[int(rng.integers(len(objs)))]
+    add("colour", [f"What colour is the {o['shape']}?", f"Which colour does the {o['shape']} have?"],
+        o["colour"], list(PALETTE))
+    o = objs[int(rng.integers(len(objs)))]
+    add("shape", [f"What shape is the {o['colour']} object?", f"Which shape does the {o['colour']} object have?"],
+        o["shape"], list(SHAPES))
+    o = objs[int(rng.integers(len(objs)))]
+    add("motion", [f"In which direction does {_describe(o)} move?", f"Where does {_describe(o)} go?"],
+        MOTION_ANSWERS[o["motion"]], list(MOTION_ANSWERS.values()))
+    add("count", ["How many objects appear in the video?", "How many different objects are shown?"],
+        NUMBER_WORDS[len(objs)], list(NUMBER_WORDS[1:5]))
+    times = [x["appear_s"] for x in objs]
+    if len(objs) >= 2 and len(set(times)) == len(times):
+        order = sorted(range(len(objs)), key=lambda i: times[i])
+        which = str(rng.choice(["first", "last"]))
+        target = objs[order[0] if which == "first" else order[-1]]
+        add("order", [f"Which object appears {which}?", f"Which object is the {which} to appear?"],
+            _describe(target), [_describe(x) for x in objs] +
+            [f"the {c} {s}" for c in PALETTE for s in SHAPES])
+    late = [x for x in objs if x["appear_s"] > 0]
+    if late:
+        o = late[int(rng.integers(len(late)))]
+        add("appear_time", [f"At what time does {_describe(o)} appear?", f"When does {_describe(o)} first appear?"],
+            f"at {_fmt_seconds(o['appear_s'])}", [f"at {_fmt_seconds(k * 0.5)}" for k in range(0, 9)])
+    nb = len(scene["beeps"])
+    add("beep_count", ["How many beeps can be heard?", "How many times does it beep?"],
+        NUMBER_WORDS[nb], list(NUMBER_WORDS[:4]))
+    if nb:
+        which = int(rng.integers(nb))
+        ordinal = ("first", "second", "third")[which]
+        q = (["Is the beep high or low?", "What is the pitch of the beep?"] if nb == 1 else
+             [f"Is the {ordinal} beep high or low?", f"What is the pitch of the {ordinal} beep?"])
+        add("beep_pitch", q, scene["beeps"][which]["pitch"], ["high", "low"])
+    sub = scene["subtitle"]
+    if sub is not None:
+        o = objs[sub["object"]]
+        add("subtitle", [f"What is the name of {_describe(o)}?", f"What is {_describe(o)} called?"],
+            sub["name"], list(NAMES))
+    if scene["long"]:
+        o = objs[0]
+        kind = str(rng.choice(["colour", "shape"]))
+        add("recall", [f"At the start of the video an object is shown and then vanishes. What {kind} is it?"],
+            o[kind], list(PALETTE) if kind == "colour" else list(SHAPES))
+    return out
+
+
+CAPTION_QUESTIONS = ("Describe the video.", "What happens in the video?")
+
+
+def caption(scene: dict) -> str:
+    """The dense caption of a scene: its objects in order of appearance, e.g. ``"A red circle moves left.
+    A blue square appears at 1.5 seconds and stays still."``"""
+    parts = []
+    for o in sorted(scene["objects"], key=lambda x: x["appear_s"]):
+        when = f" appears at {_fmt_seconds(o['appear_s'])} and" if o["appear_s"] > 0 else ""
+        motion = "stays still" if o["motion"] == "none" else f"moves {o['motion']}"
+        parts.append(f"A {o['colour']} {o['shape']}{when} {motion}.")
+    return " ".join(parts)
+
+
+def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: str | None) -> list[dict]:
+    rng = _clip_rng(cfg, scene["split"], scene["index"]).spawn(1)[0]
+    cands = _candidates(scene, rng)
+    must = [c for c in cands if c["type"] in ("subtitle", "recall")]
+    rest = [c for c in cands if c["type"] not in ("subtitle", "recall")]
+    k = max(0, cfg.questions_per_clip - len(must))
+    chosen = must + [rest[i] for i in sorted(rng.choice(len(rest), min(k, len(rest)), replace=False))]
+    records = []
+    for j, c in enumerate(chosen):
+        rec = {"id": f"{scene['split']}_{scene['index']:06d}_q{j}", "video": video_rel,
+               "question_type": c["type"], "question": c["question"], "answer": c["answer"]}
+        if rng.random() < cfg.multiple_choice_fraction and c["pool"]:
+            n_distract = min(3, len(c["pool"]))
+            choices = [c["answer"]] + [str(x) for x in rng.choice(c["pool"], n_distract, replace=False)]
+            choices = [choices[i] for i in rng.permutation(len(choices))]
+            ai = choices.index(c["answer"])
+            letters = "ABCD"
+            opts = "\n".join(f"({letters[i]}) {x}" for i, x in enumerate(choices))
+            human = (f"<video>\n{c['question']}\nOptions:\n{opts}\n"
+                     "Answer with the option's letter from the given choices directly.")
+            gpt = f"({letters[ai]}) {c['answer']}"
+            rec.update(choices=choices, answer_index=ai)
+        else:
+            human, gpt = f"<video>\n{c['question']}", c["answer"]
+        rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+        if srt_rel is not None:
+            rec["subtitles"] = srt_rel
+        records.append(rec)
+    if cfg.train_captions and scene["split"] == "train":  # no rng draws: the questions above are unchanged
+        question, answer = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)], caption(scene)
+        rec = {"id": f"{scene['split']}_{scene['index']:06d}_caption", "video": video_rel, "question_type": "caption",
+               "question": question, "answer": answer,
+               "conversations": [{"from": "human", "value": f"<video>\n{question}"},
+                                 {"from": "gpt", "value": answer}]}
+        if srt_rel is not None:
+            rec["subtitles"] = srt_rel
+        records.append(rec)
+    return records

@@ -499,14 +499,24 @@ class Run:
         return self.module.config
 
 
-def _experiment_config(name: str, variant: str):
+def config_from_file(path: str, variant: str):
+    """``get_config(variant)`` of the config file ``path`` (no overrides applied)."""
     import importlib.util  # noqa: PLC0415
 
-    path, _, _ = config_path(f"{name}:{variant}")
-    spec = importlib.util.spec_from_file_location(f"_vjax_config_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"_vjax_config_{Path(path).stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(variant)
+
+
+def _experiment_config(name: str, variant: str):
+    path, _, _ = config_path(f"{name}:{variant}")
+    try:
+        return config_from_file(path, variant)
+    except ValueError as err:  # an unknown variant: the config file names the known ones
+        raise ConfigError("config", str(err)) from None
+
+
 
 
 def _synthetic_paths(c):

@@ -60,12 +60,7 @@ def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
 
 def _unknown_override(argv: list[str], path: str, variant: str) -> str | None:
     """The first ``--config.a.b`` whose key the config does not have (loaded without overrides)."""
-    import importlib.util  # noqa: PLC0415
-
-    spec = importlib.util.spec_from_file_location("_vjax_config_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    base = mod.get_config(variant)
+    base = lib.config_from_file(path, variant)
     for key, _ in _override_keys(argv):
         node = base
         for part in key.split("."):
@@ -87,6 +82,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                 _fail(str(err))
             _NAME_VARIANT[:] = [name, variant]
             argv[i] = f"--config={path}:{variant}"
+            try:  # absl would keep only "Error whilst parsing config file:" of a bad variant
+                lib.config_from_file(path, variant)
+            except Exception as err:  # noqa: BLE001 - whatever the config file raises, named in one line
+                _fail(f"config key 'config': {name}:{variant}: {_last_line(err)}")
             break
     else:
         _fail(f"config key 'config': --config=<name>[:<variant>] is required; known: {lib.config_names()}")
@@ -102,8 +101,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         key = _unknown_override(argv, argv[i][len("--config="):].rpartition(":")[0], _NAME_VARIANT[1])
         if key is not None:
             _fail(f"config key '{key}': unknown key (not in experiments/configs/{_NAME_VARIANT[0]}.py)")
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        _fail(_last_line(err))
     return []  # unreachable
+
+
+def _last_line(err: BaseException) -> str:
+    """The reason of an error: the last line of its message (a traceback's last line is its exception)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _initialize_distributed() -> None:

@@ -130,19 +130,17 @@ def test_eval_fails_when_too_few_records_were_evaluated(converted, tmp_path, bad
     recs += [{"video": str(d / "a.mp4"), "question": "What colour?", "answer": "red"} for _ in range(good)]
     (tmp_path / "qa.json").write_text(json.dumps(recs[::2] + recs[1::2]))  # bad and good interleaved
     r = _run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--data={tmp_path / 'qa.json'}",
-                      f"--out={tmp_path / 'report.json'}", "--batch_size=2", "--max_new_tokens=2", "--noprogress"], env)
+                      f"--out={tmp_path / 'report.json'}", "--batch_size=8", "--max_new_tokens=1", "--noprogress"], env)
     what = "nothing was evaluated" if not good else "too many bad records (limit 10%)"
     _one_error_line(r, what, f"{bad} of {bad + good} records bad", "missing_0.mp4 (file does not exist)")
     assert not (tmp_path / "report.json").exists()
 
 
 @pytest.mark.parametrize("name,args,needle", [
-    ("chat", ["--question=", "--video=x.mp4"], "--question is empty"),
-    ("chat", ["--question=   ", "--video=x.mp4"], "--question is empty"),
+    ("chat", ["--question= ", "--video=x.mp4"], "--question is empty"),
     ("chat", ["--vidoe=x.mp4"], "Unknown command line flag 'vidoe'"),
-    ("eval", ["--limit=many"], "flag --limit=many"),
     ("eval", ["--max_bad_fraction=2"], "--max_bad_fraction must be in [0, 1]"),
-], ids=["empty_question", "blank_question", "chat_unknown_flag", "eval_bad_value", "eval_bad_fraction"])
+], ids=["empty_question", "chat_unknown_flag", "eval_bad_fraction"])
 def test_usage_errors_exit_2_in_one_line(converted, name, args, needle, tmp_path):
     d, tok, env = converted
     data = [f"--data={tmp_path / 'none.json'}"] if name == "eval" else []  # never the default synthetic set

@@ -6,13 +6,17 @@ would (``runpy``), so every error path it takes is the production one. Keys of t
   hide_modules: ["torch"]            those modules cannot be found, as if not installed
   nan_steps: [2, 4]                  the batch of these calls of ``Trainer.train_step`` (1-based, counted in
                                      this process) has NaN frames
-  after_step: {"3": [action, ...]}   after that call of ``Trainer.train_step`` returns:
+  after_step: {"3": [action, ...]}   after that call of ``Trainer.train_step`` returns ...
+  before_save: {"4": [action, ...]}  ... or when the checkpoint of that step is about to be saved, once the
+                                     previous save is complete (so that the fault hits this save only):
       ["signal", 15]                 send this signal to this process (``os.kill``: a real signal)
       ["delete", path]               delete a file (e.g. a video the run reads)
       ["fsize_limit", bytes]         RLIMIT_FSIZE for this process: the kernel fails every write past that
                                      size with EFBIG, in C++ (tensorstore) as in Python — as a full disk would
       ["read_only", dir]             creating, renaming or opening for writing anything under ``dir`` fails
                                      with EROFS (root ignores file permissions, so a chmod cannot do this)
+      ["run", argv, out]             run another command to its end meanwhile (e.g. a second training on the
+                                     same workdir); its exit code and stderr go to the JSON file ``out``
 """
 
 from __future__ import annotations
@@ -94,8 +98,14 @@ def read_only(root: str) -> None:
 
 
 def _act(action) -> None:
-    kind, arg = action
-    if kind == "signal":
+    kind, arg = action[:2]
+    if kind == "run":
+        import subprocess  # noqa: PLC0415
+
+        r = subprocess.run(arg, capture_output=True, text=True, timeout=600)
+        with open(action[2], "w", encoding="utf-8") as f:
+            json.dump({"returncode": r.returncode, "stderr": r.stderr}, f)
+    elif kind == "signal":
         os.kill(os.getpid(), int(arg))
     elif kind == "delete":
         os.remove(arg)
@@ -128,6 +138,21 @@ def patch_train_step(nan_steps, after_step) -> None:
     Trainer.train_step = train_step
 
 
+def patch_save(before_save) -> None:
+    from vjax.train.checkpoint import Checkpoints  # noqa: PLC0415
+
+    original = Checkpoints.save
+
+    def save(self, step, *args, **kwargs):
+        if step in before_save:
+            self.wait()
+            for action in before_save.pop(step):
+                _act(action)
+        return original(self, step, *args, **kwargs)
+
+    Checkpoints.save = save
+
+
 def main() -> None:
     faults = json.loads(sys.argv[1])
     module, args = sys.argv[2], sys.argv[3:]
@@ -137,6 +162,9 @@ def main() -> None:
     after_step = {int(k): v for k, v in faults.get("after_step", {}).items()}
     if nan_steps or after_step:
         patch_train_step(nan_steps, after_step)
+    before_save = {int(k): v for k, v in faults.get("before_save", {}).items()}
+    if before_save:
+        patch_save(before_save)
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -2,7 +2,8 @@
 stops the run (exit 2, last good checkpoint kept); corrupt and deleted videos are skipped, counted per
 reason in metrics.jsonl and the summary, and decoded once; a checkpoint directory that turns read-only or
 full mid-run is one line, exit 2, with the previous checkpoint intact and nothing half-written picked up.
-Each case is a real command in a subprocess, faults injected by ``tests.faults``. See docs/reliability.md."""
+Too many unreadable training or validation videos exit 2. Each case is a real command in a subprocess,
+faults injected by ``tests.faults``. See docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -46,22 +47,32 @@ def test_nan_batches_are_skipped_and_counted_and_a_streak_stops_with_exit_2(shar
     assert step == 4 and all(np.isfinite(p).all() for p in params)
 
 
+def _annotations(d, name: str, records: list[dict]) -> dict:
+    """Write ``records`` as ``<d>/<name>.jsonl``; the config keys of a run on them (real annotations)."""
+    (d / f"{name}.jsonl").write_text("\n".join(json.dumps(x) for x in records) + "\n")
+    return {"data.train_annotations": d / f"{name}.jsonl", "data.tokenizer": d / "synthetic" / "tokenizer"}
+
+
+def _clips(d) -> tuple[list[dict], str]:
+    """The synthetic set's 12 training records (4 clips) with absolute paths, and a truncated copy of a clip."""
+    syn = d / "synthetic"
+    records = resolve_records([json.loads(x) for x in (syn / "train.jsonl").read_text().splitlines()], syn)
+    bad = d / "truncated.mp4"
+    bad.write_bytes(open(records[0]["video"], "rb").read()[:3000])
+    return records, str(bad)
+
+
 def test_corrupt_and_deleted_videos_are_skipped_counted_per_reason_and_decoded_once(shared):
     """Real annotations: the 12 records of 4 good clips, 3 of a truncated clip and 3 of a clip deleted after
     step 2 (no frame cache, so every draw reads the file)."""
     d, env = shared
-    syn = d / "synthetic"
-    records = resolve_records([json.loads(x) for x in (syn / "train.jsonl").read_text().splitlines()], syn)
-    clip = records[0]["video"]
-    (d / "truncated.mp4").write_bytes(open(clip, "rb").read()[:3000])
-    shutil.copy(clip, d / "doomed.mp4")
-    recs = records + [dict(records[i], video=str(d / "truncated.mp4")) for i in range(3)] + \
+    records, bad = _clips(d)
+    shutil.copy(records[0]["video"], d / "doomed.mp4")
+    recs = records + [dict(records[i], video=bad) for i in range(3)] + \
         [dict(records[i], video=str(d / "doomed.mp4")) for i in range(3)]
-    (d / "train.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
     w = d / "bad_videos"
-    args = tiny_args(d, total_steps=16, save_every=100, **{
-        "data.train_annotations": d / "train.jsonl", "data.tokenizer": syn / "tokenizer", "data.cache_mb": 0,
-        "data.max_bad_fraction": 0.5})
+    args = tiny_args(d, total_steps=16, save_every=100, **_annotations(d, "train", recs),
+                     **{"data.cache_mb": 0, "data.max_bad_fraction": 0.5})
     r = command("train", [*args, f"--workdir={w}"], env,
                 faults={"after_step": {"2": [["delete", str(d / "doomed.mp4")]]}})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -75,6 +86,25 @@ def test_corrupt_and_deleted_videos_are_skipped_counted_per_reason_and_decoded_o
     assert not NATIVE_LOG.search(r.stderr), r.stderr[-3000:]  # no FFmpeg/decord lines
     assert len(re.findall(r"skipping \S*truncated\.mp4", r.stderr)) == 1  # logged once (decoded once:
     # tests/data/test_pipeline.py::test_bad_files_are_counted_per_kind_and_decoded_once)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_too_many_unreadable_videos_exit_2(shared, split):
+    """Training records: past data.max_bad_fraction (10 %) once 20 were read, exit 2 naming examples (3 of the
+    15 records are bad). Validation records: checked before training starts, whatever their number."""
+    d, env = shared
+    records, bad = _clips(d)
+    keys = _annotations(d, f"{split}_too_bad", records + [dict(records[i], video=bad) for i in range(3)])
+    if split == "val":
+        keys = {**_annotations(d, "good", records), "data.val_annotations": keys["data.train_annotations"],
+                "eval.records": 15}
+    w = d / f"too_bad_{split}"
+    r = command("train", [*tiny_args(d, total_steps=40, save_every=100, **keys), f"--workdir={w}"], env)
+    line = one_line(r, 2)
+    assert line.startswith(f"error: {'training' if split == 'train' else 'validation'} records: too many bad "
+                           f"records (limit 10%): ") and "truncated.mp4 (FFmpeg cannot open it" in line, line
+    if split == "val":
+        assert "3 of 15 records bad" in line and not (w / "metrics.jsonl").exists()  # before any step
 
 
 @pytest.mark.parametrize("fault", ["full", "read_only"])

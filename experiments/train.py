@@ -272,18 +272,25 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
                       save_every=c.save_every, keep_checkpoints=c.keep_checkpoints, seed=c.seed,
                       max_nonfinite_in_a_row=c.max_nonfinite_in_a_row)
     t0 = time.perf_counter()
+    # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
+    # Grain workers are released with this frame before the process exits
     try:
         run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
             on_restore=on_restore, host_metrics=data.take)
     except Interrupted as err:
-        cli.interrupted(err.signum, str(err))
+        return _say(f"stopped: {err}", 128 + err.signum)
     except (NonFiniteLossError, CheckpointWriteError, NoRestorableCheckpoint) as err:
-        _fail(str(err))
+        return _say(f"error: {err}", cli.USER_ERROR)
     except TooManyBadRecords as err:
-        _fail(f"training records: {err}")
+        return _say(f"error: training records: {err}", cli.USER_ERROR)
     if main_process:
         report(workdir, evaluator, visual, spec, time.perf_counter() - t0, mcfg)
     return 0
+
+
+def _say(line: str, code: int) -> int:
+    print(line, file=sys.stderr, flush=True)
+    return code
 
 
 def skip_totals(rows) -> dict[str, int]:

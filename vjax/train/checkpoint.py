@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -67,8 +68,8 @@ def _reason(err: BaseException) -> str:
 
 
 def _drop_closed_loop_noise() -> None:
-    """After a failed restore or save, tensorstore completes the operations still in flight and their callbacks find
-    Orbax's asyncio loop closed: each prints an 'Event loop is closed' traceback through
+    """After a failed restore or save, tensorstore completes the operations still in flight and their callbacks
+    find Orbax's asyncio loop closed: each prints an 'Event loop is closed' traceback through
     ``sys.unraisablehook`` (hundreds of lines that say nothing). Drop exactly those; others pass through."""
     previous = sys.unraisablehook
     if getattr(previous, "_vjax_drops_closed_loop", False):
@@ -89,10 +90,15 @@ class _OrbaxErrorLogs(logging.Filter):
     that Orbax and tensorstore print for a failed save or restore: :class:`Checkpoints` raises each failure
     as one exception, which the commands print as one line."""
 
+    SOURCES = ("orbax", "tensorstore", "OCDBT")
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        return "orbax" not in (record.pathname + record.getMessage()).replace("\\", "/")
+        text = record.pathname + record.getMessage()  # asyncio's message holds the task and its exception
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        return not any(s in text for s in self.SOURCES)
 
 
 def _drop_orbax_error_logs() -> None:
@@ -104,17 +110,19 @@ def _drop_orbax_error_logs() -> None:
 
 def _non_finite_leaf(tree: Any) -> str | None:
     """The path of the first floating-point leaf holding a NaN/Inf (training never saves one), or None.
-    Checked where the arrays live (one jitted reduction per leaf, sharded arrays included)."""
+    Checked where the arrays live: device arrays (sharded ones included) by one jitted reduction, host arrays
+    leaf by leaf with NumPy (nothing is copied to a device)."""
     import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
 
-    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
               if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-    if not leaves:
-        return None
-    finite = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in leaves])
-    for (path, _), ok in zip(leaves, finite):
-        if not bool(ok):
-            return jax.tree_util.keystr(path)
+    on_device = [(p, x) for p, x in leaves if isinstance(x, jax.Array)]
+    finite = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in on_device]) if on_device else []
+    ok = dict(zip([p for p, _ in on_device], (bool(f) for f in finite)))
+    for path, x in leaves:
+        if not ok.get(path, True) or (not isinstance(x, jax.Array) and not np.isfinite(x).all()):
+            return path
     return None
 
 

@@ -55,7 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from experiments import cli  # noqa: E402
 
 SUITE_NAMES = ("matmul_peak", "train_step", "generate", "token_merge", "memory_bank", "data")
 
@@ -1154,6 +1156,9 @@ def main(argv):
     # Exact float32 matmuls (as in the parity tests); on CPU this is XLA's default anyway.
     jax.config.update("jax_default_matmul_precision", "highest")
     suites = list(SUITES) if _SUITE.value == "all" else [s.strip() for s in _SUITE.value.split(",") if s.strip()]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:  # a usage error: exit 2 (experiments.cli); a suite that fails below is an internal error: 1
+        cli.fail(f"--suite: unknown suite(s) {unknown}; choose from {list(SUITES)}")
     results = run(suites, _SIZE.value, _OUT.value, _REPEATS.value)
     with open(os.path.join(_OUT.value, "results.md")) as f:
         print(f.read())
@@ -1162,4 +1167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,8 +16,10 @@ MA-LMM streams the whole video (every frame, or ``--stream_fps`` frames per seco
 bank, ``num_frames`` frames at a time, so memory does not grow with the video's length; its Q-Former
 reads the first question.
 
-A video that cannot be read, a directory that is not a vjax checkpoint, or a question that does not fit
-the context: one line on stderr saying what to do, exit code 2.
+A video that cannot be read, a directory that is not a vjax checkpoint (or none of whose checkpoints
+restores), an empty question, or a question that does not fit the context: one line on stderr saying what
+to do, exit code 2 (:mod:`experiments.cli`). A latest checkpoint that does not restore is passed over for the
+newest one that does, with a one-line warning naming both.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import lib
+from experiments import cli, lib
 
 FLAGS = flags.FLAGS
 DEFAULT_CONTEXT = 8192  # the KV cache of a 32k-context 7B LLM would take ~9 GB in float32
@@ -172,6 +174,8 @@ class Chat:
 
         if self.record is None:
             raise ValueError("load_video first")
+        if not question.strip():
+            raise ValueError("the question is empty")
         rec = self._conversation(question)
         if self._visual is None:
             frames = self._frames
@@ -221,6 +225,8 @@ def main(argv: list[str]) -> int:
     for name in ("workdir", "video"):
         if not getattr(FLAGS, name):
             lib.fail(f"--{name} is required")
+    if FLAGS.question is not None and not FLAGS.question.strip():
+        lib.fail("--question is empty: ask something, or leave --question out for an interactive chat")
     from vjax.data.video import UnreadableVideo  # noqa: PLC0415
     from vjax.generate import ContextOverflow  # noqa: PLC0415
 
@@ -273,4 +279,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -37,7 +37,10 @@ r"""Convert released PyTorch checkpoints to a vjax checkpoint (or a vjax checkpo
   without adapters (MiniGPT4-video).
 * Every missing, unexpected and mis-shaped tensor is listed by name before anything is read, and nothing
   is written; ``--nostrict`` writes anyway, leaving missing parameters at their random initialisation
-  (listed) and ignoring unexpected tensors.
+  (listed) and ignoring unexpected tensors. A shape mismatch is never bypassed: it means the config does not
+  match the checkpoint (pass the matching ``--variant`` or ``--config_file``).
+* Exit codes (:mod:`experiments.cli`): 0 written; 2 a refusal or a usage error (one ``error:`` message);
+  1 an internal error.
 * Output: ``--to=vjax`` (default) a ``vjax.save_pretrained`` directory (``vjax_config.json`` + Orbax params)
   that ``vjax.from_pretrained`` loads and ``experiments.train`` starts from (``--config.init_params``);
   ``--to=hf`` an HF directory (config.json + sharded safetensors) where an HF layout exists.
@@ -52,7 +55,9 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "vjax model name (decoder, video_chatgpt, chat_univi, cogvlm2_video, qwen2_vl, "
@@ -272,8 +277,7 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
     if not FLAGS.model or not FLAGS.src or not FLAGS.dst:
-        _log("--model, --src and --dst are required")
-        return 2
+        cli.fail("--model, --src and --dst are required")
     from vjax.convert.io import CheckpointError  # noqa: PLC0415
     from vjax.convert.mapping import ConversionError  # noqa: PLC0415
 
@@ -282,10 +286,9 @@ def main(argv):
             dtype=FLAGS.dtype, progress=FLAGS.progress, max_shard_bytes=FLAGS.max_shard_mb * 1024**2,
             config_file=FLAGS.config_file, merge_lora=FLAGS.merge_lora)
     except (ConversionError, CheckpointError, KeyError, ValueError, FileNotFoundError) as e:
-        _log(f"error: {e}")
-        return 1
+        cli.fail(str(e))  # a refusal is a user-input error: exit code 2, like every command
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,15 +9,15 @@ then streams greedy tokens from a left-padded batch with the KV cache.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import vjax
+from experiments import cli
 from vjax.generate import generate
 from vjax.models.decoder import CausalLM, DecoderConfig
 
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main)

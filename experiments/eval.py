@@ -21,9 +21,10 @@ template exactly as in training. Scores (:mod:`vjax.data.formats`):
 * on the synthetic set, every task also per object count of the clip: a lone object needs perception only,
   several need the answer bound to the object the question names.
 
-Unreadable videos are skipped and counted (more than 10 % fails the run). The report holds every
-prediction; a table is printed. Errors (not a checkpoint, a missing or unreadable annotation file):
-one line, exit code 2.
+Unreadable videos are skipped and counted; more than ``--max_bad_fraction`` (10 %) of the records, or no
+record evaluated at all, fails the run (exit code 2), whatever the number of records. The report holds every
+prediction; a table is printed. Errors (not a checkpoint, a missing or unreadable annotation file, too many
+unreadable videos): one line, exit code 2 (the convention of :mod:`experiments.cli`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import lib
+from experiments import cli, lib
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +59,8 @@ def define_flags() -> None:
                       "(0.5: the training issue's appearance-time target)")
     flags.DEFINE_string("out", None, "JSON report path (default <workdir>/eval/<data name>.json)")
     flags.DEFINE_bool("progress", True, "show a progress bar")
+    flags.DEFINE_float("max_bad_fraction", 0.1, "fail (exit 2) when more than this fraction of the records has "
+                       "an unreadable video; a run that evaluates nothing always fails")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -225,15 +228,20 @@ def _task_grid(title: str, grid: dict[str, dict[str, dict]], key=str) -> list[st
 
 # --------------------------------------------------------------------------------------------- running
 def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
-             tolerance: float = 0.5, progress: bool = False) -> dict[str, Any]:
-    """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat)."""
+             tolerance: float = 0.5, progress: bool = False, max_bad_fraction: float = 0.1) -> dict[str, Any]:
+    """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat).
+
+    Raises :class:`~vjax.data.validate.TooManyBadRecords` when no record could be evaluated or more than
+    ``max_bad_fraction`` of them have unreadable videos (checked as records are read once 20 were seen,
+    and at the end whatever their number)."""
     from vjax.data import formats  # noqa: PLC0415
     from vjax.data.pipeline import DropSkipped, LoadAndFormat  # noqa: PLC0415
+    from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     c = run.config
     size = (c.data.image_size, c.data.image_size)
     load = LoadAndFormat(formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True), run.sampler, size,
-                         c.data.load_audio)
+                         c.data.load_audio, max_bad_fraction=max_bad_fraction)
     keep = DropSkipped()
     bar = None
     if progress:
@@ -263,6 +271,9 @@ def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_
         kept += recs
     if bar is not None:
         bar.close()
+    if not kept:
+        raise TooManyBadRecords(f"nothing was evaluated: {load.skips.summary()}")
+    load.skips.check()
     report = summarize(kept, predictions, tolerance)
     report.update(num_records=len(records), evaluated=len(kept), skipped_unreadable=skipped,
                   seconds=round(time.perf_counter() - t0, 2))
@@ -275,6 +286,8 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     if not FLAGS.workdir:
         lib.fail("--workdir is required")
+    if not 0.0 <= FLAGS.max_bad_fraction <= 1.0:
+        lib.fail(f"--max_bad_fraction must be in [0, 1], got {FLAGS.max_bad_fraction}")
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     try:
@@ -302,7 +315,7 @@ def main(argv: list[str]) -> int:
           f"batch {batch}, up to {new} new tokens", flush=True)
     try:
         report = evaluate(run, records, batch_size=batch, max_new_tokens=new, tolerance=FLAGS.timestamp_tolerance,
-                          progress=FLAGS.progress)
+                          progress=FLAGS.progress, max_bad_fraction=FLAGS.max_bad_fraction)
     except TooManyBadRecords as err:
         lib.fail(str(err))
     report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": FLAGS.data or data_name,
@@ -318,4 +331,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

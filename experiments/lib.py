@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -208,15 +209,17 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     from vjax.data.synthetic import SyntheticConfig  # noqa: PLC0415
     from vjax.train.optim import OptimConfig  # noqa: PLC0415
 
-    _check_positive(c, ("total_steps", "log_every", "save_every", "keep_checkpoints", "data.num_frames",
-                        "data.image_size", "data.batch_size", "data.turns_per_record", "eval.batch_size",
-                        "eval.max_new_tokens"))
+    _check_positive(c, ("total_steps", "log_every", "save_every", "keep_checkpoints", "max_nonfinite_in_a_row",
+                        "data.num_frames", "data.image_size", "data.batch_size", "data.turns_per_record",
+                        "eval.batch_size", "eval.max_new_tokens"))
     for key in ("eval_every", "eval.records", "data.worker_count"):
         v = c[key.split(".")[0]] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(v, int) or v < 0:
             raise ConfigError(key, f"must be an integer >= 0, got {v!r}")
     if not isinstance(c.data.cache_mb, (int, float)) or c.data.cache_mb < 0:
         raise ConfigError("data.cache_mb", f"must be a number of MiB >= 0, got {c.data.cache_mb!r}")
+    if not isinstance(c.data.max_bad_fraction, (int, float)) or not 0 <= c.data.max_bad_fraction <= 1:
+        raise ConfigError("data.max_bad_fraction", f"must be a fraction in [0, 1], got {c.data.max_bad_fraction!r}")
     buckets = tuple(c.data.text_buckets)
     if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
         raise ConfigError("data.text_buckets", f"must be positive token lengths, got {buckets!r}")
@@ -359,8 +362,10 @@ def answer_prompts(module, params, prompts: Sequence[Mapping[str, np.ndarray]], 
 
 class Evaluator:
     """Generation-based validation: the first ``eval.records`` validation records (a fixed seeded
-    sample), decoded once; at each call greedy answers with the KV cache (``vjax.generate``) scored
-    per ``question_type`` (:func:`vjax.data.formats.score_answer`), plus the teacher-forced loss."""
+    sample), decoded once (:class:`~vjax.data.validate.TooManyBadRecords` when all of them, or more than
+    ``data.max_bad_fraction``, are unreadable); at each call greedy answers with the KV cache
+    (``vjax.generate``) scored per ``question_type`` (:func:`vjax.data.formats.score_answer`), plus the
+    teacher-forced loss."""
 
     def __init__(self, c, module, spec: FormatSpec, tokenizer: formats.TextTokenizer, recs: Sequence[dict],
                  sampler, trainer=None):
@@ -372,7 +377,7 @@ class Evaluator:
         order = np.random.default_rng(0).permutation(len(recs))[: c.eval.records]
         size = (c.data.image_size, c.data.image_size)
         prompt = LoadAndFormat(formats.VideoQAFormat(spec, tokenizer, prompt_only=True), sampler, size,
-                               c.data.load_audio)
+                               c.data.load_audio, max_bad_fraction=c.data.max_bad_fraction)
         full = LoadAndFormat(formats.VideoQAFormat(spec, tokenizer), sampler, size, c.data.load_audio)
         keep = DropSkipped()
         self.records, self.prompts, self.full = [], [], []
@@ -383,6 +388,11 @@ class Evaluator:
                 self.records.append(recs[int(i)])
                 self.prompts.append(p)
                 self.full.append(full.random_map(recs[int(i)], np.random.default_rng(int(i))))
+        if len(order) and not self.records:
+            from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
+
+            raise TooManyBadRecords(f"nothing to evaluate: {prompt.skips.summary()}")
+        prompt.skips.check()  # whatever the number of records (the per-record check waits for 20)
         longest = max((len(p["input_ids"]) for p in self.prompts), default=1)
         self.length = -(-longest // 16) * 16
         self.predictions: list[str] = []
@@ -457,11 +467,10 @@ def config_json(c, name: str, mcfg: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- commands
 def fail(message: str) -> None:
-    """A command's one-line error: ``error: <message>`` on stderr, exit code 2."""
-    import sys  # noqa: PLC0415
+    """A command's one-line error: ``error: <message>`` on stderr, exit code 2 (:mod:`experiments.cli`)."""
+    from experiments import cli  # noqa: PLC0415
 
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.fail(message)
 
 
 def define_checkpoint_flags() -> None:
@@ -502,14 +511,22 @@ class Run:
         return self.module.config
 
 
-def _experiment_config(name: str, variant: str):
+def config_from_file(path: str, variant: str):
+    """``get_config(variant)`` of the config file ``path`` (no overrides applied)."""
     import importlib.util  # noqa: PLC0415
 
-    path, _, _ = config_path(f"{name}:{variant}")
-    spec = importlib.util.spec_from_file_location(f"_vjax_config_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"_vjax_config_{Path(path).stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(variant)
+
+
+def _experiment_config(name: str, variant: str):
+    path, _, _ = config_path(f"{name}:{variant}")
+    try:
+        return config_from_file(path, variant)
+    except ValueError as err:  # an unknown variant: the config file names the known ones
+        raise ConfigError("config", str(err)) from None
 
 
 def _synthetic_paths(c):
@@ -549,15 +566,22 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config
         cfg_cls, module_cls = registry.get(name)
         module = module_cls(registry.config_from_dict(cfg_cls, meta["model_config"]))
         c = ml_collections.ConfigDict(meta["experiment"])
-        from vjax.train.checkpoint import Checkpoints  # noqa: PLC0415
+        from vjax.train.checkpoint import Checkpoints, NoRestorableCheckpoint  # noqa: PLC0415
 
         ckpt = Checkpoints(p / "checkpoints", async_save=False)
-        step = ckpt.latest_step()
-        if step is None:
+        if ckpt.latest_step() is None:
             raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
                                  f"experiments.train --config={name} --workdir={p}) or wait for its first save")
-        params = ckpt.restore_params(abstract_params(module), step=step)
-        ckpt.close()
+        target = abstract_params(module)
+        try:  # the newest checkpoint that restores; the others are named, left as they are
+            params, step, passed_over = ckpt.restore_newest(lambda s: ckpt.restore_params(target, step=s))
+        except NoRestorableCheckpoint as err:
+            raise NotACheckpoint(str(err)) from None
+        finally:
+            ckpt.close()
+        for bad, reason in passed_over:
+            print(f"warning: checkpoint step {bad} in {ckpt.directory} does not restore ({reason}); using step "
+                  f"{step}", file=sys.stderr, flush=True)
     elif (p / VJAX_CONFIG).is_file():
         import vjax  # noqa: PLC0415
 

@@ -16,6 +16,15 @@ metrics.jsonl, TensorBoard, curves.png); validation by greedy generation with th
 per question type. The config (with the full model config) is saved as ``<workdir>/config.json`` and
 inside every checkpoint, and the tokenizer is copied to ``<workdir>/tokenizer``, so chat/eval can rebuild
 the model.
+
+Faults (docs/reliability.md; exit codes of :mod:`experiments.cli`): SIGINT / SIGTERM save a checkpoint after
+the current step and exit 130 / 143 (rerunning resumes); a checkpoint that does not restore is passed over
+for the newest one that does (named on stderr, moved to ``<workdir>/checkpoints_unreadable/``), exit 2 when
+none does; a NaN/Inf step is skipped and counted (``skipped_nonfinite``), ``max_nonfinite_in_a_row`` of them
+stop the run (exit 2); unreadable videos are skipped and counted per reason (``skipped/<reason>`` in
+metrics.jsonl, a ``skipped:`` line in the summary), more than ``data.max_bad_fraction`` of them exit 2; a
+checkpoint that cannot be written (read-only or full disk) exits 2 with the previous one intact; a second
+training on a workdir in use exits 2 (``<workdir>/.train.lock``).
 """
 
 from __future__ import annotations
@@ -26,10 +35,10 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import lib
+from experiments import cli, lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: <name>[:<variant>] or a .py file",
                                           lock_config=True)
@@ -44,9 +53,8 @@ _PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "
 _NAME_VARIANT: list[str] = []  # (name, variant) of --config, filled by the parser
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+_fail = cli.fail
+LOCK_FILE = ".train.lock"  # in the workdir: one training at a time (released when the process ends)
 
 
 def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
@@ -60,12 +68,7 @@ def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
 
 def _unknown_override(argv: list[str], path: str, variant: str) -> str | None:
     """The first ``--config.a.b`` whose key the config does not have (loaded without overrides)."""
-    import importlib.util  # noqa: PLC0415
-
-    spec = importlib.util.spec_from_file_location("_vjax_config_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    base = mod.get_config(variant)
+    base = lib.config_from_file(path, variant)
     for key, _ in _override_keys(argv):
         node = base
         for part in key.split("."):
@@ -87,6 +90,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                 _fail(str(err))
             _NAME_VARIANT[:] = [name, variant]
             argv[i] = f"--config={path}:{variant}"
+            try:  # absl would keep only "Error whilst parsing config file:" of a bad variant
+                lib.config_from_file(path, variant)
+            except Exception as err:  # noqa: BLE001 - whatever the config file raises, named in one line
+                _fail(f"config key 'config': {name}:{variant}: {_last_line(err)}")
             break
     else:
         _fail(f"config key 'config': --config=<name>[:<variant>] is required; known: {lib.config_names()}")
@@ -102,8 +109,37 @@ def parse_flags(argv: list[str]) -> list[str]:
         key = _unknown_override(argv, argv[i][len("--config="):].rpartition(":")[0], _NAME_VARIANT[1])
         if key is not None:
             _fail(f"config key '{key}': unknown key (not in experiments/configs/{_NAME_VARIANT[0]}.py)")
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        _fail(_last_line(err))
     return []  # unreachable
+
+
+def _last_line(err: BaseException) -> str:
+    """The reason of an error: the last line of its message (a traceback's last line is its exception)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _lock_workdir(workdir: str):
+    """An exclusive ``flock`` on ``<workdir>/.train.lock``, held until this process ends (even on kill -9);
+    a second training on the same workdir exits 2 naming the holder. Returns the open file (keep it)."""
+    import fcntl  # noqa: PLC0415
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        _fail(f"workdir {workdir} is in use by another training ({holder}); wait for it to finish or stop it, "
+              f"or pass another --workdir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def _initialize_distributed() -> None:
@@ -132,7 +168,12 @@ def main(argv: list[str]) -> int:
         plan = lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
     except lib.ConfigError as err:
         _fail(str(err))
-    return train(c, plan, name, variant, workdir)
+    lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
+    try:
+        return train(c, plan, name, variant, workdir)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
@@ -141,7 +182,9 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     from vjax.data import formats, pipeline  # noqa: PLC0415
     from vjax.data.annotations import merge_turns  # noqa: PLC0415
     from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
-    from vjax.train.loop import LoopConfig, run  # noqa: PLC0415
+    from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
+    from vjax.train.checkpoint import CheckpointWriteError, NoRestorableCheckpoint  # noqa: PLC0415
+    from vjax.train.loop import Interrupted, LoopConfig, NonFiniteLossError, run  # noqa: PLC0415
     from vjax.train.sharding import make_mesh  # noqa: PLC0415
     from vjax.train.step import Trainer  # noqa: PLC0415
 
@@ -197,8 +240,9 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         batch_size=c.data.batch_size // nproc, seed=c.seed, shuffle=True, num_epochs=None,
         worker_count=c.data.worker_count, shard_index=jax.process_index(), shard_count=nproc,
         frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
-        cache_mb=c.data.cache_mb, buckets={k: lengths for k in lib.TEXT_KEYS})
-    data = iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"]))
+        cache_mb=c.data.cache_mb, buckets={k: lengths for k in lib.TEXT_KEYS},
+        max_bad_fraction=c.data.max_bad_fraction, count_skips=True)
+    data = pipeline.SkipCounts(iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"])))
 
     cfg_json = lib.config_json(c, name, mcfg)
     if main_process:
@@ -210,25 +254,61 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
             shutil.copytree(tok_dir, tok_copy)
     evaluator = None
     if c.eval.records and val_records:
-        evaluator = lib.Evaluator(c, module, spec, tokenizer, val_records, plan["sampler"], trainer)
+        try:
+            evaluator = lib.Evaluator(c, module, spec, tokenizer, val_records, plan["sampler"], trainer)
+        except TooManyBadRecords as err:
+            _fail(f"validation records: {err}")
     if main_process:
         print(f"{name}:{variant}  {n_params:,} parameters ({n_train:,} trainable, stage {c.stage!r})  "
               f"mesh {dict(mesh.shape)}  {len(train_records)} train records  "
               f"{len(evaluator) if evaluator else 0} eval records  {visual} visual tokens per clip  "
               f"longest text {longest} tokens  workdir {workdir}", flush=True)
 
-    def on_restore(step: int) -> None:
+    def on_restore(step: int, passed_over: list) -> None:
         if main_process:
+            for bad, reason in passed_over:  # one line each: which checkpoint, why, where it is kept
+                print(f"warning: checkpoint step {bad} does not restore ({reason})", file=sys.stderr, flush=True)
             print(f"resumed from step {step}", flush=True)
 
     loop = LoopConfig(total_steps=c.total_steps, log_every=c.log_every, eval_every=c.eval_every,
-                      save_every=c.save_every, keep_checkpoints=c.keep_checkpoints, seed=c.seed)
+                      save_every=c.save_every, keep_checkpoints=c.keep_checkpoints, seed=c.seed,
+                      max_nonfinite_in_a_row=c.max_nonfinite_in_a_row)
     t0 = time.perf_counter()
-    run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
-        on_restore=on_restore)
+    # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
+    # Grain workers are released with this frame before the process exits
+    try:
+        run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
+            on_restore=on_restore, host_metrics=data.take)
+    except Interrupted as err:
+        return _say(f"stopped: {err}", 128 + err.signum)
+    except (NonFiniteLossError, CheckpointWriteError, NoRestorableCheckpoint) as err:
+        return _say(f"error: {err}", cli.USER_ERROR)
+    except TooManyBadRecords as err:
+        return _say(f"error: training records: {err}", cli.USER_ERROR)
     if main_process:
         report(workdir, evaluator, visual, spec, time.perf_counter() - t0, mcfg)
     return 0
+
+
+def _say(line: str, code: int) -> int:
+    print(line, file=sys.stderr, flush=True)
+    return code
+
+
+def skip_totals(rows) -> dict[str, int]:
+    """What the run skipped, summed over its logged train rows (a resumed run's rows included):
+    ``{"non-finite steps": n, "records (missing)": n, ...}``, only the non-zero ones."""
+    out: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k == "skipped_nonfinite":
+                name = "non-finite steps"
+            elif k.startswith("skipped/"):
+                name = f"records ({k.split('/', 1)[1]})"
+            else:
+                continue
+            out[name] = out.get(name, 0) + int(v)
+    return {k: out[k] for k in sorted(out) if out[k]}
 
 
 def _flat(tree):
@@ -239,17 +319,17 @@ def _flat(tree):
 
 def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None) -> None:
     """The final table: last train metrics, accuracy per question type, visual tokens per clip."""
-    rows = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    train_rows = [r for r in rows if r.get("split", "train") == "train" and "loss" in r]
+    from vjax.train.metrics import read_metrics  # noqa: PLC0415
+
+    train_rows = [r for r in read_metrics(workdir) if r["split"] == "train" and "loss" in r]
     print(f"\ndone in {seconds:.0f} s; workdir {workdir}")
     if train_rows:
         r = train_rows[-1]
         print(f"final train loss {r['loss']:.4f} at step {r['step']}"
               + (f", {r['steps_per_second']:.2f} steps/s" if "steps_per_second" in r else ""))
+    skipped = skip_totals(train_rows)
+    if skipped:
+        print("skipped: " + ", ".join(f"{n} {what}" for what, n in skipped.items()))
     if evaluator is not None and evaluator.correct:
         print(evaluator.table())
         for rec, pred in list(zip(evaluator.records, evaluator.predictions))[:3]:
@@ -266,4 +346,4 @@ def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

@@ -118,3 +118,11 @@ def test_cli_writes_results(tmp_path):
 def test_unknown_suite_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown suite"):
         bench.run(["nope"], size="tiny", out=str(tmp_path))
+
+
+def test_unknown_suite_on_the_command_line_exits_2_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--suite=nope", f"--out={tmp_path}"], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: --suite: unknown suite(s) ['nope']; choose from {list(bench.SUITES)}"], proc.stderr[-3000:]

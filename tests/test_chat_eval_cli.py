@@ -85,6 +85,7 @@ def test_chat_errors_are_one_line_with_exit_code_2(converted, case, tmp_path):
         needles = ("context of 256 tokens", "shorten the question")
     r = _run("chat", [f"--{k}={v}" for k, v in args.items()] + ["--max_context=256"], env)
     _one_error_line(r, *needles)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no FFmpeg/decord log lines before it
 
 
 def test_eval_reads_mvbench_and_open_qa_files_and_writes_its_report(converted, tmp_path):
@@ -98,7 +99,8 @@ def test_eval_reads_mvbench_and_open_qa_files_and_writes_its_report(converted, t
     (d / "mv.json").write_text(json.dumps(mv))
     (d / "oqa.jsonl").write_text("\n".join(json.dumps(x) for x in oqa))
     r = _run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--data={d / 'mv.json'}",
-                      f"--out={tmp_path / 'mv.json'}", "--batch_size=2", "--max_new_tokens=3", "--noprogress"], env)
+                      f"--out={tmp_path / 'mv.json'}", "--batch_size=2", "--max_new_tokens=3", "--noprogress",
+                      "--max_bad_fraction=0.5"], env)  # 1 of 2 unreadable: allowed here
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "mv.json").read_text())
     assert rep["accuracy"]["task/colour"]["n"] == 1 and rep["accuracy"]["kind/multiple_choice"]["n"] == 1
@@ -117,6 +119,34 @@ def test_eval_refuses_a_missing_file_and_a_non_checkpoint(converted, tmp_path):
     _one_error_line(_run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", "--data=/no/such.json"], env),
                     "/no/such.json")
     _one_error_line(_run("eval", [f"--workdir={tmp_path}"], env), "not a vjax checkpoint")
+
+
+@pytest.mark.parametrize("bad,good", [(3, 0), (7, 6)], ids=["all_unreadable", "7_of_13_unreadable"])
+def test_eval_fails_when_too_few_records_were_evaluated(converted, tmp_path, bad, good):
+    """Whatever the number of records: nothing evaluated, or more than --max_bad_fraction unreadable, is exit 2
+    with one line (the per-record check only starts after 20 records)."""
+    d, tok, env = converted
+    recs = [{"video": f"missing_{i}.mp4", "question": "What colour?", "answer": "red"} for i in range(bad)]
+    recs += [{"video": str(d / "a.mp4"), "question": "What colour?", "answer": "red"} for _ in range(good)]
+    (tmp_path / "qa.json").write_text(json.dumps(recs[::2] + recs[1::2]))  # bad and good interleaved
+    r = _run("eval", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--data={tmp_path / 'qa.json'}",
+                      f"--out={tmp_path / 'report.json'}", "--batch_size=8", "--max_new_tokens=1", "--noprogress"], env)
+    what = "nothing was evaluated" if not good else "too many bad records (limit 10%)"
+    _one_error_line(r, what, f"{bad} of {bad + good} records bad", "missing_0.mp4 (file does not exist)")
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("name,args,needle", [
+    ("chat", ["--question= ", "--video=x.mp4"], "--question is empty"),
+    ("chat", ["--vidoe=x.mp4"], "Unknown command line flag 'vidoe'"),
+    ("eval", ["--max_bad_fraction=2"], "--max_bad_fraction must be in [0, 1]"),
+], ids=["empty_question", "chat_unknown_flag", "eval_bad_fraction"])
+def test_usage_errors_exit_2_in_one_line(converted, name, args, needle, tmp_path):
+    d, tok, env = converted
+    data = [f"--data={tmp_path / 'none.json'}"] if name == "eval" else []  # never the default synthetic set
+    r = _run(name, [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", *data, *args], env)
+    _one_error_line(r, needle)
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
 
 
 def test_scoring_per_task_kind_and_timestamp():
@@ -185,3 +215,34 @@ def test_synthetic_records_carry_the_object_count_of_their_clip(tmp_path):
     bad = dataclasses.replace(paths, annotations={**paths.annotations, "test": str(tmp_path / "test.jsonl")})
     with pytest.raises(ValueError, match="999999.mp4"):
         eval_cmd.synthetic_records(bad, "test")
+
+
+@pytest.mark.parametrize("frames", [24, 8], ids=["4_frames", "2_of_4_frames"])
+def test_each_chat_turn_equals_a_fresh_prefill_of_the_conversation(converted, frames, tmp_path):
+    """The invariant behind "the count question got 'two' after other turns, 'one' alone": every turn of an
+    interactive chat (the KV cache kept, only the new text written) produces exactly the tokens that greedy
+    decoding of the whole conversation so far, prefilled afresh with the video, produces. (A question asked
+    after other turns is a different prompt from the same question asked alone: its answer may differ.)"""
+    from experiments.chat import Chat  # noqa: PLC0415
+    from vjax.generate import generate  # noqa: PLC0415
+
+    d, tok, _ = converted
+    video = tmp_path / "clip.mp4"  # 8 frames at 8 fps: the sampler finds 2 of the model's 4 frames
+    write_mp4(str(video), np.random.default_rng(frames).integers(0, 255, (frames, 48, 48, 3), dtype=np.uint8), fps=8)
+    run = lib.load_run(d / "ckpt", tokenizer=str(tok))
+    chat = Chat(run, max_new_tokens=6)
+    chat.load_video(str(video))
+    said, prefills = [], []
+    respond, prefill = chat.session.respond, chat.session._prefill
+    chat.session.respond = lambda *a, **k: said.append(respond(*a, **k)) or said[-1]
+    chat.session._prefill = lambda *a: prefills.append(1) or prefill(*a)
+    stops = set(chat.sampling.eos_token_ids)
+    for question in ["What colour is the circle?", "How many objects?", "How many objects?"]:
+        batch = chat.format(chat._conversation(question), chat._frames, chat._audio)  # the whole conversation
+        visual = {k: np.asarray(batch[k])[None] for k in lib.VISUAL_BATCH_KEYS if k in batch}
+        fresh = np.asarray(generate(run.module, run.params, np.asarray(batch["input_ids"])[None],
+                                    prefill_inputs=visual, config=chat.sampling).tokens[0]).tolist()
+        end = next((i + 1 for i, t in enumerate(fresh) if t in stops), len(fresh))
+        chat.ask(question)
+        assert said[-1] == fresh[:end], (question, len(chat.history))
+    assert len(chat.history) == 3 and len(prefills) == 1  # turns 2 and 3 only wrote their text into the cache

@@ -12,7 +12,7 @@ Keys of a config (``experiments/train.py`` validates all of them before compilin
   optim.*                 ``vjax.train.optim.OptimConfig`` fields (``total_steps`` follows the top level)
   eval.*                  generation-based validation (records, batch, max_new_tokens)
   mesh                    (data, fsdp, tensor); one -1 takes the remaining devices
-  total_steps, log_every, eval_every, save_every, keep_checkpoints, seed
+  total_steps, log_every, eval_every, save_every, keep_checkpoints, max_nonfinite_in_a_row, seed
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.save_every = 500
     c.keep_checkpoints = 2
+    c.max_nonfinite_in_a_row = 5  # NaN/Inf steps are skipped and counted; this many in a row stop the run
     c.seed = 0
     c.mesh = (-1, 1, 1)
 
@@ -68,6 +69,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.load_audio = False
     d.turns_per_record = 1  # >1: a clip's training questions joined into multi-turn records (annotations.merge_turns)
     d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~150 MB)
+    d.max_bad_fraction = 0.1  # records with unreadable videos are skipped and counted; more than this fails
 
     o = c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
     o.total_steps = c.get_ref("total_steps")

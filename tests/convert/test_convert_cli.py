@@ -42,9 +42,12 @@ LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def cli(*args: str, expect: int = 0) -> str:
-    r = subprocess.run([sys.executable, "-m", "experiments.convert", *args, "--noprogress"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+def cli(*args: str, expect: int = 0, faults: dict | None = None) -> str:
+    """``python -m experiments.convert ARGS`` (through ``tests.faults`` with ``faults``): its stderr."""
+    run = ["-m", "experiments.convert"] if faults is None else ["-m", "tests.faults", json.dumps(faults),
+                                                                  "experiments.convert"]
+    r = subprocess.run([sys.executable, *run, *args, "--noprogress"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == expect, r.stderr[-4000:]
     return r.stderr
 
@@ -290,7 +293,7 @@ def test_code_running_pth_is_refused_by_the_cli_and_never_runs(tmp_path):
     llm = tiny_llama(160)
     d = write_dir(tmp_path / "llava", {**llm.config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"]}, state(llm))
     torch.save({"model.mm_projector.weight": torch.zeros(64, 32), "x": _Payload(marker)}, tmp_path / "evil.bin")
-    log = cli("--model=video_chatgpt", f"--src={d},{tmp_path / 'evil.bin'}", f"--dst={tmp_path / 'out'}", expect=1)
+    log = cli("--model=video_chatgpt", f"--src={d},{tmp_path / 'evil.bin'}", f"--dst={tmp_path / 'out'}", expect=2)
     assert "evil.bin" in log and "refused" in log
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -312,13 +315,43 @@ def test_missing_tensor_named_by_the_cli_and_nostrict_writes_anyway(tmp_path):
     sd = state(llm)
     del sd["model.layers.1.mlp.up_proj.weight"]
     d = write_dir(tmp_path / "llama", {**llm.config.to_dict(), "architectures": ["LlamaForCausalLM"]}, sd)
-    log = cli("--model=decoder", f"--src={d}", f"--dst={tmp_path / 'out'}", expect=1)
+    log = cli("--model=decoder", f"--src={d}", f"--dst={tmp_path / 'out'}", expect=2)
     assert "missing 1 tensor" in log and "model.layers.1.mlp.up_proj.weight" in log
     assert not (tmp_path / "out").exists()
     log = cli("--model=decoder", f"--src={d}", f"--dst={tmp_path / 'out'}", "--nostrict")
     assert "left at random initialisation" in log and "model.layers.1.mlp.up_proj.weight" in log
     _, params = vjax.from_pretrained(tmp_path / "out", model="decoder")
     assert params["layers_1"]["mlp"]["up_proj"]["kernel"].shape == (64, 96)
+
+
+def test_pth_without_pytorch_is_one_line_exit_2(tmp_path):
+    """The base install has no PyTorch: a .pth source is refused by name, with no traceback and no
+    transformers 'PyTorch was not found' warning."""
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 2)}, tmp_path / "w.pth")
+    log = cli("--model=decoder", f"--src={tmp_path / 'w.pth'}", f"--dst={tmp_path / 'out'}", "--variant=tiny",
+              expect=2, faults={"hide_modules": ["torch"]})
+    assert log.splitlines() == [f"error: {tmp_path / 'w.pth'}: reading .pth/.bin files needs PyTorch, which is not "
+                                f"installed: pip install torch (the CPU build is enough), or convert the file to "
+                                f"safetensors elsewhere"], log
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_is_refused_even_with_nostrict_and_the_hint_names_the_config(tmp_path):
+    llm = tiny_llama(160)
+    sd = state(llm)
+    sd["model.layers.0.mlp.up_proj.weight"] = np.zeros((80, 64), np.float32)  # the config says 96 rows
+    d = write_dir(tmp_path / "llama", {**llm.config.to_dict(), "architectures": ["LlamaForCausalLM"]}, sd)
+    log = cli("--model=decoder", f"--src={d}", f"--dst={tmp_path / 'out'}", "--nostrict", expect=2)
+    assert "model.layers.0.mlp.up_proj.weight has (80, 64), model expects (96, 64)" in log
+    assert "cannot be loaded, not even with strict=False (--nostrict)" in log and "--variant or --config_file" in log
+    assert "Pass strict=False" not in log and not (tmp_path / "out").exists()
+
+
+def test_flag_errors_exit_2_in_one_line(tmp_path):
+    log = cli("--model=decoder", "--sourc=x", expect=2)
+    assert log.splitlines() == ["error: Unknown command line flag 'sourc'. Did you mean: src ?"], log
+    log = cli("--model=decoder", expect=2)
+    assert log.splitlines() == ["error: --model, --src and --dst are required"], log
 
 
 # ============================================================================ streaming

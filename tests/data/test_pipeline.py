@@ -112,6 +112,28 @@ def test_bad_records_are_skipped_and_too_many_stop(records, tmp_path):
     assert len(kept._data_source) == 8
 
 
+def test_bad_files_are_counted_per_kind_and_decoded_once(records, tmp_path, monkeypatch):
+    """Two epochs over 8 good records, a corrupt clip and a missing one (2 records each): every skipped record
+    is counted in the batches' skip counts by kind, and each bad file is opened once, not at every draw."""
+    bad = tmp_path / "truncated.mp4"
+    bad.write_bytes(open(records[0]["video"], "rb").read()[:3000])
+    mixed = records[:8] + [dict(records[0], video=str(bad), row=100 + i) for i in range(2)] + \
+        [dict(records[0], video=str(tmp_path / "gone.mp4"), row=200 + i) for i in range(2)]
+    calls = []
+    real = pipeline.read_sampled_frames
+    monkeypatch.setattr(pipeline, "read_sampled_frames",
+                        lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    it = pipeline.SkipCounts(iter(pipeline.make_loader(
+        mixed, ByteFormat(), config(num_epochs=2, batch_size=1, max_bad_fraction=0.5, count_skips=True))))
+    rows = [int(b["row"][0]) for b in it]
+    assert sorted(rows) == sorted(list(range(8)) * 2)
+    assert it.take() == {"skipped_records": 8, "skipped/cannot_open": 4, "skipped/missing": 4}
+    assert it.take() == {"skipped_records": 0}  # counts since the previous call
+    # each bad file is tried once, then remembered; each good one is decoded at each of its draws (no cache)
+    assert calls.count(str(bad)) == 1 and calls.count(str(tmp_path / "gone.mp4")) == 1
+    assert len(calls) == 2 + 16
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("build", [pipeline.make_loader, pipeline.make_dataset], ids=["DataLoader", "Dataset"])

@@ -1,5 +1,6 @@
-"""The training loop: resume after SIGKILL is bitwise identical; NaN stops with the last good
-checkpoint kept; metrics, TensorBoard events and the curves PNG are written."""
+"""The training loop: resume after SIGKILL is bitwise identical; NaN steps are skipped and counted, and a
+streak of them stops with the last good checkpoint kept; metrics, TensorBoard events and the curves PNG are
+written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,31 +52,39 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_nan_stops_with_a_clear_message_and_keeps_last_good_checkpoint(tmp_path):
-    import jax.numpy as jnp
-
-    from tests.train.common import build
+def _float_mask_batches(nan_steps):
+    """The worker's token batches with a float loss mask, NaN at the given (1-based) steps: a NaN loss."""
     from tests.train.loop_worker import data_iterator
+
+    for i, b in enumerate(data_iterator(), start=1):
+        mask = np.asarray(b["loss_mask"], np.float32)
+        yield {**b, "loss_mask": mask * np.nan if i in nan_steps else mask}
+
+
+def test_nan_steps_are_skipped_and_counted_and_a_streak_stops_with_the_last_good_checkpoint(tmp_path):
+    from tests.train.common import build
+    from vjax.train.checkpoint import Checkpoints
     from vjax.train.loop import LoopConfig, NonFiniteLossError, run
+    from vjax.train.metrics import read_metrics
     from vjax.train.sharding import make_mesh
 
     trainer = build("decoder", make_mesh((1, 1, 1)))
-    orig = trainer._train_step
-    calls = []
+    cfg = dict(log_every=1, progress=False, max_nonfinite_in_a_row=2)
+    # isolated NaN batches: the update is skipped and counted, training goes on to the end
+    state = run(trainer, _float_mask_batches({3, 6}), tmp_path / "a", LoopConfig(total_steps=8, save_every=4, **cfg))
+    rows = read_metrics(tmp_path / "a")
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert [r["finite"] for r in rows] == [1, 1, 0, 1, 1, 0, 1, 1]
+    assert int(state.step) == 6  # 8 batches, 6 updates applied
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
-    def poisoned(state, batch):  # step 5 sees an infinite input embedding -> NaN loss
-        calls.append(1)
-        if len(calls) == 5:
-            state = state.replace(params={**state.params, "embed_tokens": {"embedding": state.params["embed_tokens"]["embedding"] * jnp.inf}})
-        return orig(state, batch)
-
-    trainer._train_step = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 5.*Last good checkpoint: step 4"):
-        run(trainer, data_iterator(), tmp_path, LoopConfig(total_steps=10, save_every=2, log_every=1, progress=False))
-    from vjax.train.checkpoint import Checkpoints
-
-    ck = Checkpoints(tmp_path / "checkpoints")
+    # max_nonfinite_in_a_row of them in a row: stop, naming the last good checkpoint, which holds good values
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite steps in a row \(steps 5-6.*Last good checkpoint: "
+                                                 r"step 4"):
+        run(trainer, _float_mask_batches({5, 6, 7}), tmp_path / "b", LoopConfig(total_steps=10, save_every=2, **cfg))
+    ck = Checkpoints(tmp_path / "b" / "checkpoints")
     assert ck.latest_step() == 4
     restored = ck.restore(trainer.abstract_state, trainer.state_shardings)
-    assert np.isfinite(np.asarray(restored.params["embed_tokens"]["embedding"])).all()
+    assert int(restored.step) == 4 and all(np.isfinite(np.asarray(x)).all()
+                                           for x in jax.tree_util.tree_leaves(restored.params))
     ck.close()

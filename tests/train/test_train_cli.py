@@ -145,3 +145,11 @@ def test_published_variant_without_its_data_fails_early_naming_the_path(tmp_path
 def test_unknown_config_name_exits_2():
     r = _train(["--config=no_such_model"], {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 2 and "'config'" in r.stderr and "chat_univi" in r.stderr
+
+
+def test_unknown_variant_exits_2_with_the_reason():
+    """absl keeps only 'Error whilst parsing config file:' of the config file's error; the reason is shown."""
+    r = _train(["--config=chat_univi:huge"], {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: config key 'config': chat_univi:huge: unknown chat_univi variant 'huge'; known: tiny, stage1, "
+        "stage2, 13b"], r.stderr

@@ -130,16 +130,25 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def _import_torch(path: str | os.PathLike):
+    """``torch``, or a :class:`CheckpointError` naming ``path`` when PyTorch is not installed (the base install
+    has no PyTorch; only ``.pth``/``.bin`` files need it)."""
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .pth/.bin files needs PyTorch, which is not installed: "
+                              f"pip install torch (the CPU build is enough), or convert the file to "
+                              f"safetensors elsewhere") from None
+    return torch
+
+
 def load_torch_file(path: str | os.PathLike) -> dict:
     """``torch.load(path, weights_only=True)`` (memory-mapped when possible); errors name the file.
 
     A pickle that would import or call anything but tensor-container code is refused by torch's
     restricted unpickler before it runs; that becomes :class:`UnsafeCheckpointError`.
     """
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover - torch is in the test extra
-        raise CheckpointError(f"{path}: reading .pth/.bin files needs PyTorch (pip install torch)") from e
+    torch = _import_torch(path)
 
     def refuse(e: Exception):
         msg = str(e)
@@ -175,7 +184,8 @@ class TorchSource(TensorSource):
 
     def __init__(self, files: Iterable[str | os.PathLike]):
         super().__init__()
-        import torch  # noqa: PLC0415
+        files = list(files)
+        torch = _import_torch(files[0] if files else "")
 
         self._tensors: dict = {}
         for f in files:

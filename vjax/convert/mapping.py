@@ -56,7 +56,13 @@ class ConversionError(ValueError):
         if self.mismatched:
             parts.append("  shape mismatches: " + show(
                 f"{k} has {tuple(got)}, model expects {tuple(want)}" for k, got, want in self.mismatched))
-        parts.append("Nothing was loaded. Pass strict=False to load a partial checkpoint on purpose.")
+        if self.mismatched:
+            parts.append("Nothing was loaded. A shape mismatch cannot be loaded, not even with strict=False "
+                         "(--nostrict): the model config does not match the checkpoint. Use the config it was "
+                         "saved with (the sources' config.json, --variant or --config_file).")
+        else:
+            parts.append("Nothing was loaded. Pass strict=False (--nostrict on the command line) to load a "
+                         "partial checkpoint on purpose.")
         super().__init__("\n".join(parts))
 
 

@@ -18,8 +18,9 @@ Stages (all module-level, picklable; Grain workers are fresh processes that unpi
    frames with ``sampler(num_frames, fps[, seed=])``, decodes only those (resized on decode), reads
    16 kHz mono audio if asked, then calls the user's ``format_fn(record, frames, audio) -> dict of
    numpy arrays``. The record passed on gets ``frame_indices``, ``timestamps`` (s), ``fps``,
-   ``num_frames``. Unreadable videos are skipped, logged once and counted per worker; past
-   ``max_bad_fraction`` (after ``min_records_for_check`` records) the worker raises
+   ``num_frames``. Unreadable videos are skipped, logged once, counted per worker and per kind of
+   failure (``count_skips``: delivered with the batches to :class:`SkipCounts`), and not decoded again;
+   past ``max_bad_fraction`` (after ``min_records_for_check`` records) the worker raises
    :class:`~vjax.data.validate.TooManyBadRecords`, which Grain re-raises in the main process.
 4. ``grain.transforms.Filter`` drops the skipped ones.
 5. ``grain.transforms.Batch`` with :class:`BucketPadBatch` — the variable-length keys (text ids,
@@ -48,10 +49,12 @@ import numpy as np
 
 from vjax.data import sampling as sampling_lib
 from vjax.data.validate import SkipLog, validate_records
-from vjax.data.video import UnreadableVideo, read_audio, read_sampled_frames
+from vjax.data.video import UNREADABLE_KINDS, UnreadableVideo, read_audio, read_sampled_frames
 
 FormatFn = Callable[[dict, np.ndarray, "np.ndarray | None"], Mapping[str, np.ndarray]]
 _SKIPPED = "__vjax_skipped__"
+SKIP_COUNTS = "__vjax_skip_counts__"  # with count_skips: [len(SKIP_KINDS)] skips before this element
+SKIP_KINDS = tuple(UNREADABLE_KINDS)
 
 
 class RecordSource:
@@ -94,12 +97,17 @@ class LoadAndFormat(grain.transforms.RandomMap):
     then gets its output as ``audio``. It defaults to ``format_fn.prepare_audio`` when the format has one
     (:class:`vjax.data.formats.VideoQAFormat`: the ImageBind fbank), so a cached clip's audio features are
     not recomputed every epoch.
+
+    A file that failed once is remembered (per process) and skipped again without being decoded again.
+    ``count_skips=True`` adds :data:`SKIP_COUNTS` to each element: the records skipped, per kind of failure
+    (:data:`SKIP_KINDS`), since the previous element this process delivered; batches carry them to
+    :class:`SkipCounts`, which sums them in the training process.
     """
 
     def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
                  load_audio: bool = False, audio_sample_rate: int = 16_000, max_bad_fraction: float = 0.1,
                  min_records_for_check: int = 20, video_key: str = "video", cache_mb: float = 0.0,
-                 audio_transform: Callable | None = None):
+                 audio_transform: Callable | None = None, count_skips: bool = False):
         if cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.format_fn = format_fn
@@ -114,6 +122,8 @@ class LoadAndFormat(grain.transforms.RandomMap):
         self.skips = SkipLog(max_bad_fraction)  # per process: each worker has its own copy
         self.cache = DecodedCache(int(cache_mb * 2**20))
         self.audio_transform = audio_transform or getattr(format_fn, "prepare_audio", None)
+        self.count_skips = count_skips
+        self._pending = np.zeros(len(SKIP_KINDS), np.int32)  # skips not yet reported (count_skips)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         """Load and format one record (see the class docstring)."""
@@ -125,9 +135,12 @@ class LoadAndFormat(grain.transforms.RandomMap):
         try:
             if not isinstance(path, str):
                 raise UnreadableVideo(str(path), f"record {record.get('id', '?')} has no {self.video_key!r} path")
+            if path in self.skips.skipped:  # known bad: not decoded again
+                raise UnreadableVideo(path, self.skips.skipped[path])
             frames, sample, info, audio = self._decode(path, sampler)
         except UnreadableVideo as err:
             self.skips.skip(err.path, err.reason)
+            self._pending[SKIP_KINDS.index(err.kind)] += 1
             self.skips.check(self.min_records_for_check)
             return {_SKIPPED: True}
         self.skips.ok()
@@ -138,7 +151,11 @@ class LoadAndFormat(grain.transforms.RandomMap):
         out = self.format_fn(rec, frames, audio)
         if not isinstance(out, Mapping):
             raise TypeError(f"format_fn must return a dict of numpy arrays, got {type(out).__name__}")
-        return {k: np.asarray(v) for k, v in out.items()}
+        out = {k: np.asarray(v) for k, v in out.items()}
+        if self.count_skips:
+            out[SKIP_COUNTS] = self._pending.copy()
+            self._pending[:] = 0
+        return out
 
     def _decode(self, path: str, sampler: Callable):
         """``(frames, sample, info, audio)`` of one record, from the cache when it holds them."""
@@ -193,6 +210,43 @@ class DecodedCache:
 
     def __getstate__(self):  # Grain workers start with an empty cache
         return {"capacity": self.capacity, "size": 0, "_items": {}}
+
+
+class SkipCounts:
+    """Wraps the iterator of a loader built with ``count_skips=True``: takes :data:`SKIP_COUNTS` out of every
+    batch and sums it; :meth:`take` returns the counts since its previous call (what a training loop logs).
+    ``get_state``/``set_state`` and everything else go to the wrapped iterator."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self._counts = np.zeros(len(SKIP_KINDS), np.int64)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self.iterator))
+        counts = batch.pop(SKIP_COUNTS, None)
+        if counts is not None:
+            self._counts += np.asarray(counts, np.int64).reshape(-1, len(SKIP_KINDS)).sum(0)
+        return batch
+
+    def take(self) -> dict[str, int]:
+        """Records skipped since the previous call: ``skipped_records`` (the total) and ``skipped/<kind>``
+        for each kind that occurred."""
+        out = {"skipped_records": int(self._counts.sum())}
+        out.update({f"skipped/{k}": int(n) for k, n in zip(SKIP_KINDS, self._counts) if n})
+        self._counts[:] = 0
+        return out
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.iterator.set_state(state)
+
+    def __getattr__(self, name):
+        return getattr(self.iterator, name)
 
 
 class DropSkipped(grain.transforms.Filter):
@@ -268,7 +322,8 @@ class PipelineConfig:
     """Loader settings. ``num_epochs=None`` repeats forever. Sharding: this process reads shard
     ``shard_index`` of ``shard_count`` (remainder dropped so shards are equal); or pass
     ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence.
-    ``cache_mb``: MiB of decoded clips kept in memory per process (:class:`LoadAndFormat`; 0 = off)."""
+    ``cache_mb``: MiB of decoded clips kept in memory per process (:class:`LoadAndFormat`; 0 = off).
+    ``count_skips``: batches carry skip counts; wrap the iterator in :class:`SkipCounts`."""
 
     batch_size: int = 8
     seed: int = 0
@@ -289,6 +344,7 @@ class PipelineConfig:
     buckets: Mapping[str, Sequence[int]] | None = None
     pad_values: Mapping[str, Any] | None = None
     cache_mb: float = 0.0
+    count_skips: bool = False
 
 
 def _shard(config: PipelineConfig) -> tuple[int, int]:
@@ -303,7 +359,8 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
 
 def _load_and_format(format_fn: FormatFn, config: PipelineConfig, sampler: Callable) -> LoadAndFormat:
     return LoadAndFormat(format_fn, sampler, config.frame_size, config.load_audio, config.audio_sample_rate,
-                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb)
+                         config.max_bad_fraction, config.min_records_for_check, cache_mb=config.cache_mb,
+                         count_skips=config.count_skips)
 
 
 def shard_by_jax_process(drop_remainder: bool = True):

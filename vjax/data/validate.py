@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Iterable, Sequence
 
-from vjax.data.video import UnreadableVideo, open_video
+from vjax.data.video import UnreadableVideo, native_logs_filtered, open_video
 
 logger = logging.getLogger("vjax.data")
 
@@ -73,7 +73,8 @@ def probe(path: str | os.PathLike) -> None:
     try:
         last = len(vr) - 1
         try:
-            frames = vr.get_batch([0, last] if last > 0 else [0]).asnumpy()
+            with native_logs_filtered():
+                frames = vr.get_batch([0, last] if last > 0 else [0]).asnumpy()
         except Exception as err:
             raise UnreadableVideo(p, f"decoding failed ({type(err).__name__}: "
                                      f"{str(err).strip().splitlines()[-1][:160]})") from None

@@ -19,8 +19,13 @@ Facts this module relies on (checked with decord 0.6.0, see ``shared/specs/offli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import sys
+import tempfile
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,16 +33,41 @@ import numpy as np
 AUDIO_SAMPLE_RATE = 16_000  # Hz; Video-LLaMA / ImageBind resample every clip to 16 kHz mono.
 
 
+# What went wrong, as a short name for counters (``skipped/<kind>`` in training metrics): kind -> the
+# beginnings of the reasons this module (and the pipeline) give.
+UNREADABLE_KINDS: dict[str, tuple[str, ...]] = {
+    "missing": ("file does not exist",),
+    "not_a_file": ("not a regular file",),
+    "empty": ("file is empty",),
+    "cannot_open": ("FFmpeg cannot open",),
+    "no_video_stream": ("no video stream",),
+    "corrupt": ("truncated or corrupt", "video stream has no frames", "decoded ", "decoding failed",
+                "invalid average fps", "could not decode"),
+    "no_path": ("record ",),
+    "other": (),
+}
+
+
 class UnreadableVideo(Exception):
-    """A video file that cannot be decoded. ``path`` is the file, ``reason`` a short explanation."""
+    """A video file that cannot be decoded. ``path`` is the file, ``reason`` a short explanation,
+    ``kind`` its class (a key of :data:`UNREADABLE_KINDS`)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"unreadable video {self.path!r}: {reason}")
 
+    @property
+    def kind(self) -> str:
+        return unreadable_kind(self.reason)
+
     def __reduce__(self):  # keep the two-argument constructor picklable across worker processes
         return (UnreadableVideo, (self.path, self.reason))
+
+
+def unreadable_kind(reason: str) -> str:
+    """The :data:`UNREADABLE_KINDS` key of an :class:`UnreadableVideo` reason (``other`` if none fits)."""
+    return next((k for k, starts in UNREADABLE_KINDS.items() if reason.startswith(starts)), "other")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +110,55 @@ def check_file(path: str | os.PathLike) -> str:
 def _decord():
     import decord  # imported lazily: decord pulls in its bundled FFmpeg libraries
 
+    if not getattr(decord, "_vjax_quiet", False):
+        # FFmpeg's own log lines ("[mov,mp4,...] moov atom not found") repeat what UnreadableVideo says
+        decord.logging.set_level(decord.logging.QUIET)
+        decord._vjax_quiet = True
     return decord
+
+
+# decord's C++ LOG(ERROR) lines ("[20:42:25] .../video_reader.cc:83: ERROR opening: ...") and FFmpeg's
+# ("[mov,mp4,m4a,3gp,3g2,mj2 @ 0x5604680d6000] ...") go straight to file descriptor 2.
+_NATIVE_NOISE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(cc|h):\d+: |^\[[\w,.-]+ @ 0x[0-9a-f]+\] ")
+_FILTER = {"lock": threading.Lock(), "depth": 0, "saved": -1, "capture": None}
+
+
+@contextlib.contextmanager
+def native_logs_filtered():
+    """Run decord calls with file descriptor 2 captured; when the last concurrent one ends, write back every
+    captured line except decord's and FFmpeg's native log lines (their content is in the
+    :class:`UnreadableVideo` reason). Lines that other threads print meanwhile are kept, only delayed;
+    decoding in several threads is not serialised. A no-op where fd 2 cannot be duplicated."""
+    state = _FILTER
+    with state["lock"]:
+        if state["depth"] == 0:
+            try:
+                saved = os.dup(2)
+            except OSError:
+                saved = -1
+            if saved >= 0:
+                with contextlib.suppress(AttributeError, ValueError):
+                    sys.stderr.flush()
+                capture = tempfile.TemporaryFile()
+                os.dup2(capture.fileno(), 2)
+                state["saved"], state["capture"] = saved, capture
+        state["depth"] += 1
+    try:
+        yield
+    finally:
+        with state["lock"]:
+            state["depth"] -= 1
+            if state["depth"] == 0 and state["saved"] >= 0:
+                saved, capture = state["saved"], state["capture"]
+                state["saved"], state["capture"] = -1, None
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                text = capture.read().decode("utf-8", "replace")
+                capture.close()
+                kept = [ln for ln in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(ln)]
+                if kept:
+                    os.write(2, "".join(kept).encode())
 
 
 def _reason(err: BaseException) -> str:
@@ -115,7 +193,8 @@ def open_video(path: str | os.PathLike, size: tuple[int, int] | None = None, num
     if size is not None:
         kwargs.update(height=int(size[0]), width=int(size[1]))
     try:
-        vr = decord.VideoReader(p, **kwargs)
+        with native_logs_filtered():
+            vr = decord.VideoReader(p, **kwargs)
     except Exception as err:  # RuntimeError / DECORDError from the C++ side
         raise UnreadableVideo(p, _reason(err)) from None
     if len(vr) == 0:
@@ -171,7 +250,8 @@ def _get_batch(vr, path: str, indices) -> np.ndarray:
     if bad.size:
         raise IndexError(f"frame index {int(bad[0])} out of range for {path!r} with {n} frames")
     try:
-        frames = vr.get_batch(idx.tolist()).asnumpy()  # [T, H, W, 3] uint8
+        with native_logs_filtered():
+            frames = vr.get_batch(idx.tolist()).asnumpy()  # [T, H, W, 3] uint8
     except Exception as err:
         if "DECORDArrayCopyFromTo" in str(err):
             raise _ScalerBug(str(err)) from None
@@ -248,7 +328,8 @@ def read_audio(
     p = check_file(path)
     decord = _decord()
     try:
-        ar = decord.AudioReader(p, ctx=decord.cpu(0), sample_rate=int(sample_rate), mono=True)
+        with native_logs_filtered():
+            ar = decord.AudioReader(p, ctx=decord.cpu(0), sample_rate=int(sample_rate), mono=True)
     except Exception as err:
         if "audio stream" not in str(err):
             raise UnreadableVideo(p, _reason(err)) from None
@@ -256,7 +337,8 @@ def read_audio(
             duration = probe_video(p).duration  # raises UnreadableVideo if it is not a video either
         return np.zeros(int(round(duration * sample_rate)), np.float32), False
     try:
-        wav = ar[:].asnumpy()  # [1, num_samples] float32 in [-1, 1]
+        with native_logs_filtered():
+            wav = ar[:].asnumpy()  # [1, num_samples] float32 in [-1, 1]
     except Exception as err:
         raise UnreadableVideo(p, _reason(err)) from None
     finally:

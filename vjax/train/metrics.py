@@ -34,7 +34,8 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         for k, v in metrics.items():
-            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+            if math.isfinite(float(v)):  # a skipped NaN step stays in metrics.jsonl; TensorBoard would warn
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,4 +1,5 @@
-"""The command-line entry points (train, chat, eval, convert, bench, demo) and what they share (``lib``).
+"""The command-line entry points (train, chat, eval, convert, bench, demo); ``config`` (configuration) and
+``build`` (a training run from a config) are what they share, ``cli`` their exit-code convention.
 
 Importing the package keeps every command offline by default: nothing loads from a model hub unless
 ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are set to 0 by the user. It also silences transformers'

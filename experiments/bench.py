@@ -924,7 +924,7 @@ def _data_setup(ctx: Context):
     (``data_frames`` frames at ``data_frame_size``) on a freshly generated synthetic set: its model
     config, format (template + tokenizer), sampler and records, as ``experiments.train`` builds them."""
     import importlib
-    from experiments import lib
+    from experiments import config as lib
     from vjax.data import formats
     from vjax.data.synthetic import ensure_synthetic_dataset
     s = ctx.size
@@ -943,7 +943,8 @@ def _data_setup(ctx: Context):
     paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
     gen_s = time.perf_counter() - t0
     tokenizer = formats.TextTokenizer(paths.tokenizer_dir)
-    lib.check_tokenizer(c, tokenizer, plan["model_config"])
+    plan["model_config"] = lib.resolve_markers(plan["model"], plan["model_config"], tokenizer)
+    plan["spec"] = lib.data_format(plan["model"], plan["model_config"], c)
     fmt = formats.VideoQAFormat(plan["spec"], tokenizer)
     return c, plan, fmt, lib.records(c, "train", paths), gen_s
 
@@ -961,7 +962,7 @@ def suite_data(ctx: Context) -> dict:
     and its headroom is over the in-process round's step. For every worker count the end-to-end
     figure (``for batch in loader: train_step(batch)``, ``data_batches`` steps) shows what the two
     give together: each worker is a separate process on the same cores as the step."""
-    from experiments import lib
+    from experiments import config as lib
     from vjax.data import pipeline
     s = ctx.size
     c, plan, fmt, records, gen_s = _data_setup(ctx)

@@ -33,7 +33,10 @@ from typing import Any, Callable
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib
+from experiments import cli, config
+from vjax import eval as vjax_eval
+from vjax.models import registry
+from vjax.pretrained import NotACheckpoint, Run
 
 FLAGS = flags.FLAGS
 DEFAULT_CONTEXT = 8192  # the KV cache of a 32k-context 7B LLM would take ~9 GB in float32
@@ -42,7 +45,7 @@ REENCODE = "re-encode the file (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)"
 
 def define_flags() -> None:
     """The command's flags (defined when run as a command, so chat and eval import side by side)."""
-    lib.define_checkpoint_flags()
+    config.define_checkpoint_flags()
     flags.DEFINE_string("video", None, "video file to talk about")
     flags.DEFINE_string("question", None, "ask once and exit (default: interactive chat)")
     flags.DEFINE_string("subtitles", None, "SRT/VTT subtitles of the video (MiniGPT4-video interleaves them)")
@@ -57,13 +60,13 @@ def define_flags() -> None:
 
 
 class Chat:
-    """A conversation about one video with a loaded :class:`experiments.lib.Run`.
+    """A conversation about one video with a loaded :class:`vjax.pretrained.Run`.
 
-    >>> chat = Chat(lib.load_run("workdirs/chat_univi_tiny"))          # doctest: +SKIP
+    >>> chat = Chat(config.load_run("workdirs/chat_univi_tiny"))          # doctest: +SKIP
     >>> chat.load_video("clip.mp4"); chat.ask("What colour is the circle?")  # doctest: +SKIP
     """
 
-    def __init__(self, run: lib.Run, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    def __init__(self, run: Run, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, max_context: int = 0, stream_fps: float = 0.0,
                  measure_memory: bool = False):
         import jax  # noqa: PLC0415
@@ -74,9 +77,9 @@ class Chat:
         self.run = run
         tok, spec = run.tokenizer, run.spec
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                       top_k=top_k, eos_token_ids=lib.stop_token_ids(tok, spec),
+                                       top_k=top_k, eos_token_ids=vjax_eval.stop_token_ids(tok, spec),
                                        pad_token_id=tok.pad_token_id)
-        self.stops = lib.stop_strings(tok, spec)
+        self.stops = vjax_eval.stop_strings(tok, spec)
         self.format = formats.VideoQAFormat(spec, tok, prompt_only=True)
         llm = run.model_config.llm
         self.max_context = max_context or min(llm.max_position_embeddings, DEFAULT_CONTEXT)
@@ -84,7 +87,7 @@ class Chat:
                                    visual_ids={pid for _, pid, _ in spec.visual})
         self.rng = jax.random.key(seed)
         self.stream_fps = stream_fps
-        self.streaming = run.name == "ma_lmm" and getattr(run.model_config, "memory_bank", False)
+        self.streaming = registry.spec(run.name).can_stream(run.model_config)
         self.measure_memory = measure_memory
         self.memory: dict[str, int] = {}  # compiled function -> bytes (with measure_memory)
         self.frames_seen = 0
@@ -190,7 +193,7 @@ class Chat:
             if self.streaming:
                 self._visual = {"visual_tokens": self._stream_tokens(batch)}
             else:
-                self._visual = {k: jnp.asarray(batch[k])[None] for k in lib.VISUAL_BATCH_KEYS if k in batch}
+                self._visual = {k: jnp.asarray(batch[k])[None] for k in vjax_eval.VISUAL_BATCH_KEYS if k in batch}
                 self.frames_seen = int(batch["frame_mask"].sum())
         else:
             ids, _ = self.format.text(rec, self.frames_seen if not self.streaming else 1)
@@ -220,29 +223,29 @@ class Chat:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        lib.fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     for name in ("workdir", "video"):
         if not getattr(FLAGS, name):
-            lib.fail(f"--{name} is required")
+            cli.fail(f"--{name} is required")
     if FLAGS.question is not None and not FLAGS.question.strip():
-        lib.fail("--question is empty: ask something, or leave --question out for an interactive chat")
+        cli.fail("--question is empty: ask something, or leave --question out for an interactive chat")
     from vjax.data.video import UnreadableVideo  # noqa: PLC0415
     from vjax.generate import ContextOverflow  # noqa: PLC0415
 
     try:
-        run = lib.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
-    except (lib.NotACheckpoint, lib.ConfigError) as err:
-        lib.fail(str(err))
+        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+    except (NotACheckpoint, config.ConfigError) as err:
+        cli.fail(str(err))
     try:
         chat = Chat(run, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                     top_k=FLAGS.top_k, seed=FLAGS.seed, max_context=FLAGS.max_context, stream_fps=FLAGS.stream_fps)
     except ValueError as err:  # sampling flags out of range
-        lib.fail(str(err))
+        cli.fail(str(err))
     try:
         chat.load_video(FLAGS.video, FLAGS.subtitles)
     except UnreadableVideo as err:
-        lib.fail(f"{err}: check the path, or {REENCODE}")
+        cli.fail(f"{err}: check the path, or {REENCODE}")
 
     def show(text: str) -> None:
         print(text, end="", flush=True)
@@ -251,9 +254,9 @@ def main(argv: list[str]) -> int:
         try:
             chat.ask(FLAGS.question, stream=show)
         except ContextOverflow as err:
-            lib.fail(f"{err}: shorten the question or lower --max_new_tokens")
+            cli.fail(f"{err}: shorten the question or lower --max_new_tokens")
         except UnreadableVideo as err:  # MA-LMM decodes while it streams
-            lib.fail(f"{err}: {REENCODE}")
+            cli.fail(f"{err}: {REENCODE}")
         print(flush=True)
         return 0
     step = f" step {run.step}" if run.step is not None else ""
@@ -273,7 +276,7 @@ def main(argv: list[str]) -> int:
             print(f"\nerror: {err}: start a new chat or lower --max_new_tokens", file=sys.stderr, flush=True)
             continue
         except UnreadableVideo as err:
-            lib.fail(f"{err}: {REENCODE}")
+            cli.fail(f"{err}: {REENCODE}")
         print(flush=True)
 
 

@@ -40,14 +40,16 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib
+from experiments import cli, config
+from vjax import eval as vjax_eval
+from vjax.pretrained import NotACheckpoint, Run, synthetic_paths
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The command's flags (defined when run as a command, so chat and eval import side by side)."""
-    lib.define_checkpoint_flags()
+    config.define_checkpoint_flags()
     flags.DEFINE_string("data", None, "annotation file (default: the synthetic set's test split)")
     flags.DEFINE_enum("format", "auto", ["auto", "conversations", "mvbench", "open_qa"], "annotation format")
     flags.DEFINE_string("video_root", None, "where relative video paths resolve (default: the file's folder)")
@@ -97,9 +99,9 @@ def load_records(path: str, fmt: str = "auto", video_root: str | None = None, vi
     return annotations.load_conversations(path, video_root)
 
 
-def synthetic_split(run: lib.Run, split: str = "test") -> tuple[list[dict], str]:
+def synthetic_split(run: Run, split: str = "test") -> tuple[list[dict], str]:
     """Records of the run's synthetic set (``test``, or ``val`` when the set has no test clips)."""
-    paths = lib._synthetic_paths(run.config)
+    paths = synthetic_paths(run.config)
     for name in (split, "val"):
         recs = synthetic_records(paths, name)
         if recs:
@@ -227,7 +229,7 @@ def _task_grid(title: str, grid: dict[str, dict[str, dict]], key=str) -> list[st
 
 
 # --------------------------------------------------------------------------------------------- running
-def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
+def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
              tolerance: float = 0.5, progress: bool = False, max_bad_fraction: float = 0.1) -> dict[str, Any]:
     """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat).
 
@@ -265,7 +267,7 @@ def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_
         if not prompts:
             continue
         length = -(-max(len(p["input_ids"]) for p in prompts) // 64) * 64  # few compiled shapes
-        predictions += lib.answer_prompts(run.module, run.params, prompts, run.tokenizer, run.spec,
+        predictions += vjax_eval.answer_prompts(run.module, run.params, prompts, run.tokenizer, run.spec,
                                           batch_size=batch_size, max_new_tokens=max_new_tokens, length=length,
                                           progress=bar.update if bar is not None else None)
         kept += recs
@@ -282,32 +284,32 @@ def evaluate(run: lib.Run, records: Sequence[dict], *, batch_size: int, max_new_
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        lib.fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     if not FLAGS.workdir:
-        lib.fail("--workdir is required")
+        cli.fail("--workdir is required")
     if not 0.0 <= FLAGS.max_bad_fraction <= 1.0:
-        lib.fail(f"--max_bad_fraction must be in [0, 1], got {FLAGS.max_bad_fraction}")
+        cli.fail(f"--max_bad_fraction must be in [0, 1], got {FLAGS.max_bad_fraction}")
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     try:
-        run = lib.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
-    except (lib.NotACheckpoint, lib.ConfigError) as err:
-        lib.fail(str(err))
+        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+    except (NotACheckpoint, config.ConfigError) as err:
+        cli.fail(str(err))
     try:
         if FLAGS.data:
             if not os.path.isfile(FLAGS.data):
-                lib.fail(f"--data {FLAGS.data!r} does not exist")
+                cli.fail(f"--data {FLAGS.data!r} does not exist")
             records, data_name = load_records(FLAGS.data, FLAGS.format, FLAGS.video_root, FLAGS.video_ext), \
                 Path(FLAGS.data).stem
         else:
             records, data_name = synthetic_split(run)
     except (ValueError, TooManyBadRecords, KeyError) as err:
-        lib.fail(f"{FLAGS.data or 'synthetic set'}: {err}")
+        cli.fail(f"{FLAGS.data or 'synthetic set'}: {err}")
     if FLAGS.limit:
         records = records[: FLAGS.limit]
     if not records:
-        lib.fail(f"no records to evaluate in {FLAGS.data or data_name}")
+        cli.fail(f"no records to evaluate in {FLAGS.data or data_name}")
     c = run.config
     batch = FLAGS.batch_size or c.eval.batch_size
     new = FLAGS.max_new_tokens or c.eval.max_new_tokens
@@ -317,7 +319,7 @@ def main(argv: list[str]) -> int:
         report = evaluate(run, records, batch_size=batch, max_new_tokens=new, tolerance=FLAGS.timestamp_tolerance,
                           progress=FLAGS.progress, max_bad_fraction=FLAGS.max_bad_fraction)
     except TooManyBadRecords as err:
-        lib.fail(str(err))
+        cli.fail(str(err))
     report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": FLAGS.data or data_name,
               **report}
     out = Path(FLAGS.out) if FLAGS.out else Path(run.workdir) / "eval" / f"{data_name}.json"

@@ -29,16 +29,14 @@ training on a workdir in use exits 2 (``<workdir>/.train.lock``).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, lib
+from experiments import cli, config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config: <name>[:<variant>] or a .py file",
                                           lock_config=True)
@@ -68,7 +66,7 @@ def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
 
 def _unknown_override(argv: list[str], path: str, variant: str) -> str | None:
     """The first ``--config.a.b`` whose key the config does not have (loaded without overrides)."""
-    base = lib.config_from_file(path, variant)
+    base = config.config_from_file(path, variant)
     for key, _ in _override_keys(argv):
         node = base
         for part in key.split("."):
@@ -85,18 +83,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     for i, a in enumerate(argv):
         if a.startswith("--config="):
             try:
-                path, name, variant = lib.config_path(a[len("--config="):])
-            except lib.ConfigError as err:
+                path, name, variant = config.config_path(a[len("--config="):])
+            except config.ConfigError as err:
                 _fail(str(err))
             _NAME_VARIANT[:] = [name, variant]
             argv[i] = f"--config={path}:{variant}"
             try:  # absl would keep only "Error whilst parsing config file:" of a bad variant
-                lib.config_from_file(path, variant)
+                config.config_from_file(path, variant)
             except Exception as err:  # noqa: BLE001 - whatever the config file raises, named in one line
                 _fail(f"config key 'config': {name}:{variant}: {_last_line(err)}")
             break
     else:
-        _fail(f"config key 'config': --config=<name>[:<variant>] is required; known: {lib.config_names()}")
+        _fail(f"config key 'config': --config=<name>[:<variant>] is required; known: {config.config_names()}")
     try:
         return flags.FLAGS(argv)
     except flags.IllegalFlagValueError as err:
@@ -157,16 +155,16 @@ def main(argv: list[str]) -> int:
     name, variant = _NAME_VARIANT
     workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", f"{name}_{variant}"))
     try:
-        lib.validate(c)  # everything that needs neither devices nor data: before JAX starts
-    except lib.ConfigError as err:
+        config.validate(c)  # everything that needs neither devices nor data: before JAX starts
+    except config.ConfigError as err:
         _fail(str(err))
 
     _initialize_distributed()
     import jax  # noqa: PLC0415
 
     try:
-        plan = lib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
-    except lib.ConfigError as err:
+        plan = config.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
+    except config.ConfigError as err:
         _fail(str(err))
     lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
     try:
@@ -177,92 +175,29 @@ def main(argv: list[str]) -> int:
 
 
 def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
+    """Build the run (:mod:`experiments.build`), then run it (:func:`vjax.train.loop.run`) and report."""
     import jax  # noqa: PLC0415
 
-    from vjax.data import formats, pipeline  # noqa: PLC0415
-    from vjax.data.annotations import merge_turns  # noqa: PLC0415
-    from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
+    from experiments.build import build  # noqa: PLC0415
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
     from vjax.train.checkpoint import CheckpointWriteError, NoRestorableCheckpoint  # noqa: PLC0415
-    from vjax.train.loop import Interrupted, LoopConfig, NonFiniteLossError, run  # noqa: PLC0415
-    from vjax.train.sharding import make_mesh  # noqa: PLC0415
-    from vjax.train.step import Trainer  # noqa: PLC0415
+    from vjax.train.loop import Interrupted, NonFiniteLossError, run  # noqa: PLC0415
 
     main_process = jax.process_index() == 0
-    mcfg, spec = plan["model_config"], plan["spec"]
-
-    # --- data: the synthetic set (generated once, cached) or real annotations
-    paths = None
-    if not c.data.train_annotations:
-        root = lib.synthetic_root(c)
-        syn = SyntheticConfig(**c.data.synthetic.to_dict())
-        if main_process:
-            t0 = time.perf_counter()
-            paths = ensure_synthetic_dataset(root, syn)
-            if time.perf_counter() - t0 > 1:
-                print(f"synthetic video-QA set ready in {root} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
-            multihost_utils.sync_global_devices("vjax_synthetic_set")
-        paths = ensure_synthetic_dataset(root, syn) if paths is None else paths
-    tok_dir = lib._expand(c.data.tokenizer) if c.data.tokenizer else paths.tokenizer_dir
-    tokenizer = formats.TextTokenizer(tok_dir)
-    train_records = merge_turns(lib.records(c, "train", paths), c.data.turns_per_record, seed=c.seed)
-    val_records = lib.records(c, "val", paths)
-    fmt = formats.VideoQAFormat(spec, tokenizer)
     try:
-        lib.check_tokenizer(c, tokenizer, mcfg)
-        longest = lib.check_lengths(c, fmt, train_records)
-    except lib.ConfigError as err:
+        b = build(c, plan, workdir)
+    except config.ConfigError as err:
         _fail(str(err))
-    if not train_records:
-        _fail("config key 'data.train_annotations': no training records")
-
-    # --- model, mesh, trainer
-    module = plan["module_class"](mcfg)
-    mesh = make_mesh(plan["mesh_shape"])
-    trainer = Trainer(module, plan["optim"], mesh, plan["trainable"])
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
-    n_train = sum(x.size for k, x in _flat(trainer.abstract_state.params).items() if trainer.mask[k])
-    init_params = None
-    if c.init_params:
-        import vjax  # noqa: PLC0415
-
-        _, init_params = vjax.from_pretrained(lib._expand(c.init_params), model=name)
-
-    # --- pipeline
-    nproc = jax.process_count()
-    # buckets: text + a full clip's visual tokens, and one more for the longest clip (Chat-UniVi: 1-2 frames)
-    visual, most = spec.tokens_per_clip(spec.num_frames), spec.tokens_per_clip()
-    lengths = tuple(sorted({b + visual for b in c.data.text_buckets} | {max(c.data.text_buckets) + most}))
-    pcfg = pipeline.PipelineConfig(
-        batch_size=c.data.batch_size // nproc, seed=c.seed, shuffle=True, num_epochs=None,
-        worker_count=c.data.worker_count, shard_index=jax.process_index(), shard_count=nproc,
-        frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
-        cache_mb=c.data.cache_mb, buckets={k: lengths for k in lib.TEXT_KEYS},
-        max_bad_fraction=c.data.max_bad_fraction, count_skips=True)
-    data = pipeline.SkipCounts(iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"])))
-
-    cfg_json = lib.config_json(c, name, mcfg)
+    except TooManyBadRecords as err:
+        _fail(f"validation records: {err}")
     if main_process:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg_json, f, indent=1)
-        tok_copy = os.path.join(workdir, lib.TOKENIZER_DIR)  # chat/eval read the tokenizer from the workdir
-        if not os.path.isdir(tok_copy):
-            shutil.copytree(tok_dir, tok_copy)
-    evaluator = None
-    if c.eval.records and val_records:
-        try:
-            evaluator = lib.Evaluator(c, module, spec, tokenizer, val_records, plan["sampler"], trainer)
-        except TooManyBadRecords as err:
-            _fail(f"validation records: {err}")
-    if main_process:
+        params = b.trainer.abstract_state.params
+        n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+        n_train = sum(x.size for k, x in _flat(params).items() if b.trainer.mask[k])
         print(f"{name}:{variant}  {n_params:,} parameters ({n_train:,} trainable, stage {c.stage!r})  "
-              f"mesh {dict(mesh.shape)}  {len(train_records)} train records  "
-              f"{len(evaluator) if evaluator else 0} eval records  {visual} visual tokens per clip  "
-              f"longest text {longest} tokens  workdir {workdir}", flush=True)
+              f"mesh {dict(b.trainer.mesh.shape)}  {len(b.train_records)} train records  "
+              f"{len(b.evaluator) if b.evaluator else 0} eval records  {b.visual_tokens} visual tokens per clip  "
+              f"longest text {b.longest} tokens  workdir {workdir}", flush=True)
 
     def on_restore(step: int, passed_over: list) -> None:
         if main_process:
@@ -270,15 +205,12 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
                 print(f"warning: checkpoint step {bad} does not restore ({reason})", file=sys.stderr, flush=True)
             print(f"resumed from step {step}", flush=True)
 
-    loop = LoopConfig(total_steps=c.total_steps, log_every=c.log_every, eval_every=c.eval_every,
-                      save_every=c.save_every, keep_checkpoints=c.keep_checkpoints, seed=c.seed,
-                      max_nonfinite_in_a_row=c.max_nonfinite_in_a_row)
     t0 = time.perf_counter()
     # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
     # Grain workers are released with this frame before the process exits
     try:
-        run(trainer, data, workdir, loop, eval_fn=evaluator, init_params=init_params, config_json=cfg_json,
-            on_restore=on_restore, host_metrics=data.take)
+        run(b.trainer, b.data, workdir, b.loop, eval_fn=b.evaluator, init_params=b.init_params,
+            config_json=b.config_json, on_restore=on_restore, host_metrics=b.data.take)
     except Interrupted as err:
         return _say(f"stopped: {err}", 128 + err.signum)
     except (NonFiniteLossError, CheckpointWriteError, NoRestorableCheckpoint) as err:
@@ -286,7 +218,8 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     except TooManyBadRecords as err:
         return _say(f"error: training records: {err}", cli.USER_ERROR)
     if main_process:
-        report(workdir, evaluator, visual, spec, time.perf_counter() - t0, mcfg)
+        report(workdir, b.evaluator, b.visual_tokens, b.spec, time.perf_counter() - t0, b.model_config,
+               plan["model"])
     return 0
 
 
@@ -317,8 +250,9 @@ def _flat(tree):
     return flatten_params(tree)
 
 
-def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None) -> None:
-    """The final table: last train metrics, accuracy per question type, visual tokens per clip."""
+def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None, model=None) -> None:
+    """The final table: last train metrics, accuracy per question type, visual tokens per clip (beside the
+    paper's baseline, where its model spec names one)."""
     from vjax.train.metrics import read_metrics  # noqa: PLC0415
 
     train_rows = [r for r in read_metrics(workdir) if r["split"] == "train" and "loss" in r]
@@ -337,11 +271,9 @@ def report(workdir: str, evaluator, visual: int, spec, seconds: float, mcfg=None
                   f"(answer {rec.get('answer')!r})")
     per_frame = {n: k for n, _, k in spec.visual if n == "frame"}
     extra = f" ({per_frame['frame']} per frame x {spec.num_frames} frames)" if per_frame else ""
-    if hasattr(mcfg, "spatial_ratios"):  # Chat-UniVi: what Video-ChatGPT's pooling of the same features costs
-        patches = (mcfg.vision.image_size // mcfg.vision.patch_size) ** 2
-        pooled = mcfg.num_frames + patches
-        extra = (f" (Video-ChatGPT-style pooling of the same features: {mcfg.num_frames} + {patches} = {pooled}, "
-                 f"{pooled / visual:.2f}x as many)")
+    if model is not None and model.token_baseline:
+        base = int(getattr(mcfg, model.token_baseline))
+        extra = f" ({model.token_baseline.replace('_', ' ')}: {base}, {base / visual:.2f}x as many)"
     print(f"visual tokens per clip: {visual}{extra}", flush=True)
 
 

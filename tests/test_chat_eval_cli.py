@@ -18,7 +18,7 @@ import pytest
 
 import vjax
 from experiments import eval as eval_cmd
-from experiments import lib
+from experiments import config
 from experiments.configs import chat_univi as chat_univi_config
 from vjax.data.synthetic import NUMBER_WORDS, SyntheticConfig, ensure_synthetic_dataset, train_tokenizer, write_mp4
 
@@ -32,8 +32,8 @@ def converted(tmp_path_factory):
     """A tiny Chat-UniVi saved as a converted checkpoint, its tokenizer, two short clips."""
     d = tmp_path_factory.mktemp("chat_eval")
     c = chat_univi_config.get_config("tiny")
-    _, module_cls, mcfg = lib.model_config(c)
-    module = module_cls(mcfg)
+    model, mcfg = config.model_config(c)
+    module = model.module(mcfg)
     vjax.save_pretrained(d / "ckpt", module, random_params(module, seed=0, std=0.2))
     tok = train_tokenizer(["What colour is the circle? red green blue", "How many objects? two three"] * 20,
                           str(d / "tok"), c.data.synthetic.vocab_size)
@@ -229,7 +229,7 @@ def test_each_chat_turn_equals_a_fresh_prefill_of_the_conversation(converted, fr
     d, tok, _ = converted
     video = tmp_path / "clip.mp4"  # 8 frames at 8 fps: the sampler finds 2 of the model's 4 frames
     write_mp4(str(video), np.random.default_rng(frames).integers(0, 255, (frames, 48, 48, 3), dtype=np.uint8), fps=8)
-    run = lib.load_run(d / "ckpt", tokenizer=str(tok))
+    run = config.load_run(d / "ckpt", tokenizer=str(tok))
     chat = Chat(run, max_new_tokens=6)
     chat.load_video(str(video))
     said, prefills = [], []
@@ -239,7 +239,7 @@ def test_each_chat_turn_equals_a_fresh_prefill_of_the_conversation(converted, fr
     stops = set(chat.sampling.eos_token_ids)
     for question in ["What colour is the circle?", "How many objects?", "How many objects?"]:
         batch = chat.format(chat._conversation(question), chat._frames, chat._audio)  # the whole conversation
-        visual = {k: np.asarray(batch[k])[None] for k in lib.VISUAL_BATCH_KEYS if k in batch}
+        visual = {k: np.asarray(batch[k])[None] for k in config.VISUAL_BATCH_KEYS if k in batch}
         fresh = np.asarray(generate(run.module, run.params, np.asarray(batch["input_ids"])[None],
                                     prefill_inputs=visual, config=chat.sampling).tokens[0]).tolist()
         end = next((i + 1 for i, t in enumerate(fresh) if t in stops), len(fresh))

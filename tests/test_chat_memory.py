@@ -8,26 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import lib
+from experiments import config
 from experiments.chat import Chat
 from experiments.configs import ma_lmm as ma_lmm_config
 from vjax.data import formats
 from vjax.data.synthetic import train_tokenizer, write_mp4
 from vjax.models.ma_lmm import MALMM
+from vjax.pretrained import Run
 
 from tests.models.tiny import random_params
 
 
-def _run(tmp_path) -> lib.Run:
+def _run(tmp_path) -> Run:
     c = ma_lmm_config.get_config("tiny")
-    _, module_cls, mcfg = lib.model_config(c)
-    module = module_cls(mcfg)
+    model, mcfg = config.model_config(c)
     tok = formats.TextTokenizer(train_tokenizer(["what colour is the circle", "red green blue"] * 20,
                                                 str(tmp_path / "tok"), c.data.synthetic.vocab_size))
-    lib.check_tokenizer(c, tok, mcfg)  # the placeholder ids of the config are the tokenizer's
-    return lib.Run(name="ma_lmm", config=c, module=module, params=random_params(module, seed=0, std=0.2),
-                   spec=lib.format_spec("ma_lmm", mcfg, False), tokenizer=tok, sampler=lib.make_sampler(c),
-                   step=None, workdir=str(tmp_path))
+    mcfg = config.resolve_markers(model, mcfg, tok)  # the placeholder ids are the tokenizer's
+    module = model.module(mcfg)
+    return Run(name="ma_lmm", config=c, module=module, params=random_params(module, seed=0, std=0.2),
+               spec=config.data_format(model, mcfg, c), tokenizer=tok, sampler=config.make_sampler(c, model),
+               step=None, workdir=str(tmp_path))
 
 
 def _video(path, n: int) -> str:

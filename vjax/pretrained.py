@@ -10,10 +10,11 @@ Two directory layouts are read:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -56,7 +57,6 @@ def _with_dtype(config: Any, dtype: Any) -> Any:
     """``config`` with ``dtype``/``param_dtype`` set on it and on every nested config that has them."""
     if dtype is None:
         return config
-    import dataclasses  # noqa: PLC0415
 
     name = jnp.dtype(dtype).name
     fields = {f.name for f in dataclasses.fields(config)}
@@ -198,4 +198,133 @@ def export_hf(path: str | os.PathLike, module: nn.Module, params: dict[str, Any]
     return p
 
 
-__all__ = ["from_pretrained", "save_pretrained", "export_hf", "abstract_params", "init_params", "flatten_params"]
+# ------------------------------------------------------------------------------------------------ runs
+class NotACheckpoint(ValueError):
+    """A directory that is neither a training run nor a converted vjax checkpoint, or one that cannot be used
+    (no checkpoint restores, no tokenizer); the commands print its one line and exit with code 2."""
+
+
+TOKENIZER_DIR = "tokenizer"  # a copy of the run's tokenizer inside its workdir
+_HOW = "pass --workdir of a 'python -m experiments.train' run or the --dst of 'python -m experiments.convert'"
+
+
+@dataclasses.dataclass
+class Run:
+    """What chat and eval need from a checkpoint: the model with its parameters, the experiment config
+    (frames, sampler, template), the data format, the tokenizer and the frame sampler."""
+
+    name: str
+    config: Any  # the experiment ConfigDict
+    module: Any
+    params: Any
+    spec: Any  # vjax.data.formats.FormatSpec
+    tokenizer: Any  # vjax.data.formats.TextTokenizer
+    sampler: Any
+    step: int | None
+    workdir: str
+
+    @property
+    def model_config(self) -> Any:
+        return self.module.config
+
+
+def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
+             experiment: Callable[[str], Any] | None = None) -> Run:
+    """Load a training workdir (``config.json`` of ``experiments.train`` + the newest Orbax checkpoint that
+    restores; its parameters only) or a converted checkpoint (``vjax_config.json`` of ``experiments.convert``;
+    ``experiment(model name)`` gives its data settings — an experiment config whose frames and image size are
+    then set from the model).
+
+    The tokenizer: ``tokenizer`` if given, else the copy in ``<workdir>/tokenizer``, the experiment's
+    ``data.tokenizer``, or the run's synthetic set's (regenerated if it was deleted). Checkpoints that do not
+    restore are named on stderr and passed over. Raises :class:`NotACheckpoint` with a one-line message.
+    """
+    import ml_collections  # noqa: PLC0415
+
+    from vjax.data import formats, sampling  # noqa: PLC0415
+
+    p = Path(workdir).expanduser().absolute()
+    if not p.is_dir():
+        raise NotACheckpoint(f"{p} is not a directory: {_HOW}")
+    meta = {}
+    if (p / "config.json").is_file():
+        try:
+            meta = json.loads((p / "config.json").read_text())
+        except ValueError:
+            meta = {}
+    step = None
+    if meta.get("format") == "vjax-experiment":
+        name = meta["model"]
+        cfg_cls, module_cls = registry.get(name)
+        module = module_cls(registry.config_from_dict(cfg_cls, meta["model_config"]))
+        c = ml_collections.ConfigDict(meta["experiment"])
+        params, step = _newest_params(p, name, module)
+    elif (p / VJAX_CONFIG).is_file():
+        try:
+            module, params = from_pretrained(p)
+        except (ValueError, KeyError) as err:
+            raise NotACheckpoint(f"{p}: not a readable vjax checkpoint ({err}): {_HOW}") from None
+        name = json.loads((p / VJAX_CONFIG).read_text())["model"]
+        if experiment is None:
+            raise NotACheckpoint(f"{p} is a converted checkpoint: its data settings need an experiment config")
+        c = experiment(name)
+        c.data.num_frames = module.config.num_frames
+        c.data.image_size = registry.spec(name).frame_size(module.config)
+        if not tokenizer and not (p / TOKENIZER_DIR).is_dir() and not c.data.tokenizer:
+            raise NotACheckpoint(f"{p} is a converted checkpoint without a tokenizer: pass --tokenizer=DIR (the "
+                                 f"LLM's tokenizer directory)")
+    else:
+        raise NotACheckpoint(f"{p} is not a vjax checkpoint (no config.json of a training run, no {VJAX_CONFIG}): "
+                             f"{_HOW}")
+    if tokenizer:
+        tok_dir = os.path.abspath(os.path.expanduser(tokenizer))
+    elif (p / TOKENIZER_DIR).is_dir():
+        tok_dir = str(p / TOKENIZER_DIR)
+    elif c.data.tokenizer:
+        tok_dir = os.path.abspath(os.path.expanduser(c.data.tokenizer))
+    else:
+        tok_dir = synthetic_paths(c).tokenizer_dir
+    if not os.path.isdir(tok_dir):
+        raise NotACheckpoint(f"tokenizer directory {tok_dir!r} does not exist")
+    spec = formats.format_spec(registry.spec(name), module.config, load_audio=c.data.load_audio,
+                               template_variant=c.data.template_variant)
+    sampler = sampling.make_sampler(c.data.sampler or registry.spec(name).sampler, c.data.num_frames,
+                                    **c.data.sampler_kwargs.to_dict())
+    return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
+               sampler=sampler, step=step, workdir=str(p))
+
+
+def _newest_params(p: Path, name: str, module: nn.Module) -> tuple[dict[str, Any], int]:
+    """The parameters of the newest checkpoint of a training run that restores (the others named on stderr)."""
+    import sys  # noqa: PLC0415
+
+    from vjax.train.checkpoint import Checkpoints, NoRestorableCheckpoint  # noqa: PLC0415
+
+    ckpt = Checkpoints(p / "checkpoints", async_save=False)
+    if ckpt.latest_step() is None:
+        raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
+                             f"experiments.train --config={name} --workdir={p}) or wait for its first save")
+    target = abstract_params(module)
+    try:
+        params, step, passed_over = ckpt.restore_newest(lambda s: ckpt.restore_params(target, step=s))
+    except NoRestorableCheckpoint as err:
+        raise NotACheckpoint(str(err)) from None
+    finally:
+        ckpt.close()
+    for bad, reason in passed_over:
+        print(f"warning: checkpoint step {bad} in {ckpt.directory} does not restore ({reason}); using step {step}",
+              file=sys.stderr, flush=True)
+    return params, step
+
+
+def synthetic_paths(c: Any):
+    """The synthetic set of an experiment config (``data.root`` or its cache directory; generated if absent)."""
+    from vjax.data.synthetic import SyntheticConfig, default_root, ensure_synthetic_dataset  # noqa: PLC0415
+
+    config = SyntheticConfig(**c.data.synthetic.to_dict())
+    root = os.path.abspath(os.path.expanduser(c.data.root)) if c.data.root else default_root(config)
+    return ensure_synthetic_dataset(root, config)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "export_hf", "abstract_params", "init_params", "flatten_params",
+           "load_run", "Run", "NotACheckpoint"]

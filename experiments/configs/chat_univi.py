@@ -21,18 +21,10 @@ from experiments.configs import common
 
 def get_config(variant: str = "tiny"):
     c = common.base("chat_univi", variant)
-    c.model_overrides.llm = common.llm_overrides()
-    common.tiny_vision(c)
     c.model_overrides.temporal_ratio = 0.5
     c.model_overrides.spatial_ratios = (5, 3)
     c.model_overrides.spatial_ks = (5, 3)
-    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<image>"]
-    c.placeholder_tokens.placeholder_id = "<image>"
-    c.data.sampler = "chat_univi_fps"
-    c.data.sampler_kwargs.max_frames = c.data.get_ref("num_frames")
     c.data.sampler_kwargs.sample_fps = 2.0  # 2-4 s synthetic clips: >= 4 frames (the release: 1 fps)
-    c.data.num_frames = 4
-    c.data.image_size = 56
     if variant == "tiny":
         return c
     common_args = dict(frames=64, image_size=224, tokenizer="~/models/vicuna-7b-v1.5",

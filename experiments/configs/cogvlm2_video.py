@@ -17,14 +17,7 @@ from experiments.configs import common
 
 def get_config(variant: str = "tiny"):
     c = common.base("cogvlm2_video", variant)
-    c.model_overrides.llm = common.llm_overrides()
     common.tiny_vision(c, out_dim=common.TINY_WIDTH, glu_dim=2 * common.TINY_WIDTH)  # out_dim = llm.hidden_size
-    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<|image_pad|>"]
-    c.placeholder_tokens.placeholder_id = "<|image_pad|>"
-    c.data.sampler = "cogvlm2_chat_seconds"
-    c.data.sampler_kwargs.max_frames = c.data.get_ref("num_frames")
-    c.data.num_frames = 4
-    c.data.image_size = 56
     if variant == "tiny":
         c.total_steps = 2000  # 72 tokens and an expert MLP per layer: 2500 steps took 1226 s here (2.0-2.5 steps/s)
         return c
@@ -33,6 +26,5 @@ def get_config(variant: str = "tiny"):
                          batch=32, frames=24, image_size=224, data_dir="~/data/cogvlm2_video",
                          tokenizer="~/models/cogvlm2-video-llama3-chat",
                          init_params="~/models/cogvlm2-video-llama3-chat")
-        c.data.sampler_kwargs = {"max_frames": c.data.get_ref("num_frames")}
         return c
     raise ValueError(f"unknown cogvlm2_video variant {variant!r}; known: tiny, chat")

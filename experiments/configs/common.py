@@ -4,8 +4,9 @@ Keys of a config (``experiments/train.py`` validates all of them before compilin
 
   model, variant          registry name; the variant name (for the default workdir)
   model_preset            ``Config.<preset>()`` of the model (``tiny``, ``chat_univi_7b`` ...)
-  model_overrides         nested fields replaced in that config (``llm.vocab_size`` ...)
-  placeholder_tokens      model-config field -> tokenizer token whose id it must equal
+  model_overrides         nested fields replaced in that config (``llm.vocab_size`` ...); the placeholder ids
+                          come from the tokenizer (the model spec's marker tokens), frames and image size from
+                          ``data.num_frames`` / ``data.image_size``
   stage                   key of the model's ``STAGES`` (which parameter paths train)
   init_params             '' (random init) or a directory for ``vjax.from_pretrained`` (HF or vjax)
   data.*                  synthetic set or real annotations, sampler, frames, buckets, batch
@@ -21,22 +22,21 @@ import dataclasses
 
 import ml_collections
 
-from vjax.data.synthetic import SPECIAL_TOKENS, TEMPLATE_TOKENS, SyntheticConfig
+from vjax.data.synthetic import SyntheticConfig
 from vjax.train.optim import OptimConfig
 
-# Token ids of the synthetic set's tokenizer (specials first, then the template markers, in order).
-SYNTHETIC_IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEMPLATE_TOKENS)}
 SYNTHETIC_VOCAB = SyntheticConfig().vocab_size
 
 
 def base(model: str, variant: str) -> ml_collections.ConfigDict:
-    """A tiny CPU run of ``model`` on the synthetic video-QA set; model files fill in the rest."""
+    """A tiny CPU run of ``model`` on the synthetic video-QA set (the tiny LLM sized to the synthetic
+    tokenizer, a tower of ``TINY_PATCH`` patches); a model's config file states only what differs."""
     c = ml_collections.ConfigDict()
     c.model = model
     c.variant = variant
     c.model_preset = "tiny"
     c.model_overrides = ml_collections.ConfigDict()
-    c.placeholder_tokens = ml_collections.ConfigDict()
+    c.model_overrides.llm = llm_overrides()
     c.stage = "full"
     c.init_params = ""
 
@@ -59,7 +59,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.video_root = ""  # relative video paths of real annotations resolve here ('' = the file's folder)
     d.tokenizer = ""  # '' = the synthetic set's tokenizer
     d.template_variant = ""  # '' = the model's default chat template variant
-    d.sampler = "video_llama_uniform"  # a function of vjax.data.sampling
+    d.sampler = ""  # a sampler of vjax.data.sampling; '' = the model's (its spec); data.num_frames is its frame count
     d.sampler_kwargs = ml_collections.ConfigDict()
     d.num_frames = 4  # static frame count T (the model's num_frames)
     d.image_size = 56  # frames are resized on decode to image_size^2 (the model's vision input)
@@ -80,6 +80,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     e.records = 32  # validation records generated with the KV cache at each eval (0: no eval)
     e.batch_size = 8
     e.max_new_tokens = 12
+    tiny_vision(c)
     return c
 
 
@@ -115,7 +116,6 @@ def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: floa
     (``train.py`` fails early naming the key)."""
     c.model_preset = preset
     c.model_overrides = ml_collections.ConfigDict()
-    c.placeholder_tokens = ml_collections.ConfigDict()
     c.stage = stage
     c.init_params = init_params
     c.total_steps = steps

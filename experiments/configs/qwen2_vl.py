@@ -16,19 +16,8 @@ from experiments.configs import common
 
 def get_config(variant: str = "tiny"):
     c = common.base("qwen2_vl", variant)
-    c.model_overrides.llm = common.llm_overrides()
     common.tiny_vision(c, out_dim=common.TINY_WIDTH)  # out_dim = llm.hidden_size
-    ids = common.SYNTHETIC_IDS
-    c.model_overrides.video_token_id = ids["<|video_pad|>"]
-    c.model_overrides.image_token_id = ids["<|image_pad|>"]
-    c.model_overrides.vision_start_token_id = ids["<|vision_start|>"]
-    c.placeholder_tokens.video_token_id = "<|video_pad|>"
-    c.placeholder_tokens.image_token_id = "<|image_pad|>"
-    c.placeholder_tokens.vision_start_token_id = "<|vision_start|>"
-    c.data.sampler = "qwen2_vl_fps"
-    c.data.sampler_kwargs.nframes = c.data.get_ref("num_frames")
-    c.data.num_frames = 4
-    c.data.image_size = 56
+    c.data.sampler_kwargs.nframes = c.data.get_ref("num_frames")  # a fixed count (the release: 2 fps, see 7b)
     if variant == "tiny":
         return c
     if variant in ("7b", "2b"):
@@ -36,6 +25,6 @@ def get_config(variant: str = "tiny"):
                          frames=16, image_size=448, data_dir="~/data/qwen2_vl",
                          tokenizer=f"~/models/Qwen2-VL-{variant.upper()}-Instruct",
                          init_params=f"~/models/Qwen2-VL-{variant.upper()}-Instruct", text_len=8192)
-        c.data.sampler_kwargs = {"sample_fps": 2.0, "max_frames": c.data.get_ref("num_frames")}
+        c.data.sampler_kwargs = {"sample_fps": 2.0}  # at most data.num_frames
         return c
     raise ValueError(f"unknown qwen2_vl variant {variant!r}; known: tiny, 7b, 2b")

@@ -15,14 +15,6 @@ from experiments.configs import common
 
 def get_config(variant: str = "tiny"):
     c = common.base("video_chatgpt", variant)
-    c.model_overrides.llm = common.llm_overrides()
-    common.tiny_vision(c)
-    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<vid_patch>"]
-    c.placeholder_tokens.placeholder_id = "<vid_patch>"
-    c.data.sampler = "video_chatgpt_uniform"
-    c.data.sampler_kwargs.num_samples = c.data.get_ref("num_frames")
-    c.data.num_frames = 4
-    c.data.image_size = 56
     c.model_overrides.num_temporal = c.data.get_ref("num_frames")
     if variant == "tiny":
         c.total_steps = 2700  # 3000 steps took 1199 s here (2.5-3.0 steps/s): too close to the 20-minute budget

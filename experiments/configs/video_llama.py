@@ -20,16 +20,8 @@ from experiments.configs import common
 
 def get_config(variant: str = "tiny"):
     c = common.base("video_llama", variant)
-    c.model_overrides.llm = common.llm_overrides()
-    common.tiny_vision(c)
     c.model_overrides.audio = {"image_width": 204}  # 2 s of 10 ms fbank frames (ImageBind pads 198 -> 204)
     c.model_overrides.num_audio_clips = 2
-    c.model_overrides.placeholder_id = common.SYNTHETIC_IDS["<ImageHere>"]
-    c.placeholder_tokens.placeholder_id = "<ImageHere>"
-    c.data.sampler = "video_llama_uniform"
-    c.data.sampler_kwargs.num_samples = c.data.get_ref("num_frames")
-    c.data.num_frames = 4
-    c.data.image_size = 56
     c.data.load_audio = True
     # 1800 steps took 1396 s here: the first epoch (750 steps, decoding video + audio) ~1.1 steps/s, then ~1.5
     c.total_steps = 1300
@@ -40,7 +32,7 @@ def get_config(variant: str = "tiny"):
     if variant == "stage1":
         common.published(c, stage="vl_pretrain", lr=1e-4, warmup=2500, steps=12500, batch=256, min_lr_ratio=0.8,
                          data_dir="~/data/video_llama/stage1", **args)
-        c.data.sampler = "video_llama_headtail"
+        c.data.sampler = "head_tail_random"
         c.data.load_audio = False
     elif variant == "stage2":
         common.published(c, stage="vl_finetune", lr=3e-5, warmup=300, steps=3000, batch=32, min_lr_ratio=1 / 3,
@@ -53,6 +45,5 @@ def get_config(variant: str = "tiny"):
         c.data.load_audio = True
     else:
         raise ValueError(f"unknown video_llama variant {variant!r}; known: tiny, stage1, stage2, audio")
-    c.data.sampler_kwargs = {"num_samples": c.data.get_ref("num_frames")}
     c.data.template_variant = "llama2"  # Video-LLaMA-2 (Llama-2-chat)
     return c

@@ -56,9 +56,9 @@ def one_line(r, code: int, prefix: str = "error:") -> str:
 
 def params_of(workdir: Path):
     """``(step, flat params)`` of the newest checkpoint of a training workdir that restores."""
-    from experiments import lib  # noqa: PLC0415
+    from experiments import config  # noqa: PLC0415
 
-    run = lib.load_run(workdir)
+    run = config.load_run(workdir)
     return run.step, [np.asarray(x) for x in jax.tree_util.tree_leaves(run.params)]
 
 

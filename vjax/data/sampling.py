@@ -36,9 +36,11 @@ video_llama_audio_clips     8 clips of 2 s, start_k = k * max(dur - 2, 0) / 7
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -398,6 +400,36 @@ def cut_audio_clips(audio: np.ndarray, clips: AudioClips) -> np.ndarray:
         piece = wav[s:e]
         out[i, : piece.shape[0]] = piece
     return out
+
+
+FRAMES_ARGS = ("num_samples", "max_frames", "nframes")  # the frame-count argument, by sampler
+
+
+def make_sampler(name: str, num_frames: int | None = None, **kwargs: Any) -> Callable[..., FrameSample]:
+    """The frame sampler ``name`` (a rule, or an earlier name in :data:`ALIASES`) with ``kwargs`` bound; a
+    clip's frame count ``num_frames`` goes to the sampler's first frame-count argument (:data:`FRAMES_ARGS`)
+    unless ``kwargs`` set one. Unknown names and arguments are a ``ValueError`` naming them.
+
+    >>> make_sampler("uniform_floor", 4)(num_frames=100, fps=25.0).indices.tolist()
+    [0, 25, 50, 75]
+    """
+    fn = globals().get(ALIASES.get(name, name))
+    if not (inspect.isfunction(fn) and not name.startswith("_") and "fps" in inspect.signature(fn).parameters):
+        raise ValueError(f"unknown sampler {name!r}; known: {sampler_names()}")
+    params = inspect.signature(fn).parameters
+    for k in kwargs:
+        if k not in params or k in ("num_frames", "fps"):
+            raise ValueError(f"{name}() has no parameter {k!r}; known: {list(params)[2:]}")
+    frames_arg = next((a for a in FRAMES_ARGS if a in params), None)
+    if num_frames is not None and frames_arg and not any(a in kwargs for a in FRAMES_ARGS):
+        kwargs[frames_arg] = int(num_frames)
+    return functools.partial(fn, **kwargs)
+
+
+def sampler_names() -> list[str]:
+    """The frame samplers, by rule."""
+    return sorted(n for n, f in globals().items() if inspect.isfunction(f) and not n.startswith("_")
+                  and "fps" in inspect.signature(f).parameters and n not in ALIASES and f.__name__ == n)
 
 
 # Earlier names, by the model that samples so (kept working).

@@ -78,6 +78,13 @@ class ChatUniViConfig:
         return self.visual_tokens_for(self.num_frames)
 
     @property
+    def video_chatgpt_pooling_tokens(self) -> int:
+        """What Video-ChatGPT's spatio-temporal pooling of the same features costs: ``T + patches`` (the paper's
+        comparison: the same accuracy with fewer tokens)."""
+        g = self.vision.grid
+        return self.num_frames + g[0] * g[1]
+
+    @property
     def max_visual_tokens(self) -> int:
         """Token slots of :meth:`ChatUniVi.encode_masked`: the most any clip of up to ``num_frames`` takes."""
         return max(self.visual_tokens_for(t) for t in range(self.num_frames + 1))
@@ -157,6 +164,6 @@ class ChatUniVi(VideoLLM):
 SPEC = ModelSpec(
     name="chat_univi", config=ChatUniViConfig, module=ChatUniVi,
     template="vicuna_v1", visual=(Visual("video", "visual_tokens_for"),),
-    sampler="fps_stride", sampler_frames="max_frames", marker_tokens={"placeholder_id": "<image>"},
+    sampler="fps_stride", marker_tokens={"placeholder_id": "<image>"}, token_baseline="video_chatgpt_pooling_tokens",
     conversion="vjax.convert.chat_univi", hf_architectures=("ChatUniViLlamaForCausalLM",),
     hf_model_types=("ChatUniVi",))

@@ -160,5 +160,5 @@ class CogVLM2Video(VideoLLM):
 SPEC = ModelSpec(
     name="cogvlm2_video", config=CogVLM2VideoConfig, module=CogVLM2Video,
     template="cogvlm2_video", visual=(Visual("frame", "tokens_per_frame"),),
-    sampler="nearest_each_second", sampler_frames="max_frames", marker_tokens={"placeholder_id": "<|image_pad|>"},
+    sampler="nearest_each_second", marker_tokens={"placeholder_id": "<|image_pad|>"},
     conversion="vjax.convert.cogvlm2_video", hf_architectures=("CogVLMVideoForCausalLM",))

@@ -234,7 +234,7 @@ class Qwen2VL(VideoLLM):
 SPEC = ModelSpec(
     name="qwen2_vl", config=Qwen2VLConfig, module=Qwen2VL,
     template="qwen2_vl", visual=(Visual("video", "num_visual_tokens", id_field="video_token_id"),),
-    stop_strings=("<|im_end|>",), sampler="fps_linspace_even", sampler_frames="nframes",
+    stop_strings=("<|im_end|>",), sampler="fps_linspace_even", image_size="image_size",
     marker_tokens={"video_token_id": "<|video_pad|>", "image_token_id": "<|image_pad|>",
                    "vision_start_token_id": "<|vision_start|>"},
     conversion="vjax.convert.qwen2_vl", hf_architectures=("Qwen2VLForConditionalGeneration",),

@@ -68,8 +68,7 @@ class ModelSpec:
       template_options: keyword arguments of the template (e.g. the system prompt of ``vicuna_v1``).
       visual: the visual pieces of the prompt, in the order the template places them.
       stop_strings: where a generated answer ends (besides EOS).
-      sampler: default frame sampler of ``vjax.data.sampling`` (the release's rule); ``sampler_frames`` names
-        its argument that receives the clip's frame count T.
+      sampler: default frame sampler of ``vjax.data.sampling`` (the release's rule).
       marker_tokens: config field -> the token a tokenizer spells that id with (resolved from the
         tokenizer when it has the token: the synthetic set's, or a release's added tokens).
       conversion: module of ``vjax.convert`` whose ``layout()`` reads the released checkpoints (``""``: none).
@@ -83,6 +82,10 @@ class ModelSpec:
       subtitles: the template interleaves subtitles; ``subtitle_words`` is the config attribute capping them.
       streams_frames: config attribute that is true when the module can take the video frame by frame
         (``stream_init`` / ``stream_step``; MA-LMM's memory bank).
+      image_size: dotted config path of the frames' side in pixels (``vision.image_size``; Qwen2-VL:
+        ``image_size``, its tower takes any size).
+      token_baseline: config attribute with the visual tokens per clip of the baseline the paper compares
+        against, printed beside the model's own (Chat-UniVi: Video-ChatGPT-style pooling of the same features).
     """
 
     name: str
@@ -93,7 +96,6 @@ class ModelSpec:
     visual: tuple[Visual, ...] = ()
     stop_strings: tuple[str, ...] = ("</s>",)
     sampler: str = "uniform_floor"
-    sampler_frames: str = "num_samples"
     template_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     marker_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
     conversion: str = ""
@@ -105,6 +107,8 @@ class ModelSpec:
     subtitles: bool = False
     subtitle_words: str = ""
     streams_frames: str = ""
+    image_size: str = "vision.image_size"
+    token_baseline: str = ""
 
     def placeholder_ids(self, config: Any) -> tuple[int, ...]:
         """The ids of every visual slot of ``config`` (a chat session never rewinds into them)."""
@@ -112,3 +116,19 @@ class ModelSpec:
 
     def can_stream(self, config: Any) -> bool:
         return bool(self.streams_frames) and bool(getattr(config, self.streams_frames))
+
+    def frame_size(self, config: Any) -> int:
+        """The side of the frames the model takes, in pixels."""
+        value = config
+        for part in self.image_size.split("."):
+            value = getattr(value, part)
+        return int(value)
+
+    def with_geometry(self, config: Any, num_frames: int, image_size: int) -> Any:
+        """``config`` with ``num_frames`` frames of ``image_size`` pixels (the data's geometry sizes the model)."""
+        def put(node: Any, path: list[str], value: int) -> Any:
+            if len(path) == 1:
+                return dataclasses.replace(node, **{path[0]: value})
+            return dataclasses.replace(node, **{path[0]: put(getattr(node, path[0]), path[1:], value)})
+
+        return put(dataclasses.replace(config, num_frames=num_frames), self.image_size.split("."), image_size)

@@ -48,7 +48,7 @@ from vjax.data.synthetic.config import (
     SyntheticConfig,
     SyntheticPaths,
 )
-from vjax.data.synthetic.dataset import ensure_synthetic_dataset, generate_clip, train_tokenizer
+from vjax.data.synthetic.dataset import default_root, ensure_synthetic_dataset, generate_clip, train_tokenizer
 from vjax.data.synthetic.questions import CAPTION_QUESTIONS, caption
 from vjax.data.synthetic.render import render_audio, render_frames, write_mp4, write_srt
 from vjax.data.synthetic.scene import _sample_scene
@@ -56,6 +56,7 @@ from vjax.data.synthetic.scene import _sample_scene
 __all__ = [
     "CAPTION_QUESTIONS", "GENERATOR_VERSION", "MOTIONS", "MOTION_ANSWERS", "NAMES", "NUMBER_WORDS", "PALETTE",
     "PITCHES", "SHAPES", "SPECIAL_TOKENS", "SPLITS", "TEMPLATE_TEXT", "TEMPLATE_TOKENS", "TEXTURE_STD",
-    "SyntheticConfig", "SyntheticPaths", "_sample_scene", "caption", "ensure_synthetic_dataset", "generate_clip",
+    "SyntheticConfig", "SyntheticPaths", "_sample_scene", "caption", "default_root", "ensure_synthetic_dataset",
+    "generate_clip",
     "render_audio", "render_frames", "train_tokenizer", "write_mp4", "write_srt",
 ]

@@ -100,6 +100,12 @@ def generate_clip(cfg: SyntheticConfig, split: str, index: int, root: str) -> tu
     return scene, _make_records(scene, cfg, base + ".mp4", srt_rel)
 
 
+def default_root(config: SyntheticConfig | None = None) -> str:
+    """``~/.cache/vjax/synthetic/<first 12 hex digits of the parameters' hash>``: one directory per set."""
+    h = (config or SyntheticConfig()).params_hash()[:12]
+    return os.path.join(os.path.expanduser("~/.cache/vjax/synthetic"), h)
+
+
 def ensure_synthetic_dataset(root: str | os.PathLike, config: SyntheticConfig | None = None) -> SyntheticPaths:
     """Generate the synthetic video-QA set under ``root`` unless a valid one is already there.
 

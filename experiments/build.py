@@ -1,0 +1,134 @@
+"""The second half of a training command: from a validated config (:func:`experiments.config.validate`) to
+what :func:`vjax.train.loop.run` needs — the data (the synthetic set, generated once, or real annotations),
+the tokenizer, the model, the trainer on its mesh, the input pipeline and the evaluator.
+
+    plan = config.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count())
+    built = build(c, plan, workdir)
+    run(built.trainer, built.data, workdir, built.loop, eval_fn=built.evaluator, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from experiments import config as cfg
+from experiments.config import ConfigError
+
+
+@dataclasses.dataclass
+class Built:
+    """Everything a training run is made of (see the module docstring)."""
+
+    module: Any
+    trainer: Any
+    data: Any  # an iterator of batches (``vjax.data.pipeline.SkipCounts``)
+    evaluator: Any  # ``vjax.eval.Evaluator`` or None
+    loop: Any  # ``vjax.train.loop.LoopConfig``
+    spec: Any  # ``vjax.data.formats.FormatSpec``
+    model_config: Any
+    tokenizer: Any
+    train_records: list
+    init_params: Any
+    config_json: dict
+    longest: int  # tokens of the longest training text
+    visual_tokens: int  # per full clip
+
+
+def build(c, plan: dict, workdir: str) -> Built:
+    """Build a run of config ``c`` (validated into ``plan``); writes ``config.json`` and the tokenizer copy into
+    ``workdir`` (process 0). Raises :class:`~experiments.config.ConfigError` for what only the data can reveal
+    (a vocabulary smaller than the tokenizer's, a record longer than the largest bucket) and
+    :class:`~vjax.data.validate.TooManyBadRecords` for unreadable validation videos."""
+    import jax  # noqa: PLC0415
+
+    from vjax.data import formats, pipeline  # noqa: PLC0415
+    from vjax.data.annotations import merge_turns  # noqa: PLC0415
+    from vjax.eval import Evaluator  # noqa: PLC0415
+    from vjax.pretrained import TOKENIZER_DIR  # noqa: PLC0415
+    from vjax.train.loop import LoopConfig  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    main_process = jax.process_index() == 0
+    model = plan["model"]
+
+    # --- data: the synthetic set (generated once, cached) or real annotations; the tokenizer
+    paths = None if c.data.train_annotations else _synthetic_set(c, main_process)
+    tok_dir = cfg._expand(c.data.tokenizer) if c.data.tokenizer else paths.tokenizer_dir
+    tokenizer = formats.TextTokenizer(tok_dir)
+    mcfg = cfg.resolve_markers(model, plan["model_config"], tokenizer)
+    spec = cfg.data_format(model, mcfg, c)
+    train_records = merge_turns(cfg.records(c, "train", paths), c.data.turns_per_record, seed=c.seed)
+    val_records = cfg.records(c, "val", paths)
+    fmt = formats.VideoQAFormat(spec, tokenizer)
+    longest = cfg.check_lengths(c, fmt, train_records)
+    if not train_records:
+        raise ConfigError("data.train_annotations", "no training records")
+
+    # --- model, mesh, trainer
+    module = model.module(mcfg)
+    trainer = Trainer(module, plan["optim"], make_mesh(plan["mesh_shape"]), plan["trainable"])
+    init_params = None
+    if c.init_params:
+        import vjax  # noqa: PLC0415
+
+        _, init_params = vjax.from_pretrained(cfg._expand(c.init_params), model=c.model)
+
+    # --- input pipeline: text buckets plus a full clip's visual tokens, and one more bucket for the longest
+    # clip (Chat-UniVi: 1-2 frames are two images)
+    nproc = jax.process_count()
+    visual, most = spec.tokens_per_clip(spec.num_frames), spec.tokens_per_clip()
+    lengths = tuple(sorted({b + visual for b in c.data.text_buckets} | {max(c.data.text_buckets) + most}))
+    pcfg = cfg.from_config(
+        pipeline.PipelineConfig, c.data, "data", strict=False, batch_size=c.data.batch_size // nproc, seed=c.seed,
+        shuffle=True, num_epochs=None, shard_index=jax.process_index(), shard_count=nproc,
+        frame_size=(c.data.image_size, c.data.image_size), buckets={k: lengths for k in cfg.TEXT_KEYS},
+        count_skips=True)
+    data = pipeline.SkipCounts(iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"])))
+
+    config_json = cfg.config_json(c, c.model, mcfg)
+    if main_process:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_json, f, indent=1)
+        tok_copy = os.path.join(workdir, TOKENIZER_DIR)  # chat/eval read the tokenizer from the workdir
+        if not os.path.isdir(tok_copy):
+            shutil.copytree(tok_dir, tok_copy)
+    evaluator = None
+    if c.eval.records and val_records:
+        evaluator = Evaluator(
+            module, spec, tokenizer, val_records, plan["sampler"], num_records=c.eval.records,
+            batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+            frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
+            max_bad_fraction=c.data.max_bad_fraction, trainer=trainer, loss_batch=c.data.batch_size // nproc,
+            loss_length=max(c.data.text_buckets) + most)
+    loop = cfg.from_config(LoopConfig, c, "loop", strict=False)
+    return Built(module=module, trainer=trainer, data=data, evaluator=evaluator, loop=loop, spec=spec,
+                 model_config=mcfg, tokenizer=tokenizer, train_records=train_records, init_params=init_params,
+                 config_json=config_json, longest=longest, visual_tokens=visual)
+
+
+def _synthetic_set(c, main_process: bool):
+    """The synthetic set of ``c``: generated by process 0 (once per machine, then cached), then read by all."""
+    import jax  # noqa: PLC0415
+
+    from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset  # noqa: PLC0415
+
+    root = cfg.synthetic_root(c)
+    syn = SyntheticConfig(**c.data.synthetic.to_dict())
+    paths = None
+    if main_process:
+        t0 = time.perf_counter()
+        paths = ensure_synthetic_dataset(root, syn)
+        if time.perf_counter() - t0 > 1:
+            print(f"synthetic video-QA set ready in {root} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("vjax_synthetic_set")
+    return ensure_synthetic_dataset(root, syn) if paths is None else paths

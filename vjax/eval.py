@@ -1,0 +1,148 @@
+"""Answering and scoring video questions with a model: greedy generation with the KV cache for batches of
+prompts (:func:`answer_prompts`), where an answer stops (:func:`stop_token_ids`, :func:`stop_strings`), and the
+generation-based validation of a training run (:class:`Evaluator`). Training, chat and evaluation share it.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from vjax.data import formats
+from vjax.data.formats import FormatSpec
+from vjax.data.pipeline import DropSkipped, LoadAndFormat
+from vjax.data.validate import TooManyBadRecords
+from vjax.generate import generate
+from vjax.models.video_llm import VISUAL_KEYS as VISUAL_BATCH_KEYS
+
+TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def stop_token_ids(tokenizer: formats.TextTokenizer, spec: FormatSpec) -> tuple[int, ...]:
+    """EOS and every stop string that is a single token of ``tokenizer``."""
+    ids = (tokenizer.eos_token_id, *(tokenizer.token_id(s) for s in spec.stop_strings))
+    return tuple(sorted({i for i in ids if i is not None}))
+
+
+def stop_strings(tokenizer: formats.TextTokenizer, spec: FormatSpec) -> tuple[str, ...]:
+    """Where a decoded answer is cut: the template's stop strings and the EOS token's text."""
+    eos = (tokenizer.decode([tokenizer.eos_token_id]),) if tokenizer.eos_token_id is not None else ()
+    return tuple(spec.stop_strings) + eos
+
+
+def answer_prompts(module, params, prompts: Sequence[Mapping[str, np.ndarray]], tokenizer: formats.TextTokenizer,
+                   spec: FormatSpec, *, batch_size: int, max_new_tokens: int, length: int | None = None,
+                   progress=None) -> list[str]:
+    """Greedy answers (``vjax.generate``, KV cache) to prompt-only elements of :class:`VideoQAFormat`,
+    ``batch_size`` at a time, left-padded to ``length`` (default: the longest, rounded up to 16) so
+    every batch has one compiled shape; the last batch is filled by repeating its last prompt."""
+    if length is None:
+        length = -(-max((len(p["input_ids"]) for p in prompts), default=1) // 16) * 16
+    eos, stops = stop_token_ids(tokenizer, spec), stop_strings(tokenizer, spec)
+    out: list[str] = []
+    n = len(prompts)
+    for s in range(0, n, batch_size):
+        chunk = list(prompts[s: s + batch_size])
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+        b = formats.left_pad(chunk, length, tokenizer.pad_token_id)
+        visual = {k: b[k] for k in VISUAL_BATCH_KEYS if k in b}
+        res = generate(module, params, b["input_ids"], b["attention_mask"], prefill_inputs=visual,
+                       max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+        tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+        for row in range(min(batch_size, n - s)):
+            out.append(formats.cut_at_stop(tokenizer.decode(tokens[row, : lengths[row]]), stops))
+        if progress is not None:
+            progress(min(batch_size, n - s))
+    return out
+
+
+class Evaluator:
+    """Generation-based validation: the first ``eval.records`` validation records (a fixed seeded
+    sample), decoded once (:class:`~vjax.data.validate.TooManyBadRecords` when all of them, or more than
+    ``data.max_bad_fraction``, are unreadable); at each call greedy answers with the KV cache
+    (``vjax.generate``) scored per ``question_type`` (:func:`vjax.data.formats.score_answer`), plus the
+    teacher-forced loss."""
+
+    def __init__(self, module, spec: FormatSpec, tokenizer: formats.TextTokenizer, recs: Sequence[dict], sampler, *,
+                 num_records: int, batch_size: int = 8, max_new_tokens: int = 12, frame_size: tuple[int, int],
+                 load_audio: bool = False, max_bad_fraction: float = 0.1, trainer=None, loss_batch: int = 0,
+                 loss_length: int = 0):
+        """``recs``: validation records; ``num_records`` of them (a seeded sample) are evaluated, ``batch_size``
+        prompts at a time, answers of at most ``max_new_tokens``; frames decoded at ``frame_size``. With a
+        ``trainer``, the teacher-forced loss over batches of ``loss_batch`` records padded to ``loss_length``."""
+        self.module, self.spec, self.tokenizer, self.trainer = module, spec, tokenizer, trainer
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        order = np.random.default_rng(0).permutation(len(recs))[:num_records]
+        prompt = LoadAndFormat(formats.VideoQAFormat(spec, tokenizer, prompt_only=True), sampler, frame_size,
+                               load_audio, max_bad_fraction=max_bad_fraction)
+        full = LoadAndFormat(formats.VideoQAFormat(spec, tokenizer), sampler, frame_size, load_audio)
+        keep = DropSkipped()
+        self.records, self.prompts, self.full = [], [], []
+        for i in order:
+            rng = np.random.default_rng(int(i))
+            p = prompt.random_map(recs[int(i)], rng)
+            if keep.filter(p):
+                self.records.append(recs[int(i)])
+                self.prompts.append(p)
+                self.full.append(full.random_map(recs[int(i)], np.random.default_rng(int(i))))
+        if len(order) and not self.records:
+            raise TooManyBadRecords(f"nothing to evaluate: {prompt.skips.summary()}")
+        prompt.skips.check()  # whatever the number of records (the per-record check waits for 20)
+        longest = max((len(p["input_ids"]) for p in self.prompts), default=1)
+        self.length = -(-longest // 16) * 16
+        self.predictions: list[str] = []
+        self.correct: list[bool] = []
+        self.loss_batch, self.loss_length = loss_batch, loss_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def generate(self, params) -> list[str]:
+        return answer_prompts(self.module, params, self.prompts, self.tokenizer, self.spec,
+                              batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, length=self.length)
+
+    def loss(self, params) -> float | None:
+        """Teacher-forced loss over full batches of the validation records (padded to the largest bucket)."""
+        if self.trainer is None or not self.loss_batch or len(self.full) < self.loss_batch:
+            return None
+        losses = []
+        for s in range(0, len(self.full) - self.loss_batch + 1, self.loss_batch):
+            chunk = self.full[s: s + self.loss_batch]
+            batch = {}
+            for k in chunk[0]:
+                arrs = [np.asarray(e[k]) for e in chunk]
+                if k in TEXT_KEYS:
+                    arrs = [np.pad(a, (0, self.loss_length - a.shape[0])) for a in arrs]
+                batch[k] = np.stack(arrs)
+            losses.append(float(self.trainer.eval_step(params, batch)["loss"]))
+        return float(np.mean(losses))
+
+    def __call__(self, state) -> dict[str, float]:
+        self.predictions = self.generate(state.params)
+        self.correct = [formats.score_answer(p, r) for p, r in zip(self.predictions, self.records)]
+        metrics = {f"accuracy/{k}": v for k, (v, _) in self.by_type().items()}
+        loss = self.loss(state.params)
+        if loss is not None:
+            metrics["loss"] = loss
+        return metrics
+
+    def by_type(self) -> dict[str, tuple[float, int]]:
+        """``type -> (accuracy, count)`` of the last call, with ``all``, ``multiple_choice``, ``open``."""
+        groups: dict[str, list[bool]] = collections.defaultdict(list)
+        for r, ok in zip(self.records, self.correct):
+            groups[str(r.get("question_type", "unknown"))].append(ok)
+            groups["multiple_choice" if r.get("choices") else "open"].append(ok)
+            groups["all"].append(ok)
+        return {k: (float(np.mean(v)), len(v)) for k, v in sorted(groups.items())}
+
+    def table(self) -> str:
+        rows = self.by_type()
+        special = ("all", "multiple_choice", "open")
+        lines = [f"{'question type':<18} {'accuracy':>8} {'n':>4}"]
+        for k in [k for k in rows if k not in special] + [k for k in special if k in rows]:
+            acc, n = rows[k]
+            lines.append(f"{k:<18} {acc:>8.3f} {n:>4}")
+        return "\n".join(lines)

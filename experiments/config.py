@@ -125,7 +125,8 @@ def model_config(c) -> tuple[Any, Any]:
         raise ConfigError("model", f"unknown model {c.model!r}; registered: {registry.names()}") from None
     preset = getattr(model.config, c.model_preset, None)
     if not callable(preset):
-        presets = sorted(k for k, v in vars(model.config).items() if isinstance(v, classmethod) and not k.startswith("_"))
+        presets = sorted(k for k, v in vars(model.config).items()
+                         if isinstance(v, classmethod) and not k.startswith("_"))
         raise ConfigError("model_preset", f"{model.config.__name__} has no preset {c.model_preset!r}; known: {presets}")
     overrides = c.model_overrides.to_dict()
     for k in ("num_frames", "image_size"):
@@ -189,10 +190,8 @@ def _check_positive(c, keys: Sequence[str]) -> None:
 def make_sampler(c, model=None):
     """The frame sampler: ``data.sampler`` (default: the model's, by its spec) with ``data.sampler_kwargs``; the
     clip's frame count ``data.num_frames`` goes to its frame-count argument unless the kwargs set it."""
-    name = c.data.sampler or (model.sampler if model is not None else "")
-    kwargs = c.data.sampler_kwargs.to_dict()
     try:
-        return sampling.make_sampler(name, c.data.num_frames, **kwargs)
+        return sampling.config_sampler(c.data.sampler, c.data.num_frames, c.data.sampler_kwargs.to_dict(), model)
     except ValueError as err:
         key = "data.sampler" if "unknown sampler" in str(err) else "data.sampler_kwargs"
         raise ConfigError(key, str(err)) from None

@@ -288,8 +288,8 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
         raise NotACheckpoint(f"tokenizer directory {tok_dir!r} does not exist")
     spec = formats.format_spec(registry.spec(name), module.config, load_audio=c.data.load_audio,
                                template_variant=c.data.template_variant)
-    sampler = sampling.make_sampler(c.data.sampler or registry.spec(name).sampler, c.data.num_frames,
-                                    **c.data.sampler_kwargs.to_dict())
+    sampler = sampling.config_sampler(c.data.sampler, c.data.num_frames, c.data.sampler_kwargs.to_dict(),
+                                      registry.spec(name))
     return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
                sampler=sampler, step=step, workdir=str(p))
 

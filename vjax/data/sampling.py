@@ -338,13 +338,14 @@ def nearest_each_second(
 
 
 def linspace_floor(
-    num_frames: int, fps: float, num_samples: int = 24, clip_end_sec: float = 60.0
+    num_frames: int, fps: float, num_samples: int = 24, clip_end_sec: float | None = 60.0
 ) -> FrameSample:
-    """CogVLM2-Video base sampling: ``np.linspace(0, end-1, 24, dtype=int)`` with
-    end = min(L, int(clip_end_sec * fps)) — 24 frames over the first 60 s (spec_vit_family §4.3)."""
+    """``np.linspace(0, end-1, num_samples, dtype=int)`` with end = min(L, int(clip_end_sec * fps)): CogVLM2-Video
+    base sampling, 24 frames over the first 60 s (spec_vit_family §4.3); ``clip_end_sec=None``: the whole clip
+    (LLaVA-NeXT-Video's ``load_video``)."""
     n_total, fps = _check(num_frames, fps)
     t = _positive("num_samples", num_samples)
-    end = max(1, min(n_total, int(clip_end_sec * fps)))
+    end = n_total if clip_end_sec is None else max(1, min(n_total, int(clip_end_sec * fps)))
     return _sample(np.linspace(0, end - 1, t, dtype=int), fps)
 
 
@@ -424,6 +425,14 @@ def make_sampler(name: str, num_frames: int | None = None, **kwargs: Any) -> Cal
     if num_frames is not None and frames_arg and not any(a in kwargs for a in FRAMES_ARGS):
         kwargs[frames_arg] = int(num_frames)
     return functools.partial(fn, **kwargs)
+
+
+def config_sampler(name: str, num_frames: int, kwargs: dict[str, Any], model: Any = None) -> Callable[..., FrameSample]:
+    """The sampler a data config names (``name``, ``kwargs``); ``name=""`` takes the model's from its spec
+    (``ModelSpec.sampler`` with its ``sampler_kwargs``, ``kwargs`` over them)."""
+    if not name and model is not None:
+        name, kwargs = model.sampler, {**model.sampler_kwargs, **kwargs}
+    return make_sampler(name, num_frames, **kwargs)
 
 
 def sampler_names() -> list[str]:

@@ -68,7 +68,8 @@ class ModelSpec:
       template_options: keyword arguments of the template (e.g. the system prompt of ``vicuna_v1``).
       visual: the visual pieces of the prompt, in the order the template places them.
       stop_strings: where a generated answer ends (besides EOS).
-      sampler: default frame sampler of ``vjax.data.sampling`` (the release's rule).
+      sampler: default frame sampler of ``vjax.data.sampling`` (the release's rule), with ``sampler_kwargs``
+        (an experiment config's ``data.sampler_kwargs`` override them).
       marker_tokens: config field -> the token a tokenizer spells that id with (resolved from the
         tokenizer when it has the token: the synthetic set's, or a release's added tokens).
       conversion: module of ``vjax.convert`` whose ``layout()`` reads the released checkpoints (``""``: none).
@@ -96,6 +97,7 @@ class ModelSpec:
     visual: tuple[Visual, ...] = ()
     stop_strings: tuple[str, ...] = ("</s>",)
     sampler: str = "uniform_floor"
+    sampler_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     template_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     marker_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
     conversion: str = ""

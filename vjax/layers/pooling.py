@@ -14,6 +14,11 @@
   ``mini_gpt4_llama_v2.py``, ``token_pooling``): the 256 patch tokens of a frame (CLS dropped), in raster
   order, are viewed as 64 groups of 4 consecutive tokens and each group is concatenated channel-wise:
   ``[256, C] -> [64, 4C]`` (1x4 horizontal groups inside each 16-patch row, not 2x2 squares).
+
+* LLaVA-NeXT-Video spatial average pooling (Zhang et al. 2024, "LLaVA-NeXT: A Strong Zero-shot Video
+  Understanding Model"; transformers ``LlavaNextVideoPooler``, ``spatial_pool_mode="average"``): each frame's
+  ``h x w`` patch grid is averaged over non-overlapping ``s x s`` windows (window = stride, no padding), so
+  ``[h * w, C] -> [floor(h / s) * floor(w / s), C]`` (CLIP-L/14-336: 24 x 24 -> 12 x 12 = 144 per frame).
 """
 
 from __future__ import annotations
@@ -111,3 +116,42 @@ def concat_adjacent_tokens(tokens: jax.Array, group: int = 4) -> jax.Array:
     if n % group:
         raise ValueError(f"number of tokens {n} is not divisible by the group size {group}")
     return tokens.reshape(*lead, n // group, group * c)
+
+
+def spatial_avg_pool(features: jax.Array, grid: tuple[int, int], stride: int = 2) -> jax.Array:
+    """Average pooling of row-major patch tokens over ``stride x stride`` windows of their 2-D grid.
+
+        out[..., i * w' + j, :] = mean_{a, b < s} x[..., (s*i + a) * w + (s*j + b), :]
+        h' = floor(h / s),  w' = floor(w / s)
+
+    The same numbers as torch ``nn.AvgPool2d(kernel_size=s, stride=s)`` (``ceil_mode=False``, no padding):
+    on an odd grid the last row/column of patches falls outside every window and is dropped. Sums
+    accumulate in float32; the output has the input dtype.
+
+    Args:
+      features: ``[..., h * w, C]`` patch tokens of one grid each (e.g. ``[B, T, N, C]``), raster order.
+      grid: ``(h, w)``, rows and columns of patches.
+      stride: window side and step ``s``.
+
+    Returns:
+      ``[..., h' * w', C]``.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(16.0).reshape(1, 16, 1)          # a 4 x 4 grid, one channel
+    >>> spatial_avg_pool(x, (4, 4))[0, :, 0].tolist()
+    [2.5, 4.5, 10.5, 12.5]
+    >>> spatial_avg_pool(jnp.arange(25.0).reshape(25, 1), (5, 5))[:, 0].tolist()   # odd: row/col 4 dropped
+    [3.0, 5.0, 13.0, 15.0]
+    """
+    h, w = grid
+    *lead, n, c = features.shape
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not form the {h} x {w} grid")
+    s = int(stride)
+    hp, wp = h // s, w // s
+    if hp == 0 or wp == 0:
+        raise ValueError(f"grid {h} x {w} is smaller than the pooling window {s} x {s}")
+    x = features.reshape(*lead, h, w, c)[..., : hp * s, : wp * s, :]  # [..., h's, w's, C]
+    x = x.reshape(*lead, hp, s, wp, s, c).astype(jnp.float32)
+    out = jnp.mean(x, axis=(-4, -2))  # [..., h', w', C]
+    return out.reshape(*lead, hp * wp, c).astype(features.dtype)

@@ -19,6 +19,7 @@ _MODELS: dict[str, str] = {
     "ma_lmm": "vjax.models.ma_lmm",
     "minigpt4_video": "vjax.models.minigpt4_video",
     "cogvlm2_video": "vjax.models.cogvlm2_video",
+    "llava_next_video": "vjax.models.llava_next_video",
 }
 
 

@@ -117,12 +117,10 @@ def _dropped(plan) -> dict[str, int]:
     return counts
 
 
-def _check_llm_config(config, configs: list[dict]) -> None:
+def _check_llm_config(model, config, configs: list[dict]) -> None:
     """With ``--variant`` / ``--config_file``: warn where an LLM folder's ``config.json`` disagrees with the chosen
     config on what tensor shapes cannot show (e.g. Vicuna v0's RMS eps 1e-6 vs Llama-2's 1e-5)."""
-    llm = getattr(config, "llm", None)
-    if llm is None:
-        return
+    llm = model.llm_config(config)
     fields = (("rms_norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"), ("hidden_size", "hidden_size"),
               ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"))
     for c in configs:
@@ -196,7 +194,7 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
         raise ValueError(f"no config.json among the sources: pass --variant (a {config_cls.__name__} classmethod) "
                          f"or --config_file")
     if variant or config_file:
-        _check_llm_config(config, configs)
+        _check_llm_config(registry.spec(model), config, configs)
     config = _with_dtype(config, dtype)
     if lay.defaults is not None:  # initial values of the official model, replaced by any source holding them
         source = combine(sources, lay, config)
@@ -238,11 +236,11 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
         rand = flatten_params(jax.tree_util.tree_map(np.asarray, init_params(module)))
         params = unflatten_params({k: flat.get(k, rand[k]) for k in flat_expected})
     if merge_lora:
-        module, params = _merge_lora(module, params, module_cls)
+        module, params = _merge_lora(registry.spec(model), module, params)
     return _write(module, params, dst, to, max_shard_bytes)
 
 
-def _merge_lora(module, params, module_cls):
+def _merge_lora(spec, module, params):
     """``W + (alpha / r) A B`` into every adapted kernel; the same model with ``llm.lora_rank = 0``."""
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -250,14 +248,13 @@ def _merge_lora(module, params, module_cls):
     from vjax.layers.lora import merge_lora  # noqa: PLC0415
 
     config = module.config
-    llm = getattr(config, "llm", config)
-    if not getattr(llm, "lora_rank", 0):
+    llm = spec.llm_config(config)
+    if not llm.lora_rank:
         raise ValueError(f"--merge_lora: {type(config).__name__} has no LoRA adapters (lora_rank=0)")
     merged = jax.tree_util.tree_map(np.asarray, merge_lora(params, llm))
-    plain = llm.replace(lora_rank=0)
-    config = config.replace(llm=plain) if llm is not config else plain
+    config = spec.with_llm(config, llm.replace(lora_rank=0))
     _log(f"merged LoRA (rank {llm.lora_rank}, alpha {llm.lora_alpha}) into the base weights")
-    return module_cls(config), merged
+    return spec.module(config), merged
 
 
 def _write(module, params, dst: str, to: str, max_shard_bytes: int) -> Path:

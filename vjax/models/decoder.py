@@ -446,4 +446,4 @@ class CausalLM(nn.Module):
 SPEC = ModelSpec(
     name="decoder", config=DecoderConfig, module=CausalLM, conversion="vjax.convert.decoder",
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-    hf_bare_model_types=("llama", "mistral", "qwen2"))
+    hf_bare_model_types=("llama", "mistral", "qwen2"), llm="")

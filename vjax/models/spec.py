@@ -87,6 +87,7 @@ class ModelSpec:
         ``image_size``, its tower takes any size).
       token_baseline: config attribute with the visual tokens per clip of the baseline the paper compares
         against, printed beside the model's own (Chat-UniVi: Video-ChatGPT-style pooling of the same features).
+      llm: config attribute holding the language model's ``DecoderConfig`` (``""``: the config is one).
     """
 
     name: str
@@ -111,6 +112,7 @@ class ModelSpec:
     streams_frames: str = ""
     image_size: str = "vision.image_size"
     token_baseline: str = ""
+    llm: str = "llm"
 
     def placeholder_ids(self, config: Any) -> tuple[int, ...]:
         """The ids of every visual slot of ``config`` (a chat session never rewinds into them)."""
@@ -118,6 +120,14 @@ class ModelSpec:
 
     def can_stream(self, config: Any) -> bool:
         return bool(self.streams_frames) and bool(getattr(config, self.streams_frames))
+
+    def llm_config(self, config: Any) -> Any:
+        """The language model's ``DecoderConfig`` inside ``config``."""
+        return getattr(config, self.llm) if self.llm else config
+
+    def with_llm(self, config: Any, llm: Any) -> Any:
+        """``config`` with its language model's config replaced by ``llm``."""
+        return dataclasses.replace(config, **{self.llm: llm}) if self.llm else llm
 
     def frame_size(self, config: Any) -> int:
         """The side of the frames the model takes, in pixels."""

@@ -1,335 +1,26 @@
-"""Benchmarks: vjax against transformers/PyTorch and against this machine's own matmul peak.
-
-    python -m experiments.bench [--suite=all|matmul_peak,train_step,...] [--out=./bench_out]
-                                [--size=small|tiny] [--repeats=N]
-
-writes ``results.json`` (raw figures, machine description) and ``results.md`` (one Markdown table)
-in ``--out``. Every comparison is measured side by side in the same process, the two contenders
-interleaved round by round (A B, B A, A B ...), and reported as a ratio of medians, because the
-machines this runs on are shared and noisy (the host's load average is recorded per suite).
-PyTorch runs at its default intra-op thread count and at one thread; speedups are against the
-faster of the two (on a loaded host OpenMP's per-op barriers make the default much slower).
-``--size=tiny`` shrinks every suite to seconds (tests).
-
-Suites (see each ``suite_*`` docstring for what exactly is timed):
-
-* ``matmul_peak`` — a jitted float32 ``n x n @ n x n`` matmul: GFLOP/s of this machine, the
-  denominator of the model-FLOPs utilisation (MFU) figures; PyTorch's matmul beside it.
-* ``train_step`` — one AdamW step per model of :data:`TRAIN_MODELS`, vjax ``Trainer`` vs transformers
-  + ``torch.optim.AdamW`` on the same weights: a Llama decoder (``LlamaForCausalLM``) and Qwen2-VL on
-  8-frame clips (``Qwen2VLForConditionalGeneration``, weights converted with ``qwen2_vl_table``);
-  steps/s, ratio, model FLOPs (vision tower included) and MFU, first losses (must agree), recompiles.
-* ``generate`` — prompt prefill + 64 greedy tokens, vjax ``generate`` vs transformers ``generate``;
-  tokens/s, time to first token, token-for-token agreement.
-* ``token_merge`` — Chat-UniVi DPC-KNN ``spatial_merge`` time and compiled memory vs token count.
-* ``memory_bank`` — MA-LMM streaming (``lax.scan`` of ``append_and_compress`` + an attention read of
-  the bank) time and compiled memory vs frame count.
-* ``data`` — Grain + decord pipeline clips/s on the synthetic set (in-process and with Grain workers)
-  vs what a tiny video model's train step consumes (``DATA_MODEL``), and the two end to end.
-
-Compiled memory is ``argument + output + temp - alias`` bytes of ``jit(f).lower(...).compile()
-.memory_analysis()`` — what XLA allocates for one call (its ``peak_memory_in_bytes`` field is also
-recorded, but on CPU it does not include the temporaries).
-"""
+"""The suites: each ``suite_*`` takes a :class:`~experiments.bench.harness.Context`, appends rows to its
+table and returns the figures recorded in ``results.json`` (each docstring says what exactly is timed)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import gc
-import json
 import os
-import platform
 import statistics
-import sys
-import tempfile
 import time
 import traceback
 from typing import Any, Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags, logging  # noqa: E402
-
-from experiments import cli  # noqa: E402
-
-SUITE_NAMES = ("matmul_peak", "train_step", "generate", "token_merge", "memory_bank", "data")
-
-_SUITE = flags.DEFINE_string("suite", "all", f"'all' or a comma-separated subset of {SUITE_NAMES}")
-_OUT = flags.DEFINE_string("out", "./bench_out", "directory for results.json and results.md")
-_SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small"], "tiny: seconds (tests); small: real figures")
-_REPEATS = flags.DEFINE_integer("repeats", None, "timed repeats per measurement (default: 5 small, 2 tiny)")
-
-# Targets (issue "Benchmarks"). Each is reported whether met or not.
-TARGETS = {
-    "train_speedup": 1.5,  # vjax steps/s >= 1.5x transformers on CPU
-    "generate_speedup": 2.0,  # vjax tokens/s >= 2x transformers
-    "train_mfu": 0.35,  # model FLOPs/s >= 35% of the measured matmul peak
-    "memory_bank_growth": 1.1,  # compiled memory at 1000 frames <= 1.1x at 10 frames
-    "data_headroom": 2.0,  # pipeline clips/s >= 2x what the training step consumes
-}
-
-
-# ------------------------------------------------------------------------------------------ sizes
-@dataclasses.dataclass(frozen=True)
-class VLSize:
-    """Qwen2-VL of the ``train_step`` suite: Qwen2 decoder (HF names), vision tower, clip geometry.
-
-    Each batch row is ``prompt`` text tokens, ``<|vision_start|>``, the clip's ``t*h*w/4`` video
-    tokens, ``<|vision_end|>``, ``question`` tokens and ``answer`` tokens (the loss is on the answer)."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    mrope_section: tuple[int, int, int]  # sums to head_dim / 2
-    vision_depth: int
-    vision_width: int
-    vision_heads: int
-    vision_mlp_ratio: int
-    frames: int
-    image_size: int
-    batch: int
-    prompt: int
-    question: int
-    answer: int
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        """Patch grid ``(t, h, w)`` of one clip (temporal patch 2, an odd count padded; patch 14)."""
-        return (-(-self.frames // 2), self.image_size // 14, self.image_size // 14)
-
-    @property
-    def visual_tokens(self) -> int:
-        """LLM tokens per clip after the 2x2 merger: ``t * h * w / 4``."""
-        t, h, w = self.grid
-        return t * h * w // 4
-
-    @property
-    def seq(self) -> int:
-        return self.prompt + 1 + self.visual_tokens + 1 + self.question + self.answer
-
-
-@dataclasses.dataclass(frozen=True)
-class Size:
-    """Every dimension a suite uses, per ``--size``."""
-
-    matmul_n: int
-    # decoder LM shared by train_step / generate (HF LlamaConfig names)
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    seq: int
-    batch: int
-    prompt_len: int
-    new_tokens: int
-    # token_merge
-    merge_tokens: tuple[int, ...]
-    merge_width: int
-    merge_max_bytes: int  # compile, but do not run, counts whose compiled memory exceeds this
-    # memory_bank
-    bank_frames: tuple[int, ...]
-    bank_capacity: int
-    bank_tokens: int
-    bank_width: int
-    bank_queries: int
-    # data
-    data_clips: int
-    data_batches: int
-    data_frame_size: tuple[int, int]
-    data_frames: int
-    data_workers: tuple[int, ...]  # Grain worker counts measured (0: in-process)
-    # qwen2_vl train step
-    vl: VLSize
-
-
-SIZES = {
-    "small": Size(
-        matmul_n=2048, vocab=32000, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4,
-        seq=256, batch=2, prompt_len=128, new_tokens=64,
-        merge_tokens=(256, 1024, 4096, 16384), merge_width=1024, merge_max_bytes=8 << 30,
-        bank_frames=(10, 100, 1000), bank_capacity=10, bank_tokens=32, bank_width=768, bank_queries=32,
-        data_clips=16, data_batches=16, data_frame_size=(224, 224), data_frames=8, data_workers=(0, 2),
-        # Qwen's vocabulary (151,936) scaled down to the Llama builder's 32,000; 8 frames at 224 px:
-        # grid (4, 16, 16) = 1024 patches per clip -> 256 video tokens; seq 6 + 258 + 24 + 32 = 320.
-        vl=VLSize(vocab=32000, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2,
-                  mrope_section=(8, 12, 12), vision_depth=6, vision_width=384, vision_heads=6,
-                  vision_mlp_ratio=4, frames=8, image_size=224, batch=2, prompt=6, question=24, answer=32)),
-    "tiny": Size(
-        matmul_n=256, vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-        seq=64, batch=2, prompt_len=8, new_tokens=8,
-        merge_tokens=(64, 128), merge_width=1024, merge_max_bytes=1 << 30,
-        bank_frames=(10, 100, 1000), bank_capacity=4, bank_tokens=4, bank_width=16, bank_queries=2,
-        data_clips=2, data_batches=2, data_frame_size=(56, 56), data_frames=4, data_workers=(0,),
-        vl=VLSize(vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-                  mrope_section=(2, 3, 3), vision_depth=2, vision_width=32, vision_heads=4,
-                  vision_mlp_ratio=2, frames=4, image_size=56, batch=2, prompt=4, question=6, answer=8)),
-}
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def _block(x: Any) -> Any:
-    return jax.block_until_ready(x)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each zero-argument, blocking callable; contenders alternate order per round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for k in names:
-            fns[k]()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def stats(ts: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts)}
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (``/jax/core/compile/backend_compile_duration`` events)."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event: str, duration: float, **kw) -> None:
-        if event == self.EVENT:
-            self.count += 1
-
-    @contextlib.contextmanager
-    def span(self, out: dict, key: str):
-        start = self.count
-        try:
-            yield
-        finally:
-            out[key] = self.count - start
-
-
-_COMPILES: CompileCounter | None = None
-
-
-def compiles() -> CompileCounter:
-    global _COMPILES
-    if _COMPILES is None:
-        _COMPILES = CompileCounter()
-    return _COMPILES
-
-
-def compiled_memory(compiled) -> dict[str, int]:
-    """Bytes XLA allocates for one call of a compiled executable (see the module docstring)."""
-    m = compiled.memory_analysis()
-    out = {k: int(getattr(m, k + "_in_bytes", 0) or 0)
-           for k in ("argument_size", "output_size", "temp_size", "alias_size", "peak_memory")}
-    out["total"] = out["argument_size"] + out["output_size"] + out["temp_size"] - out["alias_size"]
-    return out
-
-
-def mib(n: float) -> str:
-    """Bytes in binary units (``1.5 MiB``)."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def gflop(n: float) -> str:
-    """FLOPs in GFLOP, three significant digits below 100."""
-    return f"{n / 1e9:.1f}" if n >= 1e11 else f"{n / 1e9:.3g}"
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, library versions, JAX device platform."""
-    import flax
-    import optax
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or _pkg_version("jaxlib"),
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "device_platform": jax.devices()[0].platform,
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    try:
-        import torch
-        import transformers
-        info.update(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads())
-    except ImportError:
-        info.update(torch=None, transformers=None)
-    return info
-
-
-def _loadavg() -> float | None:
-    """1-minute load average of the host (other jobs' load shows here, not in our own CPU time)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _pkg_version(name: str) -> str | None:
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-@dataclasses.dataclass
-class Row:
-    """One line of the Markdown table."""
-
-    suite: str
-    measurement: str
-    value: str
-    target: str = ""
-    met: bool | None = None
-    note: str = ""
-
-
-@dataclasses.dataclass
-class Context:
-    size_name: str
-    size: Size
-    repeats: int
-    results: dict[str, Any]  # suite name -> its JSON entry (suites may read earlier ones)
-    rows: list[Row]
-    workdir: str
+from experiments.bench.harness import (Context, Row, block, compiled_memory, compiles, gflop, interleaved, mib,
+                                      stats)
+from experiments.bench.references import (decoder_train_flops, llama_pair, qwen2_vl_batch, qwen2_vl_pair,
+                                         qwen2_vl_train_flops, torch_adamw_step, torch_contenders, vl_special_ids)
+from experiments.bench.sizes import OPTIM, TARGETS, Size
 
 
 # ------------------------------------------------------------------------------------------ matmul
@@ -339,7 +30,7 @@ def _matmul_gflops(n: int, repeats: int) -> tuple[dict, dict]:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
     ta, tb = torch.randn(n, n), torch.randn(n, n)
-    times = interleaved({"jax": lambda: _block(f(a, b)), "torch": lambda: torch.mm(ta, tb)}, repeats)
+    times = interleaved({"jax": lambda: block(f(a, b)), "torch": lambda: torch.mm(ta, tb)}, repeats)
     flops = 2.0 * n**3
     out = {}
     for k, ts in times.items():
@@ -370,56 +61,6 @@ def matmul_peak(ctx: Context) -> float:
     return ctx.results["matmul_peak"]["peak_gflops"]
 
 
-# ------------------------------------------------------------------------------------------ LLaMA pair
-def _hf_llama(s: Size, seed: int = 0):
-    import torch
-    import transformers
-    cfg = transformers.LlamaConfig(
-        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-        max_position_embeddings=max(2048, s.seq, s.prompt_len + s.new_tokens), rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).float()
-
-
-@functools.lru_cache(maxsize=None)
-def llama_pair(size_name: str, workdir: str):
-    """The same random Llama weights twice: transformers' model and vjax's (saved by HF as
-    safetensors, loaded with ``vjax.from_pretrained``)."""
-    import vjax
-    hf = _hf_llama(SIZES[size_name])
-    d = os.path.join(workdir, f"llama_{size_name}")
-    hf.save_pretrained(d)
-    module, params = vjax.from_pretrained(d)
-    return hf, module, params
-
-
-def param_counts(module, params) -> dict[str, int]:
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    total = sum(int(x.size) for _, x in leaves)
-    embed = sum(int(x.size) for p, x in leaves if "embed_tokens" in jax.tree_util.keystr(p))
-    return {"total": total, "embedding": embed, "non_embedding": total - embed}
-
-
-def decoder_train_flops(module, params, batch: int, seq: int) -> dict[str, Any]:
-    """Model FLOPs of one training step (forward + backward), PaLM-style (Chowdhery et al. 2022, App. B):
-
-        FLOPs = tokens * (6 * N + 12 * n_layers * n_heads * head_dim * seq)
-
-    ``N`` = parameters that multiply (all but the input embedding table, a gather; the LM head
-    counts), ``tokens = batch * seq``; the second term is the q·k and p·v matmuls without the causal
-    saving. Norms, softmax, RoPE and the optimizer are not counted."""
-    c = module.config
-    n = param_counts(module, params)
-    tokens = batch * seq
-    dense = 6 * n["non_embedding"] * tokens
-    attn = 12 * c.num_layers * c.num_heads * c.resolved_head_dim * seq * tokens
-    return {"params": n, "tokens": tokens, "dense_flops": dense, "attention_flops": attn,
-            "flops": dense + attn,
-            "formula": "tokens * (6 * N_non_embedding + 12 * n_layers * n_heads * head_dim * seq)"}
-
-
 # ------------------------------------------------------------------------------------------ train_step
 @dataclasses.dataclass
 class TrainContender:
@@ -435,7 +76,6 @@ class TrainContender:
 
 
 FIRST_LOSS_TOL = 1e-4  # |first loss vjax - torch| <= this x max(1, |loss|): the same weights and batch
-OPTIM = dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0)
 
 
 def _vjax_trainer_step(module, params, batch_np: dict[str, np.ndarray], info: dict):
@@ -448,40 +88,17 @@ def _vjax_trainer_step(module, params, batch_np: dict[str, np.ndarray], info: di
     with counter.span(info, "compiles_init"):
         state = trainer.init_state(params=params)
         batch = trainer.put_batch(batch_np)
-        _block(state)
+        block(state)
     holder = {"state": state}
 
     def step():
         holder["state"], metrics = trainer.train_step(holder["state"], batch)
-        _block((holder["state"], metrics))
+        block((holder["state"], metrics))
         return metrics
 
     with counter.span(info, "compiles_first_step"):
         first = float(step()["loss"])
     info["trainer"] = trainer
-    return step, first
-
-
-def _torch_adamw_step(hf, inputs: dict[str, Any]):
-    """A step of ``hf(**inputs).loss`` (``inputs`` holds torch tensors, ``labels`` included) with
-    global-norm clipping and ``torch.optim.AdamW`` (decay on matrices, as vjax's optimizer)."""
-    import torch
-    hf.train()
-    params = [p for p in hf.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": OPTIM["weight_decay"]},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=OPTIM["learning_rate"], betas=(OPTIM["b1"], OPTIM["b2"]),
-                            eps=OPTIM["eps"])
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = hf(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, OPTIM["grad_clip"])
-        opt.step()
-        return loss
-
-    first = float(step().detach())
     return step, first
 
 
@@ -499,117 +116,11 @@ def train_llama(ctx: Context) -> TrainContender:
     vstep, vloss = _vjax_trainer_step(module, params, batch, info)
     import torch
     ids_t = torch.as_tensor(ids, dtype=torch.long)
-    tstep, tloss = _torch_adamw_step(hf, {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
+    tstep, tloss = torch_adamw_step(hf, {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
                                           "labels": ids_t})
     shape = f"{s.layers}x{s.hidden}, vocab {s.vocab}, {s.batch}x{s.seq} tokens"
     return TrainContender("llama", vstep, tstep, {"vjax": vloss, "torch": tloss},
                           decoder_train_flops(module, params, s.batch, s.seq), {**info, "shape": shape})
-
-
-# ------------------------------------------------------------------------------------------ Qwen2-VL pair
-def _hf_qwen2_vl(v: VLSize, seed: int = 0):
-    """A random transformers ``Qwen2VLForConditionalGeneration`` of size ``v`` (special tokens at the
-    top of the vocabulary; biases and norm scales perturbed so they are not trivially 0 / 1)."""
-    import torch
-    import transformers
-    ids = _vl_special_ids(v)
-    cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=v.vocab, hidden_size=v.hidden, intermediate_size=v.intermediate,
-                         num_hidden_layers=v.layers, num_attention_heads=v.heads, num_key_value_heads=v.kv_heads,
-                         max_position_embeddings=max(2048, 2 * v.seq), rms_norm_eps=1e-6, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "mrope_section": list(v.mrope_section),
-                                          "rope_theta": 1e6}),
-        vision_config=dict(depth=v.vision_depth, embed_dim=v.vision_width, hidden_size=v.hidden,
-                           num_heads=v.vision_heads, mlp_ratio=v.vision_mlp_ratio, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _vl_special_ids(v: VLSize) -> dict[str, int]:
-    return {"image": v.vocab - 4, "video": v.vocab - 3, "vision_start": v.vocab - 2, "vision_end": v.vocab - 1}
-
-
-def qwen2_vl_pair(v: VLSize, workdir: str):
-    """The same random Qwen2-VL weights twice: transformers' model, and vjax's ``Qwen2VL`` converted from
-    its ``save_pretrained`` safetensors through :func:`vjax.convert.qwen2_vl.qwen2_vl_table` (the
-    config read back with ``Qwen2VLConfig.from_hf``, clip geometry ``frames x image_size^2``)."""
-    from vjax.convert.io import open_checkpoint
-    from vjax.convert.mapping import convert
-    from vjax.convert.qwen2_vl import detect_layout, qwen2_vl_table
-    from vjax.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
-    from vjax.pretrained import abstract_params
-    hf = _hf_qwen2_vl(v)
-    d = os.path.join(workdir, f"qwen2_vl_{v.hidden}x{v.layers}")
-    hf.save_pretrained(d)
-    config = Qwen2VLConfig.from_hf(hf.config.to_dict(), num_frames=v.frames, image_size=v.image_size)
-    module = Qwen2VL(config)
-    src = open_checkpoint(d)
-    layout = detect_layout(src.keys())
-    params = convert(src, qwen2_vl_table(config, layout), abstract_params(module))
-    return hf, module, jax.tree_util.tree_map(jnp.asarray, params), layout
-
-
-def qwen2_vl_batch(v: VLSize, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random text around one clip per row (see :class:`VLSize`) and random normalised frames
-    ``[B, frames, image_size, image_size, 3]``; loss on the answer tokens."""
-    rng = np.random.default_rng(seed)
-    ids = _vl_special_ids(v)
-    text = lambda n: rng.integers(3, v.vocab - 4, (v.batch, n))  # noqa: E731
-    col = lambda tok, n: np.full((v.batch, n), tok)  # noqa: E731
-    input_ids = np.concatenate([text(v.prompt), col(ids["vision_start"], 1), col(ids["video"], v.visual_tokens),
-                                col(ids["vision_end"], 1), text(v.question), text(v.answer)], 1).astype(np.int32)
-    loss_mask = np.zeros_like(input_ids)
-    loss_mask[:, -v.answer:] = 1
-    frames = rng.normal(size=(v.batch, v.frames, v.image_size, v.image_size, 3)).astype(np.float32)
-    return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "loss_mask": loss_mask,
-            "frames": frames, "frame_mask": np.ones((v.batch, v.frames), bool)}
-
-
-def qwen2_vl_train_flops(module, params, v: VLSize) -> dict[str, Any]:
-    """Model FLOPs of one Qwen2-VL training step (forward + backward), the PaLM rule of
-    :func:`decoder_train_flops` applied to both towers:
-
-        decoder: T * (6 * N_llm + 12 * n_layers * n_heads * head_dim * L),   T = batch * L
-        vision:  P * (6 * N_vit + 12 * depth * width * S) + (P / 4) * 6 * N_merger
-
-    ``N_llm`` = decoder parameters but the input embedding (the LM head counts); ``P = batch * t*h*w``
-    patches; ``N_vit`` = patch embedding + blocks; ``S = h * w`` patches per attention segment (the
-    reference attends within each temporal slice, and so does vjax when every slice has the same
-    ``h * w``, as here; mixed grids fall back to one block-masked ``[P, P]`` attention, which would
-    execute ``P / S`` times the counted attention FLOPs, recorded as ``vision_attention_executed_flops``
-    for that case); the merger runs on ``P / 4`` merged tokens. The input pixels
-    need no gradient, and norms, softmax, RoPE and the optimizer are not counted."""
-    flat = {jax.tree_util.keystr(p): int(x.size) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    count = lambda pred: sum(n for k, n in flat.items() if pred(k))  # noqa: E731
-    n_llm = count(lambda k: k.startswith("['llm']") and "embed_tokens" not in k)
-    n_merger = count(lambda k: k.startswith("['merger']"))
-    n_vit = count(lambda k: k.startswith("['vision']"))
-    c = module.config.llm
-    t, h, w = v.grid
-    tokens, patches, seg = v.batch * v.seq, v.batch * t * h * w, h * w
-    llm_dense = 6 * n_llm * tokens
-    llm_attn = 12 * c.num_layers * c.num_heads * c.resolved_head_dim * v.seq * tokens
-    vit_dense = 6 * n_vit * patches + 6 * n_merger * (patches // 4)
-    vit_attn = 12 * v.vision_depth * v.vision_width * seg * patches
-    return {"params": {"llm_non_embedding": n_llm, "vision": n_vit, "merger": n_merger,
-                       "embedding": sum(flat.values()) - n_llm - n_vit - n_merger, "total": sum(flat.values())},
-            "tokens": tokens, "patches": patches, "attention_segment": seg,
-            "decoder_dense_flops": llm_dense, "decoder_attention_flops": llm_attn,
-            "vision_dense_flops": vit_dense, "vision_attention_flops": vit_attn,
-            "vision_attention_executed_flops": 12 * v.vision_depth * v.vision_width * patches * patches,
-            "dense_flops": llm_dense + vit_dense, "attention_flops": llm_attn + vit_attn,
-            "flops": llm_dense + llm_attn + vit_dense + vit_attn,
-            "formula": "T * (6 N_llm + 12 layers heads head_dim L) + P * (6 N_vit + 12 depth width S) "
-                       "+ P/4 * 6 N_merger"}
 
 
 def train_qwen2_vl(ctx: Context) -> TrainContender:
@@ -634,8 +145,8 @@ def train_qwen2_vl(ctx: Context) -> TrainContender:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
               "pixel_values_videos": torch.as_tensor(pix),
               "video_grid_thw": torch.as_tensor([list(v.grid)] * v.batch, dtype=torch.long),
-              "mm_token_type_ids": (ids == _vl_special_ids(v)["video"]).long() * 2}
-    tstep, tloss = _torch_adamw_step(hf, inputs)
+              "mm_token_type_ids": (ids == vl_special_ids(v)["video"]).long() * 2}
+    tstep, tloss = torch_adamw_step(hf, inputs)
     t, h, w = v.grid
     info["shape"] = (f"{v.layers}x{v.hidden}, vocab {v.vocab}; ViT {v.vision_depth}x{v.vision_width}; "
                      f"{v.batch}x({v.frames}f {v.image_size}px = {t}x{h}x{w} patches -> {v.visual_tokens} tok; "
@@ -649,24 +160,6 @@ TRAIN_MODELS: dict[str, Callable[[Context], TrainContender]] = {
     "llama": train_llama,
     "qwen2_vl": train_qwen2_vl,
 }
-
-
-def torch_contenders(fn: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
-    """``fn`` under PyTorch's default intra-op thread count (``torch``) and under one thread
-    (``torch_1t``). On a loaded host, OpenMP's barrier after every op stalls whenever one of its
-    threads is descheduled, and one thread can be several times faster; the faster configuration
-    (by median) is the reference every speedup is computed against."""
-    import torch
-    default = torch.get_num_threads()
-
-    def one_thread():
-        torch.set_num_threads(1)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(default)
-
-    return {"torch": fn, "torch_1t": one_thread}
 
 
 def _reference(times: dict[str, list[float]]) -> str:
@@ -846,7 +339,7 @@ def suite_token_merge(ctx: Context) -> dict:
         pt: dict[str, Any] = {"tokens": n, "memory": mem, "nxn_f32_bytes": 4 * n * n}
         if mem["total"] <= s.merge_max_bytes:
             reps = ctx.repeats if n <= 4096 else max(1, min(ctx.repeats, 2))
-            pt.update(stats(interleaved({"merge": lambda: _block(compiled(x))}, reps)["merge"]))
+            pt.update(stats(interleaved({"merge": lambda: block(compiled(x))}, reps)["merge"]))
         else:
             pt["skipped_run"] = f"compiled memory {mib(mem['total'])} > limit {mib(s.merge_max_bytes)}"
         rec["points"].append(pt)
@@ -898,7 +391,7 @@ def suite_memory_bank(ctx: Context) -> dict:
     for t in s.bank_frames:
         compiled = _bank_stream(t, s).lower(key, queries).compile()
         mem = compiled_memory(compiled)
-        st = stats(interleaved({"bank": lambda: _block(compiled(key, queries))}, ctx.repeats)["bank"])
+        st = stats(interleaved({"bank": lambda: block(compiled(key, queries))}, ctx.repeats)["bank"])
         rec["points"].append({"frames": t, "memory": mem, **st, "frames_per_s": t / st["median_s"]})
         ctx.rows.append(Row("memory_bank", f"stream T={t} frames (L={s.bank_capacity}, "
                             f"{s.bank_tokens}x{s.bank_width})",
@@ -1031,7 +524,7 @@ def suite_data(ctx: Context) -> dict:
             t0 = time.perf_counter()
             for _ in range(s.data_batches):
                 holder["state"], m = trainer.train_step(holder["state"], next(it))
-            _block((holder["state"], m))
+            block((holder["state"], m))
             e2e["seconds"] = time.perf_counter() - t0
         e2e["clips_per_s"] = clips / e2e["seconds"]
         rec["pipelines"][str(workers)] = {
@@ -1072,100 +565,4 @@ SUITES: dict[str, Callable[[Context], dict]] = {
     "memory_bank": suite_memory_bank,
     "data": suite_data,
 }
-
-
-# ------------------------------------------------------------------------------------------ output
-def markdown(results: dict[str, Any], rows: list[Row]) -> str:
-    m = results["machine"]
-    lines = [
-        f"Benchmarks (`--size={results['size']}`, {results['repeats']} repeats, medians; "
-        f"{results['date']}).",
-        "",
-        f"Machine: {m['cpu_model']}, {m['cpu_affinity'] or m['cpu_count']} cores usable "
-        f"(of {m['cpu_count']}); JAX {m['jax']} on {m['device_platform']} ({m['device_count']} device); "
-        f"torch {m.get('torch')} ({m.get('torch_threads')} threads); transformers {m.get('transformers')}.",
-        "",
-        "Host 1-min load average per suite (start -> end; above the core count means other jobs "
-        "were competing for the cores): " + ", ".join(
-            f"{k} {v[0]} -> {v[1]}" for k, v in results.get("loadavg_1min", {}).items()) + ".",
-        "",
-        "| suite | measurement | value | target | met | notes |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        met = "" if r.met is None else ("yes" if r.met else "**no**")
-        lines.append(f"| {r.suite} | {r.measurement} | {r.value} | {r.target} | {met} | {r.note} |")
-    for name, err in results.get("errors", {}).items():
-        lines.append(f"| {name} | **error** | {err.splitlines()[-1] if err else ''} | | **no** | |")
-    return "\n".join(lines) + "\n"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return repr(x)
-
-
-def run(suites: list[str], size: str = "small", out: str = "./bench_out", repeats: int | None = None,
-        workdir: str | None = None) -> dict[str, Any]:
-    """Run ``suites`` and write ``results.json`` / ``results.md`` under ``out``; returns the results
-    (``results["errors"]`` maps a failed suite to its traceback)."""
-    unknown = [s for s in suites if s not in SUITES]
-    if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    repeats = repeats or (5 if size == "small" else 2)
-    os.makedirs(out, exist_ok=True)
-    compiles()
-    results: dict[str, Any] = {"size": size, "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "machine": machine(), "targets": TARGETS, "suites": {}, "errors": {},
-                               "shared_machine_note": "wall-clock on a machine possibly shared with other jobs"}
-    with contextlib.ExitStack() as stack:
-        wd = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vjax_bench_"))
-        ctx = Context(size, SIZES[size], repeats, results["suites"], [], wd)
-        for name in suites:
-            t0 = time.perf_counter()
-            load0 = _loadavg()
-            logging.info("suite %s ...", name)
-            try:
-                if name not in results["suites"]:  # matmul_peak may already have run for MFU
-                    results["suites"][name] = SUITES[name](ctx)
-            except Exception:  # noqa: BLE001 — record and go on with the other suites
-                results["errors"][name] = traceback.format_exc()
-                logging.error("suite %s failed:\n%s", name, results["errors"][name])
-            results.setdefault("suite_seconds", {})[name] = time.perf_counter() - t0
-            results.setdefault("loadavg_1min", {})[name] = [load0, _loadavg()]
-            print(f"[bench] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        llama_pair.cache_clear()
-    results["rows"] = [dataclasses.asdict(r) for r in ctx.rows]
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(_jsonable(results), f, indent=1)
-    md = markdown(results, ctx.rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md)
-    return results
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # optax logs its constant schedule at INFO
-    # Exact float32 matmuls (as in the parity tests); on CPU this is XLA's default anyway.
-    jax.config.update("jax_default_matmul_precision", "highest")
-    suites = list(SUITES) if _SUITE.value == "all" else [s.strip() for s in _SUITE.value.split(",") if s.strip()]
-    unknown = [s for s in suites if s not in SUITES]
-    if unknown:  # a usage error: exit 2 (experiments.cli); a suite that fails below is an internal error: 1
-        cli.fail(f"--suite: unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    results = run(suites, _SIZE.value, _OUT.value, _REPEATS.value)
-    with open(os.path.join(_OUT.value, "results.md")) as f:
-        print(f.read())
-    if results["errors"]:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    cli.run(main)
+SUITE_NAMES = tuple(SUITES)

@@ -70,7 +70,10 @@ def _reason(err: BaseException) -> str:
 def _drop_closed_loop_noise() -> None:
     """After a failed restore or save, tensorstore completes the operations still in flight and their callbacks
     find Orbax's asyncio loop closed: each prints an 'Event loop is closed' traceback through
-    ``sys.unraisablehook`` (hundreds of lines that say nothing). Drop exactly those; others pass through."""
+    ``sys.unraisablehook`` (hundreds of lines that say nothing). Drop exactly those; others pass through.
+    The coroutines of an abandoned restore that never ran (e.g. tensorstore's ``Store._get_array_metadatas``)
+    warn 'coroutine ... was never awaited' when collected at exit: those warnings go too."""
+    warnings.filterwarnings("ignore", message=r"coroutine '[\w.]+' was never awaited", category=RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "_vjax_drops_closed_loop", False):
         return

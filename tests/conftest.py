@@ -1,5 +1,7 @@
 """Shared pytest set-up: offline hub, fast XLA compiles, absl flags parsed (Grain workers read them), f32 matmuls."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +15,16 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
+# One persistent compilation cache for the whole session — both xdist workers and every subprocess they start
+# (the commands under test): the same tiny model compiled by several test files (chat_univi's train step in the
+# CLI, loop and fault tests) compiles once. A size limit turns on JAX's file lock, so concurrent writers and
+# readers of an entry are serialised. The directory is removed when the session ends.
+CACHE_DIR = os.path.join(tempfile.gettempdir(),
+                         f"vjax_tests_jax_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
@@ -21,3 +33,9 @@ import jax  # noqa: E402
 
 # Parity tests compare against float32 PyTorch: keep XLA's CPU matmuls at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The controller (not an xdist worker) removes the session's compilation cache."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and os.environ.get("JAX_COMPILATION_CACHE_DIR") == CACHE_DIR:
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)

@@ -28,9 +28,9 @@ def tiny_args(root: Path, **overrides) -> list[str]:
 
 
 def env_for(root: Path) -> dict:
-    """The environment of every run of a module: this checkout first, one persistent compilation cache."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    """The environment of every run of a module: this checkout first, the session's compilation cache
+    (tests/conftest.py) for every compilation."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def command(verb: str, args: list[str], env: dict, faults: dict | None = None, timeout: int = 600):

@@ -33,10 +33,9 @@ TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """One synthetic set and one persistent compilation cache for every run of this module."""
+    """One synthetic set for every run of this module (compilations go to the session's cache, conftest.py)."""
     d = tmp_path_factory.mktemp("train_cli")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return d, env
 
 

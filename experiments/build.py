@@ -47,6 +47,7 @@ def build(c, plan: dict, workdir: str) -> Built:
     import jax  # noqa: PLC0415
 
     from vjax.data import formats, pipeline  # noqa: PLC0415
+    from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
     from vjax.data.annotations import merge_turns  # noqa: PLC0415
     from vjax.eval import Evaluator  # noqa: PLC0415
     from vjax.pretrained import TOKENIZER_DIR  # noqa: PLC0415
@@ -79,15 +80,17 @@ def build(c, plan: dict, workdir: str) -> Built:
 
         _, init_params = vjax.from_pretrained(cfg._expand(c.init_params), model=c.model)
 
-    # --- input pipeline: text buckets plus a full clip's visual tokens, and one more bucket for the longest
+    # --- input pipeline: the release's frame preprocessing (square S x S batches: Qwen2-VL's native resolution
+    # is for chat and eval), text buckets plus a full clip's visual tokens, and one more bucket for the longest
     # clip (Chat-UniVi: 1-2 frames are two images)
     nproc = jax.process_count()
+    frames = FrameProcessor.for_model(model, mcfg, native=False, size=c.data.image_size)
     visual, most = spec.tokens_per_clip(spec.num_frames), spec.tokens_per_clip()
     lengths = tuple(sorted({b + visual for b in c.data.text_buckets} | {max(c.data.text_buckets) + most}))
     pcfg = cfg.from_config(
         pipeline.PipelineConfig, c.data, "data", strict=False, batch_size=c.data.batch_size // nproc, seed=c.seed,
         shuffle=True, num_epochs=None, shard_index=jax.process_index(), shard_count=nproc,
-        frame_size=(c.data.image_size, c.data.image_size), buckets={k: lengths for k in cfg.TEXT_KEYS},
+        frame_size=frames, buckets={k: lengths for k in cfg.TEXT_KEYS},
         count_skips=True)
     data = pipeline.SkipCounts(iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"])))
 
@@ -104,7 +107,7 @@ def build(c, plan: dict, workdir: str) -> Built:
         evaluator = Evaluator(
             module, spec, tokenizer, val_records, plan["sampler"], num_records=c.eval.records,
             batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-            frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
+            frame_size=frames, load_audio=c.data.load_audio,
             max_bad_fraction=c.data.max_bad_fraction, trainer=trainer, loss_batch=c.data.batch_size // nproc,
             loss_length=max(c.data.text_buckets) + most)
     loop = cfg.from_config(LoopConfig, c, "loop", strict=False)

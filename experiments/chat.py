@@ -10,7 +10,8 @@ r"""Chat about a video: ``python -m experiments.chat --workdir=DIR --video=FILE 
 The model, its config, the frame sampler, the chat template and the tokenizer come from the checkpoint's
 saved config; frames are preprocessed as the model's release does (``vjax.data.preprocess``; a converted
 Qwen2-VL at its native resolution and aspect, with the fps and pixel bounds stored at conversion), and the
-preprocessing, the frame count and size and the visual tokens are printed on stderr. The answer streams token by token. In a multi-turn chat the video is decoded and encoded
+preprocessing, the frame count and size and the visual tokens are printed on stderr.
+The answer streams token by token. In a multi-turn chat the video is decoded and encoded
 once: the first turn prefills the KV cache with it, and each later turn writes only the new text into the
 same cache (:class:`vjax.generate.ChatSession`).
 
@@ -156,7 +157,7 @@ class Chat:
 
         from vjax.data.video import read_frames  # noqa: PLC0415
 
-        run, c = self.run, self.run.config
+        run = self.run
         module, params = run.module, run.params
         t = run.spec.num_frames
         proc = run.frames

@@ -157,7 +157,8 @@ def test_qwen2_vl_native_resolution_pixels_and_grid(clips):
     ref_proc = Qwen2VLImageProcessorPil(min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels)
     spec = registry.spec("qwen2_vl")
     proc = FrameProcessor.for_model(spec, config)
-    expect = {"bbb_1280x720": (560, 1008), "portrait_360x480": (476, 364), "odd_333x251": (280, 392)}  # below min_pixels: scaled up
+    # the odd clip is below min_pixels: scaled up
+    expect = {"bbb_1280x720": (560, 1008), "portrait_360x480": (476, 364), "odd_333x251": (280, 392)}
     for name, (_, frames) in clips.items():
         ours = _normalise(proc(frames[:1]))  # [1, h, w, 3]
         assert ours.shape[1:3] == expect[name], f"{name}: {ours.shape[1:3]}"

@@ -223,8 +223,15 @@ class Run:
     sampler: Any
     step: int | None
     workdir: str
-    frames: Any = None  # vjax.data.preprocess.FrameProcessor
+    frames: Any = None  # vjax.data.preprocess.FrameProcessor; default: the model's, at data.image_size squared
     _sized: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.frames is None:
+            from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
+
+            self.frames = FrameProcessor.for_model(registry.spec(self.name), self.module.config, native=False,
+                                                   size=self.config.data.image_size)
 
     @property
     def model_config(self) -> Any:

@@ -189,3 +189,41 @@ def test_qwen2_vl_frame_indices_as_transformers(total, video_fps):
     ours = sampling.fps_arange_floor(total, video_fps).indices
     ref = _transformers_qwen2_vl_indices(total, video_fps)
     assert ours.tolist() == np.minimum(ref, total - 1).tolist()
+
+
+def test_qwen2_vl_preprocessing_read_from_the_release_files():
+    from vjax.models.qwen2_vl import Qwen2VLConfig  # noqa: PLC0415
+
+    hf = Qwen2VLConfig.qwen2_vl_2b()
+    cfg = {"vision_config": {"embed_dim": 32, "depth": 1, "num_heads": 4, "hidden_size": 64, "patch_size": 14},
+           "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 256, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    plain = Qwen2VLConfig.from_hf(cfg)  # no processor files: the video processor's defaults, never tiny's
+    assert (plain.video_min_pixels, plain.video_max_pixels, plain.video_fps) == (
+        hf.video_min_pixels, hf.video_max_pixels, hf.video_fps)
+    image = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    video = {"size": {"shortest_edge": 3136, "longest_edge": 50176}, "fps": 1.0, "max_frames": 64}
+    got = Qwen2VLConfig.from_hf({**cfg, "preprocessor_config": image, "video_preprocessor_config": video})
+    assert (got.image_min_pixels, got.image_max_pixels) == (3136, 12845056)
+    assert (got.video_min_pixels, got.video_max_pixels, got.video_fps, got.video_max_frames) == (3136, 50176, 1.0, 64)
+    with pytest.raises(ValueError, match="patch_size=16 disagrees"):
+        Qwen2VLConfig.from_hf({**cfg, "preprocessor_config": {**image, "patch_size": 16}})
+    with pytest.raises(ValueError, match="max_pixels=-1"):
+        Qwen2VLConfig.from_hf({**cfg, "video_preprocessor_config": {"max_pixels": -1}})
+    with pytest.raises(ValueError, match="frame_shape=.*multiples of"):
+        Qwen2VLConfig(frame_shape=(50, 56))
+
+
+def test_declarations_and_frames_are_checked_by_name():
+    from vjax.models.spec import Preprocess  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="resampler='lanczos'"):
+        Preprocess(resampler="lanczos")
+    with pytest.raises(ValueError, match="decord resizes on decode"):
+        Preprocess("shortest_side", "decord")
+    proc = FrameProcessor("shortest_side", "pil_bicubic", 224, crop=True)
+    with pytest.raises(ValueError, match="uint8"):
+        proc(np.zeros((1, 8, 8, 3), np.float32))
+    assert proc.output_size(720, 1280) == (224, 224) and proc.resized_size(720, 1280) == (224, 398)
+    with pytest.raises(ValueError, match="takes square frames only"):
+        registry.spec("chat_univi").with_frame_shape(registry.spec("chat_univi").config.tiny(), 4, (56, 84))

@@ -4,7 +4,8 @@ Each model file ends with ``SPEC = ModelSpec(...)`` and ``vjax.models.registry``
 line). Everything outside the file reads the spec — the registry (config and module classes),
 ``vjax.convert`` (its conversion module and the Hugging Face architecture names it reads),
 ``vjax.data.formats.format_spec`` (its chat template, visual prompt pieces, stop strings, audio and
-subtitle inputs), the experiments (default frame sampler, marker tokens, streaming) — so no code outside a
+subtitle inputs), ``vjax.data.preprocess`` (the release's frame preprocessing, :class:`Preprocess`), the
+experiments (default frame sampler, marker tokens, streaming) — so no code outside a
 model file asks for a model by name or probes its config with ``hasattr``.
 
 The spec is plain data: names of config attributes, of templates, samplers and modules, so that

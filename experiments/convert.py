@@ -197,9 +197,10 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
                          f"or --config_file")
     if variant or config_file:
         _check_llm_config(registry.spec(model), config, configs)
-    from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
+    if registry.spec(model).visual:  # a video model: the frame preprocessing its config holds
+        from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
 
-    _log(f"preprocessing stored with the model: {FrameProcessor.for_model(registry.spec(model), config).describe()}")
+        _log(f"preprocessing stored with the model: {FrameProcessor.for_model(registry.spec(model), config).describe()}")
     config = _with_dtype(config, dtype)
     if lay.defaults is not None:  # initial values of the official model, replaced by any source holding them
         source = combine(sources, lay, config)

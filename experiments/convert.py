@@ -200,7 +200,8 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
     if registry.spec(model).visual:  # a video model: the frame preprocessing its config holds
         from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
 
-        _log(f"preprocessing stored with the model: {FrameProcessor.for_model(registry.spec(model), config).describe()}")
+        frames = FrameProcessor.for_model(registry.spec(model), config)
+        _log(f"preprocessing stored with the model: {frames.describe()}")
     config = _with_dtype(config, dtype)
     if lay.defaults is not None:  # initial values of the official model, replaced by any source holding them
         source = combine(sources, lay, config)

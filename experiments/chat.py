@@ -129,7 +129,7 @@ class Chat:
                        num_frames=info.num_frames)
             self._frames = frames
             self.frame_shape = frames.shape[:3]
-            if proc.is_native:  # the model sized to this video's frames: one compile per grid, cached by the run
+            if proc.per_video:  # the model sized to this video's frames: one compile per grid, cached by the run
                 module, spec = self.run.sized(frames.shape[0], frames.shape[1:3])
                 self.format = type(self.format)(spec, self.run.tokenizer, prompt_only=True)
                 self.session = self._session(module)

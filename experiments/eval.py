@@ -258,7 +258,7 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     c = run.config
-    fmt = SizedFormat(run) if run.frames.is_native else formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True)
+    fmt = SizedFormat(run) if run.frames.per_video else formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True)
     load = LoadAndFormat(fmt, run.sampler, run.frames, c.data.load_audio, max_bad_fraction=max_bad_fraction)
     keep = DropSkipped()
     bar = None
@@ -285,7 +285,7 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
         # Native-resolution frames (a converted Qwen2-VL): one batch per frame geometry, each with its model.
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, p in enumerate(prompts):
-            groups[p["frames"].shape if run.frames.is_native else ()].append(i)
+            groups[p["frames"].shape if run.frames.per_video else ()].append(i)
         answers: dict[int, str] = {}
         for shape, members in groups.items():
             module, spec = run.sized(shape[0], shape[1:3]) if shape else (run.module, run.spec)

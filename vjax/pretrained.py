@@ -270,7 +270,7 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     then set from the model, and, where the model's spec stores the release's frame choice with the model
     (``Preprocess.sampler_args``: Qwen2-VL's fps and frame bounds), its sampler too). A converted checkpoint's
     frames are preprocessed at the release's native resolution (``FrameProcessor.is_native``: Qwen2-VL's
-    ``smart_resize``); a training run's as it was trained.
+    ``smart_resize``); a training run's as it was trained (``S x S``, or its ``data.frame_buckets``).
 
     The tokenizer: ``tokenizer`` if given, else the copy in ``<workdir>/tokenizer``, the experiment's
     ``data.tokenizer``, or the run's synthetic set's (regenerated if it was deleted). Checkpoints that do not
@@ -336,7 +336,7 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
                                       registry.spec(name))
     # A training run's frames as it was trained (S x S); a converted release's at its native resolution.
     frames = FrameProcessor.for_model(registry.spec(name), module.config, native=step is None,
-                                      size=c.data.image_size)
+                                      size=c.data.image_size, buckets=tuple(c.data.get("frame_buckets", ())))
     return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
                sampler=sampler, step=step, workdir=str(p), frames=frames)
 

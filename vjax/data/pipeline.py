@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -254,6 +255,54 @@ class SkipCounts:
 
     def __getattr__(self, name):
         return getattr(self.iterator, name)
+
+
+class BucketedBatches:
+    """Batches of several loaders, one per frame-shape bucket (every batch one static shape), interleaved:
+    batch ``k`` comes from bucket ``b_k``, drawn with probabilities proportional to ``weights`` (the buckets'
+    record counts) by ``numpy.random.default_rng([seed, k])``, so the order depends on ``k`` alone.
+
+    ``get_state``/``set_state``/``start_prefetch`` cover every loader's iterator and ``k`` (the state is JSON
+    bytes, as Grain's checkpoint handler stores a ``DataLoader`` iterator's), so a restored run continues
+    exactly where it was. Each loader has its own Grain workers."""
+
+    def __init__(self, loaders: Sequence[Any], weights: Sequence[float], seed: int = 0):
+        if not loaders or len(loaders) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"one positive weight per loader is needed, got {len(loaders)} loaders and "
+                             f"weights {list(weights)}")
+        self.iterators = [iter(loader) for loader in loaders]
+        self.p = np.asarray(weights, np.float64) / float(np.sum(weights))
+        self.seed, self.step = int(seed), 0
+
+    def __iter__(self):
+        return self
+
+    def bucket(self, k: int) -> int:
+        """The bucket of batch ``k``."""
+        return int(np.random.default_rng([self.seed, k]).choice(len(self.iterators), p=self.p))
+
+    def __next__(self) -> dict:
+        batch = next(self.iterators[self.bucket(self.step)])
+        self.step += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        states = [it.get_state() for it in self.iterators]
+        return json.dumps({"step": self.step, "states": [st.decode() if isinstance(st, bytes) else st
+                                                         for st in states]}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        if len(d["states"]) != len(self.iterators):
+            raise ValueError(f"the saved data state has {len(d['states'])} buckets, this run {len(self.iterators)}")
+        for it, st in zip(self.iterators, d["states"]):
+            it.set_state(st.encode() if isinstance(st, str) else st)
+        self.step = int(d["step"])
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
 
 
 class DropSkipped(grain.transforms.Filter):

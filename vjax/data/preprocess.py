@@ -13,7 +13,9 @@ Output sizes, with ``S`` the model's side:
   offset ``(H' - S) // 2`` (``floor``, transformers) or ``round((H' - S) / 2)`` (``round``, torchvision video);
 * ``smart_resize``: ``sampling.smart_resize(H, W, factor, min_pixels, max_pixels)``: each side rounded to a
   multiple of ``factor``, scaled by ``sqrt(H W / max_pixels)`` (floored) or ``sqrt(min_pixels / (H W))``
-  (ceiled) when the area leaves the bounds. With ``native=False`` (training's static batches) it is ``(S, S)``.
+  (ceiled) when the area leaves the bounds. With ``native=False`` (training's static batches) it is ``(S, S)``,
+  or, with ``buckets``, the ``(height, width)`` bucket nearest the video's aspect (:func:`nearest_bucket`;
+  training's static frame shapes, and chat and eval on a run trained so).
 
 Resamplers (uint8 in, uint8 out):
 
@@ -30,6 +32,7 @@ Resamplers (uint8 in, uint8 out):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -56,25 +59,39 @@ class FrameProcessor:
     factor: int = 0
     native: bool = True
     source: str = ""
+    buckets: tuple[tuple[int, int], ...] = ()  # (height, width) frame shapes: the one nearest the video's aspect
 
     def __post_init__(self):
         if int(self.size) < 1:
             raise ValueError(f"FrameProcessor size must be a positive number of pixels, got {self.size!r}")
+        buckets = tuple(tuple(int(x) for x in b) for b in self.buckets)
+        if any(len(b) != 2 or min(b) < 1 for b in buckets):
+            raise ValueError(f"FrameProcessor buckets must be (height, width) pairs in pixels, got {self.buckets!r}")
+        object.__setattr__(self, "buckets", buckets)
 
     @classmethod
-    def for_model(cls, model: Any, config: Any, *, native: bool = True, size: int | None = None) -> "FrameProcessor":
+    def for_model(cls, model: Any, config: Any, *, native: bool = True, size: int | None = None,
+                  buckets: tuple = ()) -> "FrameProcessor":
         """The processor a model's spec (``ModelSpec.preprocess``) declares, numbers read from ``config``;
-        ``size`` overrides the side ``S`` (default: the spec's ``image_size`` of ``config``)."""
+        ``size`` overrides the side ``S`` (default: the spec's ``image_size`` of ``config``); ``buckets``: frame
+        shapes of a native-resolution model trained on them."""
         pre = model.preprocess
         kw = {k: int(getattr(config, getattr(pre, k))) for k in ("min_pixels", "max_pixels", "factor")
               if getattr(pre, k)}
         return cls(resize=pre.resize, resampler=pre.resampler, size=int(size or model.frame_size(config)),
-                   crop=pre.crop, crop_offset=pre.crop_offset, native=native, source=pre.source, **kw)
+                   crop=pre.crop, crop_offset=pre.crop_offset, native=native, source=pre.source,
+                   buckets=tuple(buckets) if pre.native else (), **kw)
 
     @property
     def is_native(self) -> bool:
         """The output size follows the video's (``smart_resize`` in chat and eval)."""
         return self.resize == "smart_resize" and self.native
+
+    @property
+    def per_video(self) -> bool:
+        """The frame size depends on the video (native resolution, or frame-shape buckets): chat and eval then
+        size the model per video."""
+        return self.is_native or bool(self.buckets)
 
     @property
     def decode_size(self) -> tuple[int, int] | None:
@@ -84,6 +101,8 @@ class FrameProcessor:
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """``(h, w)`` after the resize, before any crop."""
         s = self.size
+        if self.buckets:
+            return self.buckets[nearest_bucket(height, width, self.buckets)]
         if self.resize == "square" or (self.resize == "smart_resize" and not self.native):
             return s, s
         if self.resize == "shortest_side":
@@ -110,7 +129,10 @@ class FrameProcessor:
 
     def describe(self) -> str:
         """One line: what this processor does (chat and eval print it)."""
-        if self.is_native:
+        if self.buckets:
+            what = "the frame-shape bucket nearest the video's aspect of " + ", ".join(
+                f"{w}x{h}" for h, w in self.buckets)
+        elif self.is_native:
             what = (f"smart_resize at the video's aspect (multiples of {self.factor}, {self.min_pixels}-"
                     f"{self.max_pixels} pixels per frame)")
         elif self.resize == "shortest_side":
@@ -119,6 +141,15 @@ class FrameProcessor:
             what = f"{self.size}x{self.size} (aspect not kept)"
         src = f" [{self.source}]" if self.source else ""
         return f"frames: {what}, {self.resampler} resampler{src}"
+
+
+def nearest_bucket(height: int, width: int, buckets) -> int:
+    """Index of the ``(h, w)`` bucket whose aspect ratio is nearest a ``height x width`` video's:
+    ``argmin |log(h / w) - log(height / width)|``, the first on ties."""
+    if not buckets:
+        raise ValueError("no frame-shape buckets to choose from")
+    aspect = math.log(height / width)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - aspect))
 
 
 def center_crop(frames: np.ndarray, size: int, offset: str = "floor") -> np.ndarray:

@@ -26,15 +26,17 @@ def test_qwen2_vl_trains_on_frame_shape_buckets_and_chats_in_its_bucket(tmp_path
     tok = train_tokenizer(["What colour is the circle? red green blue"] * 20, str(tmp_path / "tok"), 1024)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workdir = tmp_path / "run"
-    r = _command("train", ["--config=qwen2_vl", f"--workdir={workdir}", f"--config.data.train_annotations="
-                           f"{tmp_path / 'train.json'}", f"--config.data.tokenizer={tok}",
-                           "--config.data.frame_buckets=((56, 56), (56, 112))", "--config.data.batch_size=2",
-                           "--config.data.text_buckets=(64,)", "--config.total_steps=4", "--config.log_every=1",
-                           "--config.eval.records=0", "--config.data.cache_mb=0"], env)
+    args = ["--config=qwen2_vl", f"--workdir={workdir}", f"--config.data.train_annotations={tmp_path / 'train.json'}",
+            f"--config.data.tokenizer={tok}", "--config.data.frame_buckets=((56, 56), (56, 112))",
+            "--config.data.batch_size=2", "--config.data.text_buckets=(64,)", "--config.log_every=1",
+            "--config.eval.records=0", "--config.data.cache_mb=0"]
+    r = _command("train", [*args, "--config.total_steps=3"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # tiny Qwen2-VL: 7-px patches merged 2 x 2, 4 frames -> 2 x (56/7 x 56/7) / 4 = 32 and 2 x (8 x 16) / 4 = 64
     assert "frame bucket 56x56: 4 records, 32 visual tokens" in r.stdout, r.stdout[-3000:]
     assert "frame bucket 112x56: 4 records, 64 visual tokens" in r.stdout, r.stdout[-3000:]
+    r = _command("train", [*args, "--config.total_steps=4"], env)  # resumes: the buckets' data state restores
+    assert r.returncode == 0 and "resumed from step 3" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     train = [x for x in _metrics(workdir) if x["split"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3, 4] and all(x["finite"] == 1.0 for x in train)
     # the 4 steps drew from both buckets (BucketedBatches' schedule for seed 0, equal weights)

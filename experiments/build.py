@@ -47,6 +47,7 @@ def build(c, plan: dict, workdir: str) -> Built:
     import jax  # noqa: PLC0415
 
     from vjax.data import formats, pipeline  # noqa: PLC0415
+    from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
     from vjax.data.annotations import merge_turns  # noqa: PLC0415
     from vjax.eval import Evaluator  # noqa: PLC0415
     from vjax.pretrained import TOKENIZER_DIR  # noqa: PLC0415
@@ -79,17 +80,36 @@ def build(c, plan: dict, workdir: str) -> Built:
 
         _, init_params = vjax.from_pretrained(cfg._expand(c.init_params), model=c.model)
 
-    # --- input pipeline: text buckets plus a full clip's visual tokens, and one more bucket for the longest
-    # clip (Chat-UniVi: 1-2 frames are two images)
+    # --- input pipeline: the release's frame preprocessing (square S x S batches, or with data.frame_buckets one
+    # loader per frame shape: Qwen2-VL's native resolution, bucketed), text buckets plus a full clip's visual
+    # tokens, and one more bucket for the longest clip (Chat-UniVi: 1-2 frames are two images)
     nproc = jax.process_count()
+    frames = FrameProcessor.for_model(model, mcfg, native=False, size=c.data.image_size)
     visual, most = spec.tokens_per_clip(spec.num_frames), spec.tokens_per_clip()
-    lengths = tuple(sorted({b + visual for b in c.data.text_buckets} | {max(c.data.text_buckets) + most}))
-    pcfg = cfg.from_config(
-        pipeline.PipelineConfig, c.data, "data", strict=False, batch_size=c.data.batch_size // nproc, seed=c.seed,
-        shuffle=True, num_epochs=None, shard_index=jax.process_index(), shard_count=nproc,
-        frame_size=(c.data.image_size, c.data.image_size), buckets={k: lengths for k in cfg.TEXT_KEYS},
-        count_skips=True)
-    data = pipeline.SkipCounts(iter(pipeline.make_loader(train_records, fmt, pcfg, sampler=plan["sampler"])))
+
+    def loader(recs, fmt_b, spec_b, frames_b):
+        visual_b, most_b = spec_b.tokens_per_clip(spec_b.num_frames), spec_b.tokens_per_clip()
+        lengths = tuple(sorted({b + visual_b for b in c.data.text_buckets} | {max(c.data.text_buckets) + most_b}))
+        pcfg = cfg.from_config(
+            pipeline.PipelineConfig, c.data, "data", strict=False, batch_size=c.data.batch_size // nproc,
+            seed=c.seed, shuffle=True, num_epochs=None, shard_index=jax.process_index(), shard_count=nproc,
+            frame_size=frames_b, buckets={k: lengths for k in cfg.TEXT_KEYS}, count_skips=True)
+        return pipeline.make_loader(recs, fmt_b, pcfg, sampler=plan["sampler"])
+
+    if c.data.frame_buckets:
+        loaders, weights = [], []
+        for shape, recs in frame_buckets(c, model, train_records).items():
+            cfg_b = model.with_frame_shape(mcfg, spec.num_frames, shape)
+            spec_b = cfg.data_format(model, cfg_b, c)
+            fmt_b = formats.VideoQAFormat(spec_b, tokenizer)
+            longest = max(longest, cfg.check_lengths(c, fmt_b, recs))
+            loaders.append(loader(recs, fmt_b, spec_b, dataclasses.replace(frames, buckets=(shape,))))
+            weights.append(len(recs))
+            print(f"frame bucket {shape[1]}x{shape[0]}: {len(recs)} records, {spec_b.tokens_per_clip()} visual "
+                  f"tokens", flush=True)
+        data = pipeline.SkipCounts(pipeline.BucketedBatches(loaders, weights, seed=c.seed))
+    else:
+        data = pipeline.SkipCounts(iter(loader(train_records, fmt, spec, frames)))
 
     config_json = cfg.config_json(c, c.model, mcfg)
     if main_process:
@@ -104,13 +124,44 @@ def build(c, plan: dict, workdir: str) -> Built:
         evaluator = Evaluator(
             module, spec, tokenizer, val_records, plan["sampler"], num_records=c.eval.records,
             batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-            frame_size=(c.data.image_size, c.data.image_size), load_audio=c.data.load_audio,
+            frame_size=frames, load_audio=c.data.load_audio,
             max_bad_fraction=c.data.max_bad_fraction, trainer=trainer, loss_batch=c.data.batch_size // nproc,
             loss_length=max(c.data.text_buckets) + most)
     loop = cfg.from_config(LoopConfig, c, "loop", strict=False)
     return Built(module=module, trainer=trainer, data=data, evaluator=evaluator, loop=loop, spec=spec,
                  model_config=mcfg, tokenizer=tokenizer, train_records=train_records, init_params=init_params,
                  config_json=config_json, longest=longest, visual_tokens=visual)
+
+
+def frame_buckets(c, model, records: list) -> dict[tuple[int, int], list]:
+    """Training records grouped by ``data.frame_buckets``: each record goes to the ``(height, width)`` bucket whose
+    aspect ratio is nearest its video's (``vjax.data.preprocess.nearest_bucket``; the size from the record's
+    ``height``/``width`` or probed). Buckets no record takes are left out; an unreadable video goes to the first
+    bucket (the pipeline skips and counts it). Only a native-resolution model takes buckets: a
+    :class:`ConfigError` names ``data.frame_buckets`` otherwise, or for a bucket its config refuses."""
+    from vjax.data.preprocess import nearest_bucket  # noqa: PLC0415
+    from vjax.data.video import UnreadableVideo, probe_video  # noqa: PLC0415
+
+    shapes = [tuple(int(x) for x in b) for b in c.data.frame_buckets]
+    if not model.preprocess.native or not model.frame_shape:
+        raise ConfigError("data.frame_buckets", f"{model.name} takes square frames of data.image_size only")
+    for shape in shapes:
+        try:
+            model.with_frame_shape(model.config.tiny(), 2, shape)
+        except (ValueError, TypeError) as err:
+            raise ConfigError("data.frame_buckets", str(err)) from None
+    groups: dict[tuple[int, int], list] = {}
+    for rec in records:
+        try:
+            hw = (rec["height"], rec["width"]) if "height" in rec and "width" in rec else None
+            if hw is None:
+                info = probe_video(rec["video"])
+                hw = (info.height, info.width)
+            shape = shapes[nearest_bucket(hw[0], hw[1], shapes)]
+        except (UnreadableVideo, KeyError, TypeError):
+            shape = shapes[0]
+        groups.setdefault(shape, []).append(rec)
+    return {s: groups[s] for s in shapes if s in groups}
 
 
 def _synthetic_set(c, main_process: bool):

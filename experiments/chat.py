@@ -8,7 +8,10 @@ r"""Chat about a video: ``python -m experiments.chat --workdir=DIR --video=FILE 
                          (temperature 0: greedy)
 
 The model, its config, the frame sampler, the chat template and the tokenizer come from the checkpoint's
-saved config. The answer streams token by token. In a multi-turn chat the video is decoded and encoded
+saved config; frames are preprocessed as the model's release does (``vjax.data.preprocess``; a converted
+Qwen2-VL at its native resolution and aspect, with the fps and pixel bounds stored at conversion), and the
+preprocessing, the frame count and size and the visual tokens are printed on stderr.
+The answer streams token by token. In a multi-turn chat the video is decoded and encoded
 once: the first turn prefills the KV cache with it, and each later turn writes only the new text into the
 same cache (:class:`vjax.generate.ChatSession`).
 
@@ -83,8 +86,10 @@ class Chat:
         self.format = formats.VideoQAFormat(spec, tok, prompt_only=True)
         llm = run.model_config.llm
         self.max_context = max_context or min(llm.max_position_embeddings, DEFAULT_CONTEXT)
-        self.session = ChatSession(run.module, run.params, self.max_context,
-                                   visual_ids={pid for _, pid, _ in spec.visual})
+        self._session = functools.partial(ChatSession, params=run.params, max_length=self.max_context,
+                                          visual_ids={pid for _, pid, _ in spec.visual})
+        self.session = self._session(run.module)
+        self.frame_shape: tuple[int, ...] = ()  # [T, H, W] of the processed frames of the loaded video
         self.rng = jax.random.key(seed)
         self.stream_fps = stream_fps
         self.streaming = registry.spec(run.name).can_stream(run.model_config)
@@ -101,7 +106,7 @@ class Chat:
         from vjax.data.video import check_file, probe_video, read_audio, read_sampled_frames  # noqa: PLC0415
 
         c = self.run.config
-        size = (c.data.image_size, c.data.image_size)
+        proc = self.run.frames  # the model's release preprocessing (vjax.data.preprocess)
         check_file(path)
         rec: dict[str, Any] = {"id": "chat", "video": os.path.abspath(path)}
         if subtitles:
@@ -118,10 +123,16 @@ class Chat:
             sampler = self.run.sampler
             if "seed" in inspect.signature(sampler).parameters:  # random samplers: a fixed draw
                 sampler = functools.partial(sampler, seed=0)
-            frames, sample, info = read_sampled_frames(path, sampler, size=size)
+            frames, sample, info = read_sampled_frames(path, sampler, size=proc.decode_size)
+            frames = proc(frames)
             rec.update(frame_indices=sample.indices, timestamps=sample.timestamps, fps=info.fps,
                        num_frames=info.num_frames)
             self._frames = frames
+            self.frame_shape = frames.shape[:3]
+            if proc.per_video:  # the model sized to this video's frames: one compile per grid, cached by the run
+                module, spec = self.run.sized(frames.shape[0], frames.shape[1:3])
+                self.format = type(self.format)(spec, self.run.tokenizer, prompt_only=True)
+                self.session = self._session(module)
             self._audio = read_audio(path, duration=info.duration)[0] if c.data.load_audio else None
         self.record = rec
 
@@ -146,10 +157,10 @@ class Chat:
 
         from vjax.data.video import read_frames  # noqa: PLC0415
 
-        run, c = self.run, self.run.config
+        run = self.run
         module, params = run.module, run.params
         t = run.spec.num_frames
-        size = (c.data.image_size, c.data.image_size)
+        proc = run.frames
         qids = jnp.asarray(batch["qformer_input_ids"])[None]
         qmask = jnp.asarray(batch["qformer_attention_mask"])[None]
         state = module.apply({"params": params}, 1, qids.shape[1], method="stream_init")
@@ -158,7 +169,7 @@ class Chat:
         tokens = None
         self.frames_seen = 0
         for s in range(0, len(self._indices), t):
-            raw = read_frames(self.record["video"], self._indices[s: s + t], size=size)
+            raw = proc(read_frames(self.record["video"], self._indices[s: s + t], size=proc.decode_size))
             x, mask, n = self.format.frames(raw)
             args = (params, state, jnp.asarray(x)[None], jnp.asarray(mask)[None], qids, qmask)
             self._compiled_bytes("stream_step", step, *args)
@@ -185,8 +196,8 @@ class Chat:
             if self.streaming:  # the first chunk only formats the text and the Q-Former instruction
                 from vjax.data.video import read_frames  # noqa: PLC0415
 
-                size = (self.run.config.data.image_size,) * 2
-                frames = read_frames(rec["video"], self._indices[:1], size=size)
+                proc = self.run.frames
+                frames = proc(read_frames(rec["video"], self._indices[:1], size=proc.decode_size))
             batch = self.format(rec, frames, self._audio)
             ids = batch["input_ids"]
             self.session.check_fits(len(ids), self.sampling)  # before any encoding work
@@ -246,6 +257,11 @@ def main(argv: list[str]) -> int:
         chat.load_video(FLAGS.video, FLAGS.subtitles)
     except UnreadableVideo as err:
         cli.fail(f"{err}: check the path, or {REENCODE}")
+    print(run.describe_preprocessing(), file=sys.stderr, flush=True)
+    if chat.frame_shape:
+        t, h, w = chat.frame_shape
+        print(f"video: {t} frames of {w}x{h} -> {chat.format.spec.tokens_per_clip(t)} visual tokens", file=sys.stderr,
+              flush=True)
 
     def show(text: str) -> None:
         print(text, end="", flush=True)

@@ -12,7 +12,9 @@ r"""Convert released PyTorch checkpoints to a vjax checkpoint (or a vjax checkpo
   A directory holding both safetensors and ``.bin``/``.pth`` is read from its safetensors.
   ``.pth``/``.bin`` files are read with ``torch.load(weights_only=True)``: one whose pickle would run code is
   refused, naming the file. A vjax checkpoint directory as the only source re-exports it (``--to=hf``).
-* The config comes from the ``config.json`` files of the source directories, or ``--variant`` (a published
+* The config comes from the ``config.json`` files of the source directories (with the preprocessing settings of
+  a ``preprocessor_config.json`` / ``video_preprocessor_config.json`` beside them: Qwen2-VL's pixel bounds and
+  fps, printed), or ``--variant`` (a published
   config, e.g. ``video_chatgpt_7b``), or ``--config_file`` (a vjax config as JSON: the ``config`` entry of a
   ``vjax_config.json``, or that whole file).
 * Video-LLaMA, MiniGPT4-video and MA-LMM (``--model=video_llama|minigpt4_video|ma_lmm``, with ``--variant``)
@@ -150,7 +152,7 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
     import numpy as np  # noqa: PLC0415
 
     import vjax  # noqa: PLC0415
-    from vjax.convert import DEFAULTS_LABEL, combine, layout  # noqa: PLC0415
+    from vjax.convert import DEFAULTS_LABEL, combine, layout, read_hf_config  # noqa: PLC0415
     from vjax.convert.mapping import (  # noqa: PLC0415
         ConversionError,
         PadRows,
@@ -172,7 +174,7 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
     configs, sources = [], []
     for prefix, path in parsed:
         if path.is_dir() and (path / "config.json").exists():
-            configs.append(json.loads((path / "config.json").read_text()))
+            configs.append(read_hf_config(path))  # with its preprocessor_config.json (preprocessing settings)
         src = _open(path)
         _log(f"source {path}{' (keys under ' + prefix + ')' if prefix else ''}: {len(src)} tensors")
         sources.append((str(path), prefix, src))
@@ -195,6 +197,11 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
                          f"or --config_file")
     if variant or config_file:
         _check_llm_config(registry.spec(model), config, configs)
+    if registry.spec(model).visual:  # a video model: the frame preprocessing its config holds
+        from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
+
+        frames = FrameProcessor.for_model(registry.spec(model), config)
+        _log(f"preprocessing stored with the model: {frames.describe()}")
     config = _with_dtype(config, dtype)
     if lay.defaults is not None:  # initial values of the official model, replaced by any source holding them
         source = combine(sources, lay, config)

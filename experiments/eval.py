@@ -229,6 +229,23 @@ def _task_grid(title: str, grid: dict[str, dict[str, dict]], key=str) -> list[st
 
 
 # --------------------------------------------------------------------------------------------- running
+class SizedFormat:
+    """The prompt format of a native-resolution run: the model sized to each clip's processed frames
+    (``Run.sized``), so the visual placeholders match the clip's grid."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._formats: dict = {}
+
+    def __call__(self, record: dict, frames: np.ndarray, audio: Any) -> dict:
+        from vjax.data import formats  # noqa: PLC0415
+
+        key = (frames.shape[0], frames.shape[1:3])
+        if key not in self._formats:
+            self._formats[key] = formats.VideoQAFormat(self.run.sized(*key)[1], self.run.tokenizer, prompt_only=True)
+        return self._formats[key](record, frames, audio)
+
+
 def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int,
              tolerance: float = 0.5, progress: bool = False, max_bad_fraction: float = 0.1) -> dict[str, Any]:
     """Generate and score ``records``; ``batch_size * 4`` records are decoded at a time (memory stays flat).
@@ -241,9 +258,8 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     c = run.config
-    size = (c.data.image_size, c.data.image_size)
-    load = LoadAndFormat(formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True), run.sampler, size,
-                         c.data.load_audio, max_bad_fraction=max_bad_fraction)
+    fmt = SizedFormat(run) if run.frames.per_video else formats.VideoQAFormat(run.spec, run.tokenizer, prompt_only=True)
+    load = LoadAndFormat(fmt, run.sampler, run.frames, c.data.load_audio, max_bad_fraction=max_bad_fraction)
     keep = DropSkipped()
     bar = None
     if progress:
@@ -266,10 +282,20 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
                     bar.update(1)
         if not prompts:
             continue
-        length = -(-max(len(p["input_ids"]) for p in prompts) // 64) * 64  # few compiled shapes
-        predictions += vjax_eval.answer_prompts(run.module, run.params, prompts, run.tokenizer, run.spec,
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens, length=length,
-                                          progress=bar.update if bar is not None else None)
+        # Native-resolution frames (a converted Qwen2-VL): one batch per frame geometry, each with its model.
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, p in enumerate(prompts):
+            groups[p["frames"].shape if run.frames.per_video else ()].append(i)
+        answers: dict[int, str] = {}
+        for shape, members in groups.items():
+            module, spec = run.sized(shape[0], shape[1:3]) if shape else (run.module, run.spec)
+            group = [prompts[i] for i in members]
+            length = -(-max(len(p["input_ids"]) for p in group) // 64) * 64  # few compiled shapes
+            out = vjax_eval.answer_prompts(module, run.params, group, run.tokenizer, spec, batch_size=batch_size,
+                                           max_new_tokens=max_new_tokens, length=length,
+                                           progress=bar.update if bar is not None else None)
+            answers.update(zip(members, out))
+        predictions += [answers[i] for i in range(len(prompts))]
         kept += recs
     if bar is not None:
         bar.close()
@@ -315,6 +341,7 @@ def main(argv: list[str]) -> int:
     new = FLAGS.max_new_tokens or c.eval.max_new_tokens
     print(f"{run.name}{'' if run.step is None else f' step {run.step}'}: {len(records)} records of {data_name}, "
           f"batch {batch}, up to {new} new tokens", flush=True)
+    print(run.describe_preprocessing(), flush=True)
     try:
         report = evaluate(run, records, batch_size=batch, max_new_tokens=new, tolerance=FLAGS.timestamp_tolerance,
                           progress=FLAGS.progress, max_bad_fraction=FLAGS.max_bad_fraction)

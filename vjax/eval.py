@@ -6,7 +6,7 @@ generation-based validation of a training run (:class:`Evaluator`). Training, ch
 from __future__ import annotations
 
 import collections
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -66,11 +66,12 @@ class Evaluator:
     teacher-forced loss."""
 
     def __init__(self, module, spec: FormatSpec, tokenizer: formats.TextTokenizer, recs: Sequence[dict], sampler, *,
-                 num_records: int, batch_size: int = 8, max_new_tokens: int = 12, frame_size: tuple[int, int],
+                 num_records: int, batch_size: int = 8, max_new_tokens: int = 12, frame_size: Any,
                  load_audio: bool = False, max_bad_fraction: float = 0.1, trainer=None, loss_batch: int = 0,
                  loss_length: int = 0):
         """``recs``: validation records; ``num_records`` of them (a seeded sample) are evaluated, ``batch_size``
-        prompts at a time, answers of at most ``max_new_tokens``; frames decoded at ``frame_size``. With a
+        prompts at a time, answers of at most ``max_new_tokens``; frames decoded at ``frame_size`` (or by the model's
+        ``vjax.data.preprocess.FrameProcessor``). With a
         ``trainer``, the teacher-forced loss over batches of ``loss_batch`` records padded to ``loss_length``."""
         self.module, self.spec, self.tokenizer, self.trainer = module, spec, tokenizer, trainer
         self.max_new_tokens = max_new_tokens

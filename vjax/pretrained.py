@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vjax.convert import combine, hf_entry, open_checkpoint
+from vjax.convert import combine, hf_entry, open_checkpoint, read_hf_config
 from vjax.convert.mapping import convert, export, flatten_params
 from vjax.convert.io import save_sharded_safetensors
 from vjax.models import registry
@@ -96,7 +96,7 @@ def from_pretrained(
     cfg_file = p / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{p}: neither {VJAX_CONFIG} (vjax checkpoint) nor config.json (HF layout) found")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_hf_config(p)  # config.json with the release's processor files (preprocessing settings)
     lay = hf_entry(hf)
     name = lay.model
     if model is not None and model != name:
@@ -211,7 +211,8 @@ _HOW = "pass --workdir of a 'python -m experiments.train' run or the --dst of 'p
 @dataclasses.dataclass
 class Run:
     """What chat and eval need from a checkpoint: the model with its parameters, the experiment config
-    (frames, sampler, template), the data format, the tokenizer and the frame sampler."""
+    (frames, sampler, template), the data format, the tokenizer, the frame sampler and the frame preprocessing
+    (``frames``: a ``vjax.data.preprocess.FrameProcessor``; the model's release preprocessing)."""
 
     name: str
     config: Any  # the experiment ConfigDict
@@ -222,10 +223,43 @@ class Run:
     sampler: Any
     step: int | None
     workdir: str
+    frames: Any = None  # vjax.data.preprocess.FrameProcessor; default: the model's, at data.image_size squared
+    _sized: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.frames is None:
+            from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
+
+            self.frames = FrameProcessor.for_model(registry.spec(self.name), self.module.config, native=False,
+                                                   size=self.config.data.image_size)
 
     @property
     def model_config(self) -> Any:
         return self.module.config
+
+    def sized(self, num_frames: int, shape: tuple[int, int]) -> tuple[Any, Any]:
+        """``(module, FormatSpec)`` for a clip of ``num_frames`` frames of ``shape = (height, width)``: the run's
+        own where they match its geometry, else the model resized to them (a native-resolution model:
+        ``ModelSpec.with_frame_shape``; the parameters do not change). Cached per geometry, so each grid
+        compiles once."""
+        from vjax.data import formats  # noqa: PLC0415
+
+        key = (int(num_frames), tuple(int(x) for x in shape))
+        if key not in self._sized:
+            model = registry.spec(self.name)
+            cfg = model.with_frame_shape(self.module.config, *key)
+            c = self.config
+            self._sized[key] = (type(self.module)(cfg), formats.format_spec(
+                model, cfg, load_audio=c.data.load_audio, template_variant=c.data.template_variant))
+        return self._sized[key]
+
+    def describe_preprocessing(self) -> str:
+        """One line: the frame choice and the frame preprocessing this run uses (chat and eval print it)."""
+        s = self.sampler
+        name = getattr(getattr(s, "func", s), "__name__", str(s))
+        args = ", ".join(f"{k}={v}" for k, v in sorted(getattr(s, "keywords", {}).items()))
+        frames = self.frames.describe() if self.frames is not None else "frames: resized on decode"
+        return f"preprocessing: sampler {name}({args}); {frames}"
 
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
@@ -233,7 +267,10 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     """Load a training workdir (``config.json`` of ``experiments.train`` + the newest Orbax checkpoint that
     restores; its parameters only) or a converted checkpoint (``vjax_config.json`` of ``experiments.convert``;
     ``experiment(model name)`` gives its data settings — an experiment config whose frames and image size are
-    then set from the model).
+    then set from the model, and, where the model's spec stores the release's frame choice with the model
+    (``Preprocess.sampler_args``: Qwen2-VL's fps and frame bounds), its sampler too). A converted checkpoint's
+    frames are preprocessed at the release's native resolution (``FrameProcessor.is_native``: Qwen2-VL's
+    ``smart_resize``); a training run's as it was trained (``S x S``, or its ``data.frame_buckets``).
 
     The tokenizer: ``tokenizer`` if given, else the copy in ``<workdir>/tokenizer``, the experiment's
     ``data.tokenizer``, or the run's synthetic set's (regenerated if it was deleted). Checkpoints that do not
@@ -242,6 +279,7 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     import ml_collections  # noqa: PLC0415
 
     from vjax.data import formats, sampling  # noqa: PLC0415
+    from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
 
     p = Path(workdir).expanduser().absolute()
     if not p.is_dir():
@@ -270,6 +308,12 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
         c = experiment(name)
         c.data.num_frames = module.config.num_frames
         c.data.image_size = registry.spec(name).frame_size(module.config)
+        release = registry.spec(name).preprocess
+        if release.sampler_args:  # the release's frame choice, stored with the model (its preprocessor files)
+            c.data.sampler = registry.spec(name).sampler
+            c.data.sampler_kwargs = ml_collections.ConfigDict(
+                {**registry.spec(name).sampler_kwargs,
+                 **{arg: getattr(module.config, attr) for arg, attr in release.sampler_args.items()}})
         if not tokenizer and not (p / TOKENIZER_DIR).is_dir() and not c.data.tokenizer:
             raise NotACheckpoint(f"{p} is a converted checkpoint without a tokenizer: pass --tokenizer=DIR (the "
                                  f"LLM's tokenizer directory)")
@@ -290,8 +334,11 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
                                template_variant=c.data.template_variant)
     sampler = sampling.config_sampler(c.data.sampler, c.data.num_frames, c.data.sampler_kwargs.to_dict(),
                                       registry.spec(name))
+    # A training run's frames as it was trained (S x S); a converted release's at its native resolution.
+    frames = FrameProcessor.for_model(registry.spec(name), module.config, native=step is None,
+                                      size=c.data.image_size, buckets=tuple(c.data.get("frame_buckets", ())))
     return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
-               sampler=sampler, step=step, workdir=str(p))
+               sampler=sampler, step=step, workdir=str(p), frames=frames)
 
 
 def _newest_params(p: Path, name: str, module: nn.Module) -> tuple[dict[str, Any], int]:

@@ -444,7 +444,8 @@ def _data_setup(ctx: Context):
 
 def suite_data(ctx: Context) -> dict:
     """Clips/s of the Grain + decord pipeline (``make_loader``; ``data_frames`` frames sampled by the
-    model's sampler and resized on decode to ``data_frame_size``; the model's chat template and the
+    model's sampler, decoded and preprocessed to ``data_frame_size`` as ``experiments.train`` does (the
+    model's release preprocessing, ``vjax.data.preprocess``); the model's chat template and the
     synthetic set's tokenizer; text buckets + visual tokens as in ``experiments.train``) for each
     Grain ``worker_count`` in ``data_workers``, vs the clips/s that the ``DATA_MODEL`` tiny model's
     full train step (``Trainer``, AdamW, batch 2) consumes on the pipeline's own first batch.
@@ -472,9 +473,12 @@ def suite_data(ctx: Context) -> dict:
     if any(s.data_workers) and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags (defaults) outside app.run too
 
+    from vjax.data.preprocess import FrameProcessor
+    frames = FrameProcessor.for_model(plan["model"], mcfg, native=False, size=c.data.image_size)  # as train does
+
     def loader(workers: int):
         cfg = pipeline.PipelineConfig(batch_size=batch_size, seed=0, num_epochs=None, worker_count=workers,
-                                      frame_size=(c.data.image_size, c.data.image_size), buckets=buckets)
+                                      frame_size=frames, buckets=buckets)
         return iter(pipeline.make_loader(records, fmt, cfg, sampler=plan["sampler"]))
 
     # consumer: the tiny model's train step on the pipeline's first batch

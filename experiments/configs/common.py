@@ -63,6 +63,9 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.sampler_kwargs = ml_collections.ConfigDict()
     d.num_frames = 4  # static frame count T (the model's num_frames)
     d.image_size = 56  # frames are resized on decode to image_size^2 (the model's vision input)
+    # native-resolution models (Qwen2-VL): (height, width) frame shapes; each clip trains at the one nearest its
+    # aspect ratio, one static batch shape per bucket ('()': every clip at image_size^2)
+    d.frame_buckets = ()
     d.text_buckets = (64, 128, 192, 256)  # token-length buckets; the clip's visual tokens are added
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)

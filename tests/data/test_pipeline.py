@@ -218,3 +218,44 @@ def test_audio_features_are_computed_once_per_clip_and_cached(records, monkeypat
     assert cached[0]["audio"].shape == (3, 2, 16, 32) and cached[0]["audio"].dtype == np.float32
     # the element never shares memory with the cache
     assert cached[0]["audio"].flags.writeable
+
+
+def _frames_only(record, frames, audio):
+    return {"frames": frames, "id": np.int32(record["n"])}
+
+
+def test_frame_shape_buckets_interleave_with_static_shapes_and_resume(tmp_path):
+    """Clips of two aspect ratios, one loader per frame-shape bucket (each batch one shape), interleaved by
+    ``BucketedBatches``; its state restores the exact continuation."""
+    from vjax.data.preprocess import FrameProcessor, nearest_bucket
+    from vjax.data.synthetic import write_mp4
+
+    buckets = ((32, 32), (32, 64))
+    rng = np.random.default_rng(0)
+    recs = {b: [] for b in buckets}
+    for n, (h, w) in enumerate([(48, 48), (64, 64), (40, 96), (48, 112), (64, 60), (36, 80)]):
+        path = str(tmp_path / f"{n}.mp4")
+        write_mp4(path, rng.integers(0, 255, (6, h, w, 3), dtype=np.uint8), fps=6)
+        recs[buckets[nearest_bucket(h, w, buckets)]].append({"video": path, "n": n})
+    assert [len(r) for r in recs.values()] == [3, 3]
+
+    def make():
+        loaders = [pipeline.make_loader(recs[b], _frames_only, pipeline.PipelineConfig(
+            batch_size=2, num_epochs=None, frame_size=FrameProcessor("smart_resize", "pil_bicubic", 32, native=False,
+                                                                     buckets=(b,))),
+            sampler=functools.partial(sampling.uniform_floor, num_samples=2)) for b in buckets]
+        return pipeline.BucketedBatches(loaders, [3, 3], seed=1)
+
+    it = make()
+    first = [next(it) for _ in range(4)]
+    assert {b["frames"].shape[2:4] for b in first} == set(buckets)  # both shapes, each batch one of them
+    for b in first:
+        want = buckets[0] if b["frames"].shape[2:4] == buckets[0] else buckets[1]
+        assert set(b["id"].tolist()) <= {r["n"] for r in recs[want]}
+    state = it.get_state()
+    after = [next(it) for _ in range(4)]
+    again = make()
+    again.set_state(state)
+    assert_batches_equal(after, [next(again) for _ in range(4)])
+    with pytest.raises(ValueError, match="buckets"):
+        pipeline.BucketedBatches([[]], [1]).set_state(state)  # a run with another number of buckets

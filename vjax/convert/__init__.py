@@ -11,6 +11,8 @@ layout exists — ``to_hf`` for export. Each model's spec names the module whose
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from typing import Any, Mapping, Sequence
 
 from vjax.convert.io import (  # noqa: F401
@@ -66,6 +68,28 @@ def hf_entry(hf_config: Mapping[str, Any]) -> Layout:
         f"unsupported architecture {archs or mt!r} in config.json; vjax converts {known} "
         f"(and, from several sources, python -m experiments.convert --model={layout_names()})"
     )
+
+
+PROCESSOR_FILES = ("preprocessor_config", "video_preprocessor_config")
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of an HF checkpoint directory, with the processor files released beside it
+    (``preprocessor_config.json``, ``video_preprocessor_config.json``) under the keys of their names without
+    ``.json``, so a model's ``Config.from_hf`` takes its preprocessing from the release (Qwen2-VL's pixel
+    bounds and fps); a processor file that is not a JSON object is a ``ValueError`` naming it."""
+    d = os.fspath(directory)
+    with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    for name in PROCESSOR_FILES:
+        path = os.path.join(d, f"{name}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+            cfg[name] = value
+    return cfg
 
 
 DEFAULTS_LABEL = "initial values"

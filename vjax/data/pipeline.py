@@ -15,7 +15,8 @@ Stages (all module-level, picklable; Grain workers are fresh processes that unpi
 2. ``grain.samplers.IndexSampler`` — seeded shuffle per epoch, sharded by ``shard_options`` (use
    :func:`shard_by_jax_process` on multi-host runs so each JAX process reads a disjoint part).
 3. :class:`LoadAndFormat` (a ``RandomMap``) — opens the video *inside the worker, per record*, samples
-   frames with ``sampler(num_frames, fps[, seed=])``, decodes only those (resized on decode), reads
+   frames with ``sampler(num_frames, fps[, seed=])``, decodes only those (resized on decode, or at the source
+   size and then preprocessed as the model's release does: :mod:`vjax.data.preprocess`), reads
    16 kHz mono audio if asked, then calls the user's ``format_fn(record, frames, audio) -> dict of
    numpy arrays``. The record passed on gets ``frame_indices``, ``timestamps`` (s), ``fps``,
    ``num_frames``. Unreadable videos are skipped, logged once, counted per worker and per kind of
@@ -41,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -85,8 +87,10 @@ class LoadAndFormat(grain.transforms.RandomMap):
 
     ``sampler(num_frames, fps)`` picks the frames (if it has a ``seed`` parameter it gets one drawn
     from Grain's per-record rng, so random sampling is reproducible and resumable). ``frame_size``
-    ``(height, width)`` resizes on decode. Output: ``format_fn``'s dict, or a skip marker that the
-    following ``Filter`` drops.
+    ``(height, width)`` resizes on decode (decord's scaler); or it is the model's
+    :class:`vjax.data.preprocess.FrameProcessor`, which names its decode size (native, or decord's) and turns
+    the decoded frames into the release's pixels before ``format_fn``. Output: ``format_fn``'s dict, or a skip
+    marker that the following ``Filter`` drops.
 
     ``cache_mb > 0`` keeps decoded frames (and audio) in memory, keyed by the path and the sampled frame
     indices, up to that many MiB per process (each Grain worker has its own cache; the oldest entries go
@@ -104,7 +108,7 @@ class LoadAndFormat(grain.transforms.RandomMap):
     :class:`SkipCounts`, which sums them in the training process.
     """
 
-    def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: tuple[int, int] | None = None,
+    def __init__(self, format_fn: FormatFn, sampler: Callable, frame_size: Any = None,
                  load_audio: bool = False, audio_sample_rate: int = 16_000, max_bad_fraction: float = 0.1,
                  min_records_for_check: int = 20, video_key: str = "video", cache_mb: float = 0.0,
                  audio_transform: Callable | None = None, count_skips: bool = False):
@@ -112,7 +116,9 @@ class LoadAndFormat(grain.transforms.RandomMap):
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.format_fn = format_fn
         self.sampler = sampler
-        self.frame_size = tuple(frame_size) if frame_size is not None else None
+        self.processor = frame_size if callable(frame_size) else None  # a FrameProcessor
+        self.frame_size = (self.processor.decode_size if self.processor is not None
+                           else tuple(frame_size) if frame_size is not None else None)
         self.load_audio = load_audio
         self.audio_sample_rate = audio_sample_rate
         self.max_bad_fraction = max_bad_fraction
@@ -167,6 +173,8 @@ class LoadAndFormat(grain.transforms.RandomMap):
             if hit is not None:
                 return (hit[0], sample, *hit[1:])
         frames, sample, info = read_sampled_frames(path, sampler, size=self.frame_size)
+        if self.processor is not None:
+            frames = self.processor(frames)
         audio = read_audio(path, self.audio_sample_rate, duration=info.duration)[0] if self.load_audio else None
         if audio is not None and self.audio_transform is not None:
             audio = np.asarray(self.audio_transform(audio))
@@ -249,6 +257,54 @@ class SkipCounts:
         return getattr(self.iterator, name)
 
 
+class BucketedBatches:
+    """Batches of several loaders, one per frame-shape bucket (every batch one static shape), interleaved:
+    batch ``k`` comes from bucket ``b_k``, drawn with probabilities proportional to ``weights`` (the buckets'
+    record counts) by ``numpy.random.default_rng([seed, k])``, so the order depends on ``k`` alone.
+
+    ``get_state``/``set_state``/``start_prefetch`` cover every loader's iterator and ``k`` (the state is JSON
+    bytes, as Grain's checkpoint handler stores a ``DataLoader`` iterator's), so a restored run continues
+    exactly where it was. Each loader has its own Grain workers."""
+
+    def __init__(self, loaders: Sequence[Any], weights: Sequence[float], seed: int = 0):
+        if not loaders or len(loaders) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"one positive weight per loader is needed, got {len(loaders)} loaders and "
+                             f"weights {list(weights)}")
+        self.iterators = [iter(loader) for loader in loaders]
+        self.p = np.asarray(weights, np.float64) / float(np.sum(weights))
+        self.seed, self.step = int(seed), 0
+
+    def __iter__(self):
+        return self
+
+    def bucket(self, k: int) -> int:
+        """The bucket of batch ``k``."""
+        return int(np.random.default_rng([self.seed, k]).choice(len(self.iterators), p=self.p))
+
+    def __next__(self) -> dict:
+        batch = next(self.iterators[self.bucket(self.step)])
+        self.step += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        states = [it.get_state() for it in self.iterators]
+        return json.dumps({"step": self.step, "states": [st.decode() if isinstance(st, bytes) else st
+                                                         for st in states]}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        if len(d["states"]) != len(self.iterators):
+            raise ValueError(f"the saved data state has {len(d['states'])} buckets, this run {len(self.iterators)}")
+        for it, st in zip(self.iterators, d["states"]):
+            it.set_state(st.encode() if isinstance(st, str) else st)
+        self.step = int(d["step"])
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+
 class DropSkipped(grain.transforms.Filter):
     """Drops the records :class:`LoadAndFormat` could not read."""
 
@@ -322,6 +378,7 @@ class PipelineConfig:
     """Loader settings. ``num_epochs=None`` repeats forever. Sharding: this process reads shard
     ``shard_index`` of ``shard_count`` (remainder dropped so shards are equal); or pass
     ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence.
+    ``frame_size``: ``(height, width)`` resized on decode, or a :class:`vjax.data.preprocess.FrameProcessor`.
     ``cache_mb``: MiB of decoded clips kept in memory per process (:class:`LoadAndFormat`; 0 = off).
     ``count_skips``: batches carry skip counts; wrap the iterator in :class:`SkipCounts`."""
 
@@ -335,7 +392,7 @@ class PipelineConfig:
     shard_index: int = 0
     shard_count: int = 1
     shard_options: Any = None
-    frame_size: tuple[int, int] | None = None
+    frame_size: Any = None
     load_audio: bool = False
     audio_sample_rate: int = 16_000
     max_bad_fraction: float = 0.1

@@ -25,6 +25,8 @@ fps_stride                  stride = int(round(fps)); 0, stride, ... <= L-1; if 
                             max_frames: positions[linspace(0, n-1, max_frames, dtype=int)] (Chat-UniVi)
 fixed_interval              interval = max(1, int(total / T)); every frame with i % interval == 0,
                             the first T of them; training pads to T with the last frame (MiniGPT4-video)
+fps_arange_floor            n = floor2(min(max(L / fps * 2, 4), floor2(min(768, L)), L));
+                            idx = arange(0, L, L/n).int()     (transformers' Qwen2VLVideoProcessor)
 fps_linspace_even           n = L / fps * 2.0, clamped to [ceil2(4), floor2(min(768, L))], rounded
                             to a multiple of 2; idx = round(linspace(0, L-1, n))  (qwen-vl-utils)
 nearest_each_second         for s = 0..round(max_ts): frame with timestamp closest to s; <= 24 (CogVLM2)
@@ -253,6 +255,41 @@ def fps_linspace_even(
     if not f <= n <= n_total:
         raise ValueError(f"nframes should be in [{f}, {n_total}] for a {n_total}-frame video, got {n}")
     return _sample(np.linspace(0, n_total - 1, n).round(), fps)
+
+
+def fps_arange_floor(
+    num_frames: int,
+    fps: float,
+    sample_fps: float = QWEN_FPS,
+    min_frames: int = QWEN_FPS_MIN_FRAMES,
+    max_frames: int = QWEN_FPS_MAX_FRAMES,
+    nframes: int | None = None,
+) -> FrameSample:
+    """Qwen2-VL as transformers' ``Qwen2VLVideoProcessor.sample_frames`` (temporal patch 2):
+
+    n = min(max(L / fps * sample_fps, min_frames), floor2(min(max_frames, L)), L), floored to a multiple of 2;
+    or an explicit ``nframes`` rounded (half-to-even) to a multiple of 2. Indices ``torch.arange(0, L, L / n).int()``:
+    ``ceil(L / step)`` of them with ``step = L / n`` in float64 (so n + 1 when the division rounds up, e.g.
+    L = 17, n = 14: 15 frames, as the processor then sees), each ``int(float32(i * step))`` (checked against torch);
+    an index that reaches ``L`` there (transformers would index past the last frame) is clamped to ``L - 1``.
+
+    Differs from qwen-vl-utils (:func:`fps_linspace_even`: count rounded, ``linspace(...).round()``). A video
+    with fewer than 2 frames gives its frame twice (the processor's temporal padding)."""
+    n_total, fps = _check(num_frames, fps)
+    f = QWEN_FRAME_FACTOR
+    if nframes is not None:
+        n = _round_by(_positive("nframes", nframes), f)
+    else:
+        top = _floor_by(min(_positive("max_frames", max_frames), n_total), f)
+        n = min(max(n_total / fps * float(sample_fps), _positive("min_frames", min_frames)), top, n_total)
+        n = _floor_by(n, f)
+    if n_total < f or n < f:
+        return _sample([0] * f if n_total < f else [0, n_total // 2], fps)
+    if n > n_total:
+        raise ValueError(f"nframes={n} exceeds the video's {n_total} frames")
+    step = n_total / n
+    idx = (np.arange(math.ceil(n_total / step)) * step).astype(np.float32).astype(np.int64)
+    return _sample(np.minimum(idx, n_total - 1), fps)
 
 
 def smart_resize(

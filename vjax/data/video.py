@@ -86,9 +86,10 @@ class VideoInfo:
 
 
 class _ScalerBug(Exception):
-    """decord 0.6.0's resize-on-decode fails for some target widths (e.g. 16, 24, 48 px) with
-    "DECORDArrayCopyFromTo: The size must exactly match"; the readers then fall back to decoding at
-    the native size and resizing with :func:`resize_frames`."""
+    """decord 0.6.0's frame copy fails for some output widths (e.g. 16, 24, 48 px), resized on decode or native,
+    with "DECORDArrayCopyFromTo: The size must exactly match"; the readers then decode at the native size
+    (with PyAV, :func:`_read_with_pyav`, where the native width is one of those) and resize with
+    :func:`resize_frames`."""
 
 
 def check_file(path: str | os.PathLike) -> str:
@@ -236,9 +237,38 @@ def read_frames(
         return _get_batch(vr, p, indices)
     except _ScalerBug:
         vr = None
-        return resize_frames(read_frames(p, indices, None, num_threads), size)
+        return _native_fallback(p, indices, size, num_threads)
     finally:
         vr = None
+
+
+def _native_fallback(path: str, indices, size: tuple[int, int] | None, num_threads: int) -> np.ndarray:
+    """Frames decord could not copy (:class:`_ScalerBug`): natively (PyAV when decord fails there too), resized
+    to ``size`` if given."""
+    frames = _read_with_pyav(path, indices) if size is None else read_frames(path, indices, None, num_threads)
+    return frames if size is None else resize_frames(frames, size)
+
+
+def _read_with_pyav(path: str, indices) -> np.ndarray:
+    """PyAV rgb24 decoding of the frames at ``indices`` (decoded in order up to the last one asked); decord's own
+    decoding equals it on clean files (``shared/specs/offline_assets.md``)."""
+    import av  # noqa: PLC0415
+
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    wanted, got = set(idx.tolist()), {}
+    try:
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if i >= idx.max():
+                    break
+    except Exception as err:  # av.error.FFmpegError and friends
+        raise UnreadableVideo(path, f"decoding failed (PyAV: {type(err).__name__}: {str(err)[:160]})") from None
+    missing = sorted(wanted - set(got))
+    if missing:
+        raise UnreadableVideo(path, f"could not decode frame {missing[0]} (PyAV)")
+    return np.stack([got[int(i)] for i in idx])
 
 
 def _get_batch(vr, path: str, indices) -> np.ndarray:
@@ -284,7 +314,7 @@ def read_sampled_frames(
             frames = _get_batch(vr, p, sample.indices)
         except _ScalerBug:
             vr = None
-            frames = resize_frames(read_frames(p, sample.indices, None, num_threads), size)
+            frames = _native_fallback(p, sample.indices, size, num_threads)
         info = VideoInfo(num_frames=num_frames, fps=fps, height=frames.shape[1], width=frames.shape[2])
         return frames, sample, info
     finally:

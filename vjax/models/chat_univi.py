@@ -37,7 +37,7 @@ from vjax.layers.token_merge import cluster_count, spatial_merge, video_merge
 MERGE_NOISE = ("none", "release")
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -164,6 +164,9 @@ class ChatUniVi(VideoLLM):
 SPEC = ModelSpec(
     name="chat_univi", config=ChatUniViConfig, module=ChatUniVi,
     template="vicuna_v1", visual=(Visual("video", "visual_tokens_for"),),
+    # _get_rawvideo_dec: decord frames -> PIL -> CLIPImageProcessor (no pad-to-square on the video path)
+    preprocess=Preprocess("shortest_side", "pil_bicubic", crop=True,
+                          source="Chat-UniVi: CLIPImageProcessor, shortest side bicubic + centre crop"),
     sampler="fps_stride", marker_tokens={"placeholder_id": "<image>"}, token_baseline="video_chatgpt_pooling_tokens",
     conversion="vjax.convert.chat_univi", hf_architectures=("ChatUniViLlamaForCausalLM",),
     hf_model_types=("ChatUniVi",))

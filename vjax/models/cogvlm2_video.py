@@ -26,7 +26,7 @@ from vjax.layers.partitioning import constrain
 from vjax.layers.visual_expert import build_position_ids, vision_expert_mask
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -160,5 +160,8 @@ class CogVLM2Video(VideoLLM):
 SPEC = ModelSpec(
     name="cogvlm2_video", config=CogVLM2VideoConfig, module=CogVLM2Video,
     template="cogvlm2_video", visual=(Visual("frame", "tokens_per_frame"),),
+    # normalise, pytorchvideo ShortSideScale (bilinear, no antialias), CenterCropVideo (offsets rounded)
+    preprocess=Preprocess("shortest_side", "torch_bilinear", crop=True, crop_offset="round",
+                          source="CogVLM2-Video: ShortSideScale bilinear + CenterCropVideo"),
     sampler="nearest_each_second", marker_tokens={"placeholder_id": "<|image_pad|>"},
     conversion="vjax.convert.cogvlm2_video", hf_architectures=("CogVLMVideoForCausalLM",))

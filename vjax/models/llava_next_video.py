@@ -37,7 +37,7 @@ from vjax.layers.mlp import Mlp
 from vjax.layers.pooling import spatial_avg_pool
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -175,6 +175,8 @@ SPEC = ModelSpec(
     # transformers' chat template of llava-hf/LLaVA-NeXT-Video-7B-hf: "USER: <video>\n{question} ASSISTANT:"
     template="vicuna_v1", template_options={"system": ""}, visual=(Visual("video", "visual_tokens_for"),),
     # the release's load_video: np.linspace(0, frames - 1, n, dtype=int) over the whole clip
+    preprocess=Preprocess("shortest_side", "pil_bicubic", crop=True,
+                          source="transformers LlavaNextVideo processor: shortest side bicubic + centre crop"),
     sampler="linspace_floor", sampler_kwargs={"clip_end_sec": None},
     marker_tokens={"placeholder_id": "<video>", "image_token_id": "<image>"},
     conversion="vjax.convert.llava_next_video", hf_architectures=("LlavaNextVideoForConditionalGeneration",),

@@ -25,7 +25,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.qformer import MemoryQFormer, MemoryQFormerState, QFormer, QFormerConfig
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -162,5 +162,6 @@ class MALMM(VideoLLM):
 SPEC = ModelSpec(
     name="ma_lmm", config=MALMMConfig, module=MALMM,
     template="ma_lmm", visual=(Visual("video", "num_visual_tokens"),),
+    preprocess=Preprocess("square", "pil_bicubic", source="MA-LMM eval: Resize((224, 224), bicubic) on PIL"),
     sampler="segment_random", marker_tokens={"placeholder_id": "<video>"},
     conversion="vjax.convert.ma_lmm", qformer_text="qformer_text_len", streams_frames="memory_bank")

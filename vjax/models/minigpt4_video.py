@@ -25,7 +25,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.pooling import concat_adjacent_tokens
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM, example_text
 
 
@@ -118,5 +118,6 @@ def merge_lora(params: Mapping[str, Any], config: MiniGPT4VideoConfig) -> tuple[
 SPEC = ModelSpec(
     name="minigpt4_video", config=MiniGPT4VideoConfig, module=MiniGPT4Video,
     template="minigpt4_video", visual=(Visual("frame", "tokens_per_frame"),),
+    preprocess=Preprocess("square", "pil_bicubic", source="MiniGPT4-video: PIL Resize((224, 224), bicubic)"),
     sampler="fixed_interval", marker_tokens={"placeholder_id": "<ImageHere>"},
     conversion="vjax.convert.minigpt4_video", subtitles=True, subtitle_words="subtitle_words")

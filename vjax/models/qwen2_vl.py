@@ -27,7 +27,7 @@ from vjax.layers.norm import LayerNorm
 from vjax.layers.splice import splice_tokens
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig, qwen2_vl_vision_inputs
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -42,11 +42,36 @@ class Qwen2VLConfig:
     video_token_id: int = 11
     vision_start_token_id: int = 12
     max_visual_blocks: int | None = None  # None: sized from each call's grids (see get_rope_index_jax)
+    frame_shape: tuple[int, int] | None = None  # (height, width) of native-resolution frames; None: image_size^2
+    # The release's video preprocessing (transformers' Qwen2VLVideoProcessor; from_hf reads the checkpoint's
+    # preprocessor files): smart_resize bounds per frame, and the frame choice (fps, frame-count bounds).
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    image_min_pixels: int = 56 * 56  # the released preprocessor_config.json (images)
+    image_max_pixels: int = 28 * 28 * 16384
     _nested_configs = {"vision": EncoderConfig, "llm": DecoderConfig}
 
     def __post_init__(self):
         if self.vision.out_dim != self.llm.hidden_size:
             raise ValueError(f"vision.out_dim={self.vision.out_dim} must equal llm.hidden_size={self.llm.hidden_size}")
+        if self.frame_shape is not None:
+            shape = tuple(int(x) for x in self.frame_shape)
+            f = self.pixel_factor
+            if len(shape) != 2 or any(x < f or x % f for x in shape):
+                raise ValueError(f"frame_shape={self.frame_shape!r} must be (height, width), multiples of "
+                                 f"patch_size x spatial_merge_size = {f}")
+            object.__setattr__(self, "frame_shape", shape)
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ValueError(f"video_min_pixels={self.video_min_pixels} and video_max_pixels={self.video_max_pixels} "
+                             f"must satisfy 0 < min <= max")
+
+    @property
+    def pixel_factor(self) -> int:
+        """Frame sides are multiples of ``patch_size * spatial_merge_size`` (28 for the releases)."""
+        return self.vision.patch_size * self.vision.spatial_merge_size
 
     def replace(self, **kw) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **kw)
@@ -57,10 +82,12 @@ class Qwen2VLConfig:
 
     @property
     def video_grid(self) -> tuple[int, int, int]:
-        """Patch grid ``(t, h, w)`` of a ``num_frames x image_size^2`` clip: ``t = ceil(num_frames / 2)``, as
-        the reference pads an odd frame count by repeating the last frame (:func:`qwen2_vl_patchify`)."""
+        """Patch grid ``(t, h, w)`` of a clip of ``num_frames`` frames of ``frame_shape`` (default ``image_size``
+        square): ``t = ceil(num_frames / 2)``, as the reference pads an odd frame count by repeating the last
+        frame (:func:`qwen2_vl_patchify`), ``h = height / patch``, ``w = width / patch``."""
         p, tp = self.vision.patch_size, self.vision.temporal_patch_size
-        return (max(1, -(-self.num_frames // tp)), self.image_size // p, self.image_size // p)
+        height, width = self.frame_shape or (self.image_size, self.image_size)
+        return (max(1, -(-self.num_frames // tp)), height // p, width // p)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -89,7 +116,9 @@ class Qwen2VLConfig:
     @classmethod
     def from_hf(cls, cfg: dict, **kw) -> "Qwen2VLConfig":
         """From a Qwen2-VL ``config.json`` (release layout: text keys at top level; transformers 5:
-        ``text_config``), with its ``vision_config``."""
+        ``text_config``), with its ``vision_config``; the preprocessing from the checkpoint's processor files
+        when the reader put them under ``cfg["preprocessor_config"]`` / ``cfg["video_preprocessor_config"]``
+        (:func:`preprocessing_from_hf`), else the release's defaults."""
         text = dict(cfg.get("text_config") or cfg)
         text.setdefault("architectures", ["Qwen2ForCausalLM"])
         text["architectures"] = ["Qwen2ForCausalLM"]
@@ -106,9 +135,46 @@ class Qwen2VLConfig:
             in_channels=v.get("in_chans", v.get("in_channels", 3)), out_dim=v.get("hidden_size", llm.hidden_size))
         ids = dict(image_token_id=cfg.get("image_token_id", 151655), video_token_id=cfg.get("video_token_id", 151656),
                    vision_start_token_id=cfg.get("vision_start_token_id", 151652))
-        return cls(**{"vision": vision, "llm": llm, **ids, **kw})
+        pre = preprocessing_from_hf(cfg.get("preprocessor_config"), cfg.get("video_preprocessor_config"), vision)
+        return cls(**{"vision": vision, "llm": llm, **ids, **pre, **kw})
 
     STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^merger/", r"^llm/")}
+
+
+def _pixels(d: dict, key: str, size_key: str) -> int | None:
+    value = d.get(key, (d.get("size") or {}).get(size_key))
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"preprocessor config: {key}={value!r} must be a positive number of pixels")
+    return int(value)
+
+
+def preprocessing_from_hf(image: dict | None, video: dict | None, vision: EncoderConfig) -> dict:
+    """``Qwen2VLConfig`` preprocessing fields from a checkpoint's ``preprocessor_config.json`` (``image``) and
+    ``video_preprocessor_config.json`` (``video``; transformers' ``Qwen2VLVideoProcessor``), either may be
+    ``None``. Images: ``min_pixels``/``max_pixels`` (or ``size.shortest_edge``/``longest_edge``). Videos: the
+    same keys of the video file, ``fps``, ``min_frames``, ``max_frames``; without a video file the video
+    processor's defaults (128·28² to 768·28² pixels per frame, 2 fps, 4-768 frames) stand, as in transformers.
+    ``patch_size``, ``temporal_patch_size`` and ``merge_size`` must agree with the vision config."""
+    out: dict = {}
+    for name, d, prefix in (("preprocessor_config.json", image, "image"),
+                            ("video_preprocessor_config.json", video, "video")):
+        if not d:
+            continue
+        for key, cfg_value in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
+                               ("merge_size", vision.spatial_merge_size)):
+            if key in d and int(d[key]) != cfg_value:
+                raise ValueError(f"{name}: {key}={d[key]!r} disagrees with the vision config's {cfg_value}")
+        for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = _pixels(d, key, size_key)
+            if value is not None:
+                out[f"{prefix}_{key}"] = value
+        if prefix == "video":
+            for key, cast in (("fps", float), ("min_frames", int), ("max_frames", int)):
+                if d.get(key) is not None:
+                    out[f"video_{key}"] = cast(d[key])
+    return out
 
 
 def qwen2_vl_patchify(frames: jax.Array, patch: int = 14, temporal: int = 2, merge: int = 2) -> jax.Array:
@@ -177,7 +243,9 @@ class Qwen2VL(VideoLLM):
             pixel_values_videos = jax.vmap(lambda f: qwen2_vl_patchify(
                 f, c.vision.patch_size, c.vision.temporal_patch_size, c.vision.spatial_merge_size))(frames)
             pixel_values_videos = pixel_values_videos.reshape(-1, pixel_values_videos.shape[-1])
-            video_grid_thw = np.asarray([c.video_grid] * batch, np.int64)
+            tp, p = c.vision.temporal_patch_size, c.vision.patch_size
+            grid = (max(1, -(-frames.shape[1] // tp)), frames.shape[2] // p, frames.shape[3] // p)  # static shapes
+            video_grid_thw = np.asarray([grid] * batch, np.int64)
         out = {}
         for name, pix, grid, token in (("image", pixel_values, image_grid_thw, c.image_token_id),
                                        ("video", pixel_values_videos, video_grid_thw, c.video_token_id)):
@@ -227,14 +295,19 @@ class Qwen2VL(VideoLLM):
             jnp.full((batch, n), c.video_token_id, jnp.int32), jnp.full((batch, 8), 5, jnp.int32)], axis=1)
         return {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
                 "loss_mask": jnp.zeros_like(ids).at[:, -4:].set(1),
-                "frames": jnp.zeros((batch, c.num_frames, c.image_size, c.image_size, 3), jnp.float32),
+                "frames": jnp.zeros((batch, c.num_frames, *(c.frame_shape or (c.image_size,) * 2), 3), jnp.float32),
                 "frame_mask": jnp.ones((batch, c.num_frames), bool)}
 
 
 SPEC = ModelSpec(
     name="qwen2_vl", config=Qwen2VLConfig, module=Qwen2VL,
     template="qwen2_vl", visual=(Visual("video", "num_visual_tokens", id_field="video_token_id"),),
-    stop_strings=("<|im_end|>",), sampler="fps_linspace_even", image_size="image_size",
+    stop_strings=("<|im_end|>",), sampler="fps_arange_floor", image_size="image_size", frame_shape="frame_shape",
+    preprocess=Preprocess(
+        resize="smart_resize", resampler="pil_bicubic", min_pixels="video_min_pixels", max_pixels="video_max_pixels",
+        factor="pixel_factor", sampler_args={"sample_fps": "video_fps", "min_frames": "video_min_frames",
+                                             "max_frames": "video_max_frames"},
+        source="transformers Qwen2VLVideoProcessor: smart_resize, bicubic, frames at fps"),
     marker_tokens={"video_token_id": "<|video_pad|>", "image_token_id": "<|image_pad|>",
                    "vision_start_token_id": "<|vision_start|>"},
     conversion="vjax.convert.qwen2_vl", hf_architectures=("Qwen2VLForConditionalGeneration",),

@@ -4,7 +4,8 @@ Each model file ends with ``SPEC = ModelSpec(...)`` and ``vjax.models.registry``
 line). Everything outside the file reads the spec — the registry (config and module classes),
 ``vjax.convert`` (its conversion module and the Hugging Face architecture names it reads),
 ``vjax.data.formats.format_spec`` (its chat template, visual prompt pieces, stop strings, audio and
-subtitle inputs), the experiments (default frame sampler, marker tokens, streaming) — so no code outside a
+subtitle inputs), ``vjax.data.preprocess`` (the release's frame preprocessing, :class:`Preprocess`), the
+experiments (default frame sampler, marker tokens, streaming) — so no code outside a
 model file asks for a model by name or probes its config with ``hasattr``.
 
 The spec is plain data: names of config attributes, of templates, samplers and modules, so that
@@ -21,6 +22,56 @@ import dataclasses
 from typing import Any, Mapping
 
 PIECES = ("video", "frame", "audio")
+RESIZES = ("square", "shortest_side", "smart_resize")
+RESAMPLERS = ("decord", "pil_bicubic", "torch_nearest", "torch_bilinear")
+CROP_OFFSETS = ("floor", "round")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How a release turns a decoded RGB frame ``[H, W, 3]`` into the model's pixels: plain data, run by
+    ``vjax.data.preprocess.FrameProcessor`` (the side ``S`` is the spec's ``image_size``).
+
+    Attributes:
+      resize: ``square``: ``S x S``, the aspect ratio not kept; ``shortest_side``: the short side to ``S``, the long
+        one to ``int(S * long / short)`` (transformers' ``shortest_edge``; pytorchvideo's ``ShortSideScale`` floors
+        the same way); ``smart_resize``: Qwen2-VL's native resolution, both sides multiples of ``factor`` at the
+        frame's aspect with an area in ``[min_pixels, max_pixels]`` (``vjax.data.sampling.smart_resize``).
+      resampler: ``decord`` (its scaler, resizing on decode), ``pil_bicubic`` (Pillow's antialiased bicubic on
+        uint8, as PIL and torchvision-on-PIL transforms do), ``torch_nearest`` (``F.interpolate`` default mode:
+        source ``floor(i * in / out)``), ``torch_bilinear`` (``align_corners=False``, no antialias).
+      crop: centre crop to ``S x S`` after the resize; ``crop_offset`` ``floor``: ``(H - S) // 2`` (transformers),
+        ``round``: ``round((H - S) / 2)`` (torchvision's ``CenterCropVideo``).
+      min_pixels, max_pixels, factor: config attributes of ``smart_resize``'s bounds and side multiple.
+      sampler_args: sampler argument -> config attribute, the release's frame choice stored with the model (a
+        converted checkpoint's ``preprocessor_config.json``: Qwen2-VL's fps and frame bounds).
+      source: where the rule comes from (printed by chat and eval).
+    """
+
+    resize: str = "square"
+    resampler: str = "decord"
+    crop: bool = False
+    crop_offset: str = "floor"
+    min_pixels: str = ""
+    max_pixels: str = ""
+    factor: str = ""
+    sampler_args: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self):
+        for name, value, known in (("resize", self.resize, RESIZES), ("resampler", self.resampler, RESAMPLERS),
+                                   ("crop_offset", self.crop_offset, CROP_OFFSETS)):
+            if value not in known:
+                raise ValueError(f"Preprocess.{name}={value!r} is not one of {known}")
+        if self.resampler == "decord" and (self.resize != "square" or self.crop):
+            raise ValueError("Preprocess: decord resizes on decode to S x S only (resize='square', no crop)")
+        if self.resize == "smart_resize" and not (self.min_pixels and self.max_pixels and self.factor):
+            raise ValueError("Preprocess: smart_resize needs the config attributes min_pixels, max_pixels and factor")
+
+    @property
+    def native(self) -> bool:
+        """The frame size follows each video (chat and eval then size the model per video)."""
+        return self.resize == "smart_resize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +139,9 @@ class ModelSpec:
       token_baseline: config attribute with the visual tokens per clip of the baseline the paper compares
         against, printed beside the model's own (Chat-UniVi: Video-ChatGPT-style pooling of the same features).
       llm: config attribute holding the language model's ``DecoderConfig`` (``""``: the config is one).
+      preprocess: the release's frame preprocessing (:class:`Preprocess`).
+      frame_shape: config field holding ``(height, width)`` of frames that need not be square (``""``: square
+        frames of ``image_size``); set per video by :meth:`with_frame_shape` where ``preprocess.native``.
     """
 
     name: str
@@ -113,6 +167,8 @@ class ModelSpec:
     image_size: str = "vision.image_size"
     token_baseline: str = ""
     llm: str = "llm"
+    preprocess: Preprocess = Preprocess()
+    frame_shape: str = ""
 
     def placeholder_ids(self, config: Any) -> tuple[int, ...]:
         """The ids of every visual slot of ``config`` (a chat session never rewinds into them)."""
@@ -144,3 +200,13 @@ class ModelSpec:
             return dataclasses.replace(node, **{path[0]: put(getattr(node, path[0]), path[1:], value)})
 
         return put(dataclasses.replace(config, num_frames=num_frames), self.image_size.split("."), image_size)
+
+    def with_frame_shape(self, config: Any, num_frames: int, shape: tuple[int, int]) -> Any:
+        """``config`` sized for ``num_frames`` frames of ``shape = (height, width)`` pixels (a native-resolution
+        model, per video); a model without a ``frame_shape`` field takes square frames only."""
+        h, w = (int(x) for x in shape)
+        if not self.frame_shape:
+            if h != w:
+                raise ValueError(f"{self.name} takes square frames only, got {h}x{w}")
+            return self.with_geometry(config, num_frames, h)
+        return dataclasses.replace(config, num_frames=int(num_frames), **{self.frame_shape: (h, w)})

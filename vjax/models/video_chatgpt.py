@@ -24,7 +24,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.pooling import video_chatgpt_pool, video_chatgpt_token_mask
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
@@ -102,6 +102,8 @@ class VideoChatGPT(VideoLLM):
 SPEC = ModelSpec(
     name="video_chatgpt", config=VideoChatGPTConfig, module=VideoChatGPT,
     template="video_chatgpt", template_variant="train", visual=(Visual("video", "visual_tokens_for"),),
+    # load_video: F.interpolate (nearest) to 224x224 unless already so; CLIPImageProcessor is then a no-op
+    preprocess=Preprocess("square", "torch_nearest", source="Video-ChatGPT load_video: nearest to 224x224"),
     sampler="segment_midpoints", marker_tokens={"placeholder_id": "<vid_patch>"},
     conversion="vjax.convert.video_chatgpt", hf_architectures=("VideoChatGPTLlamaForCausalLM",),
     hf_model_types=("VideoChatGPT",))

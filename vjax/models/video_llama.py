@@ -27,7 +27,7 @@ from vjax.layers.mlp import dense
 from vjax.layers.qformer import QFormer, QFormerConfig
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
-from vjax.models.spec import ModelSpec, Visual
+from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM, example_text
 
 
@@ -191,5 +191,6 @@ SPEC = ModelSpec(
     name="video_llama", config=VideoLLaMAConfig, module=VideoLLaMA,
     template="video_llama", visual=(Visual("video", "num_video_tokens"),
                                     Visual("audio", "num_audio_tokens", when="audio_branch")),
+    preprocess=Preprocess("square", "decord", source="Video-LLaMA load_video: decord at 224x224"),
     stop_strings=("###", "</s>"), sampler="uniform_floor", marker_tokens={"placeholder_id": "<ImageHere>"},
     conversion="vjax.convert.video_llama", audio="audio_input")

@@ -64,6 +64,8 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.num_frames = 4  # static frame count T (the model's num_frames)
     d.image_size = 56  # frames are resized on decode to image_size^2 (the model's vision input)
     d.text_buckets = (64, 128, 192, 256)  # token-length buckets; the clip's visual tokens are added
+    # the LM head runs on the supervised (answer) positions only, padded to one of these counts; () = everywhere
+    d.loss_position_buckets = (16, 64, 256, 1024)
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
     d.load_audio = False

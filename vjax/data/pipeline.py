@@ -296,6 +296,15 @@ def loss_positions(loss_mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def bucketed_loss_positions(loss_mask: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """:func:`loss_positions` of a batch, their count the smallest of ``buckets`` that holds the row with the
+    most supervised tokens (the sequence length when none does), so that few shapes compile."""
+    mask = np.asarray(loss_mask)
+    most = int((mask[:, 1:] != 0).sum(axis=1).max())
+    fits = [b for b in sorted(buckets) if b >= most]
+    return loss_positions(mask, fits[0] if fits else mask.shape[1])
+
+
 class BucketPadBatch:
     """Grain ``batch_fn``: pad the keys in ``buckets`` along axis 0 to the smallest bucket that fits
     the longest element of the batch, then stack every key -> ``[B, ...]``.
@@ -339,10 +348,7 @@ class BucketPadBatch:
                                  f"give it buckets to pad it")
             out[k] = np.stack(arrays)
         if self.loss_position_buckets and "loss_mask" in out:
-            mask = out["loss_mask"]
-            most = int((mask[:, 1:] != 0).sum(axis=1).max())
-            fits = [b for b in self.loss_position_buckets if b >= most]
-            out["loss_positions"] = loss_positions(mask, fits[0] if fits else mask.shape[1])
+            out["loss_positions"] = bucketed_loss_positions(out["loss_mask"], self.loss_position_buckets)
         return out
 
 

@@ -7,9 +7,10 @@ loss_mask[t + 1]`` (1 on answer tokens, 0 at the last position). The logits ``z`
 compute dtype; ``z_t[y_t]`` is picked with a one-hot product (its gradient is dense and cheap, where a
 gather's is a scatter), and no slice of the ``[B, L, V]`` logits is taken.
 
-The logits may be computed at the supervised positions only (``positions [B, S]``, see
-:func:`vjax.data.pipeline.loss_positions`, made by the data pipeline): ``z`` is then ``[B, S, V]`` and the targets and weights are gathered the same way,
-which saves the LM head on every unsupervised position (most of a video-QA sequence).
+The logits may be computed at the supervised positions only (``positions [B, S]``, made by the data
+pipeline: :func:`vjax.data.pipeline.loss_positions`): ``z`` is then ``[B, S, V]`` and the targets and weights
+are gathered the same way, which saves the LM head on every unsupervised position (most of a video-QA
+sequence).
 """
 
 from __future__ import annotations

@@ -236,6 +236,9 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     buckets = tuple(c.data.text_buckets)
     if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
         raise ConfigError("data.text_buckets", f"must be positive token lengths, got {buckets!r}")
+    positions = tuple(c.data.get("loss_position_buckets") or ())
+    if any(not isinstance(b, int) or b < 1 for b in positions):
+        raise ConfigError("data.loss_position_buckets", f"must be positive token counts (or empty), got {positions!r}")
     model, mcfg = model_config(c)
     cfg_cls, module_cls = model.config, model.module
     stages = getattr(cfg_cls, "STAGES", {"full": None})

@@ -22,18 +22,24 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each zero-argument, blocking callable; contenders alternate order per round."""
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each zero-argument, blocking callable; contenders alternate order per round.
+    ``cpu``: filled with the process's CPU seconds (every thread) of each call, beside the wall time."""
     names = list(fns)
     for _ in range(warmup):
         for k in names:
             fns[k]()
     times: dict[str, list[float]] = {k: [] for k in names}
+    if cpu is not None:
+        cpu.update({k: [] for k in names})
     for r in range(repeats):
         for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu[k].append(time.process_time() - c0)
     return times
 
 
@@ -186,6 +192,14 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
         "were competing for the cores): " + ", ".join(
             f"{k} {v[0]} -> {v[1]}" for k, v in results.get("loadavg_1min", {}).items()) + ".",
         "",
+    ]
+    cores = m["cpu_affinity"] or m["cpu_count"]
+    loaded = [k for k, v in results.get("loadavg_1min", {}).items() if max(x or 0 for x in v) > cores]
+    if loaded:
+        lines += [f"**Warning: the load average exceeded the {cores} cores during {', '.join(loaded)}**: other "
+                  "jobs competed for the CPU, and the ratios of those suites say more about the load than the "
+                  "code.", ""]
+    lines += [
         "| suite | measurement | value | target | met | notes |",
         "|---|---|---|---|---|---|",
     ]

@@ -67,6 +67,8 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     # aspect ratio, one static batch shape per bucket ('()': every clip at image_size^2)
     d.frame_buckets = ()
     d.text_buckets = (64, 128, 192, 256)  # token-length buckets; the clip's visual tokens are added
+    # the LM head runs on the supervised (answer) positions only, padded to one of these counts; () = everywhere
+    d.loss_position_buckets = (16, 64, 256, 1024)
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
     d.load_audio = False

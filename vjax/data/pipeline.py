@@ -333,6 +333,34 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return fits[0]
 
 
+def loss_positions(loss_mask: np.ndarray, size: int) -> np.ndarray:
+    """``int32 [B, size]``: per row, the positions ``t`` whose next token is supervised (``loss_mask[t + 1]``),
+    ascending, padded with ``L - 1`` (a position of weight 0 in the loss). The model computes its logits at
+    these positions only (``VideoLLM.loss`` / ``CausalLM.loss`` read ``batch["loss_positions"]``).
+
+    >>> loss_positions(np.array([[0, 0, 1, 1, 0], [0, 1, 0, 0, 1]]), 3).tolist()
+    [[1, 2, 4], [0, 3, 4]]
+    """
+    mask = np.asarray(loss_mask)
+    b, length = mask.shape
+    out = np.full((b, size), length - 1, np.int32)
+    for i in range(b):
+        t = np.flatnonzero(mask[i, 1:])
+        if len(t) > size:
+            raise ValueError(f"row {i} has {len(t)} supervised tokens, more than the {size} loss positions")
+        out[i, : len(t)] = t
+    return out
+
+
+def bucketed_loss_positions(loss_mask: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """:func:`loss_positions` of a batch, their count the smallest of ``buckets`` that holds the row with the
+    most supervised tokens (the sequence length when none does), so that few shapes compile."""
+    mask = np.asarray(loss_mask)
+    most = int((mask[:, 1:] != 0).sum(axis=1).max())
+    fits = [b for b in sorted(buckets) if b >= most]
+    return loss_positions(mask, fits[0] if fits else mask.shape[1])
+
+
 class BucketPadBatch:
     """Grain ``batch_fn``: pad the keys in ``buckets`` along axis 0 to the smallest bucket that fits
     the longest element of the batch, then stack every key -> ``[B, ...]``.
@@ -340,15 +368,20 @@ class BucketPadBatch:
     ``buckets``: key -> allowed lengths, e.g. ``{"input_ids": (64, 128, 256), "labels": (64, 128,
     256)}``; ``pad_values``: key -> pad value (default 0; use -100 or your ignore id for labels).
     Keys not in ``buckets`` must have equal shapes within the batch.
+    ``loss_position_buckets``: when given and the batch has ``loss_mask``, add ``loss_positions [B, S]``
+    (:func:`loss_positions`), ``S`` the smallest of these sizes that holds the row with the most supervised
+    tokens (or the sequence length when none does).
     """
 
     def __init__(self, buckets: Mapping[str, Sequence[int]] | None = None,
-                 pad_values: Mapping[str, Any] | None = None):
+                 pad_values: Mapping[str, Any] | None = None,
+                 loss_position_buckets: Sequence[int] | None = None):
         self.buckets = {k: tuple(sorted(v)) for k, v in (buckets or {}).items()}
-        for k, v in self.buckets.items():
+        for k, v in {**self.buckets, "loss_positions": tuple(loss_position_buckets or (1,))}.items():
             if not v or any(int(b) <= 0 for b in v):
                 raise ValueError(f"buckets for {k!r} must be positive lengths, got {v!r}")
         self.pad_values = dict(pad_values or {})
+        self.loss_position_buckets = tuple(sorted(loss_position_buckets)) if loss_position_buckets else None
 
     def __call__(self, elements: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Pad and stack a list of element dicts into one batch dict."""
@@ -370,6 +403,8 @@ class BucketPadBatch:
                 raise ValueError(f"key {k!r} has different shapes in one batch {sorted(shapes)}; "
                                  f"give it buckets to pad it")
             out[k] = np.stack(arrays)
+        if self.loss_position_buckets and "loss_mask" in out:
+            out["loss_positions"] = bucketed_loss_positions(out["loss_mask"], self.loss_position_buckets)
         return out
 
 
@@ -380,7 +415,9 @@ class PipelineConfig:
     ``shard_options`` (e.g. :func:`shard_by_jax_process` on multi-host runs), which takes precedence.
     ``frame_size``: ``(height, width)`` resized on decode, or a :class:`vjax.data.preprocess.FrameProcessor`.
     ``cache_mb``: MiB of decoded clips kept in memory per process (:class:`LoadAndFormat`; 0 = off).
-    ``count_skips``: batches carry skip counts; wrap the iterator in :class:`SkipCounts`."""
+    ``count_skips``: batches carry skip counts; wrap the iterator in :class:`SkipCounts`.
+    ``loss_position_buckets``: batches carry ``loss_positions`` so that the model's LM head runs on the
+    supervised positions only (:class:`BucketPadBatch`); ``None``: no positions, logits everywhere."""
 
     batch_size: int = 8
     seed: int = 0
@@ -402,6 +439,7 @@ class PipelineConfig:
     pad_values: Mapping[str, Any] | None = None
     cache_mb: float = 0.0
     count_skips: bool = False
+    loss_position_buckets: tuple[int, ...] | None = None
 
 
 def _shard(config: PipelineConfig) -> tuple[int, int]:
@@ -462,7 +500,8 @@ def make_loader(
         _load_and_format(format_fn, config, sampler),
         DropSkipped(),
         grain.transforms.Batch(config.batch_size, drop_remainder=config.drop_remainder,
-                               batch_fn=BucketPadBatch(config.buckets, config.pad_values)),
+                               batch_fn=BucketPadBatch(config.buckets, config.pad_values,
+                                                        config.loss_position_buckets)),
     ]
     return grain.DataLoader(
         data_source=RecordSource(records), sampler=index_sampler, operations=ops,
@@ -493,7 +532,7 @@ def make_dataset(
     ds = ds.repeat(config.num_epochs).random_map(_load_and_format(format_fn, config, sampler))
     it = ds.to_iter_dataset().filter(DropSkipped()).batch(
         config.batch_size, drop_remainder=config.drop_remainder,
-        batch_fn=BucketPadBatch(config.buckets, config.pad_values))
+        batch_fn=BucketPadBatch(config.buckets, config.pad_values, config.loss_position_buckets))
     if config.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))

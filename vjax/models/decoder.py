@@ -377,6 +377,7 @@ class CausalLM(nn.Module):
         cache: Sequence[Cache] | None = None,
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
+        logits_at: jax.Array | None = None,
         **block_inputs: jax.Array,
     ) -> CausalLMOutput:
         """Run the decoder.
@@ -387,10 +388,13 @@ class CausalLM(nn.Module):
             cache length with one (1 = real token, 0 = padding). Default: all ones.
           position_ids: ``[B, L]`` or ``[3, B, L]``; default HF's ``cumsum(mask) - 1``.
           cache / cache_index: the KV cache and the slot where this chunk starts.
+          logits_at: ``int32[B, S]`` positions at which to compute the logits (training: the supervised
+            positions, :func:`vjax.models.losses.loss_positions`); default every position.
           **block_inputs: passed to every block, e.g. ``vision [B, L]`` (bool: the token takes the vision
             expert) for :func:`visual_expert_block`.
         Returns:
-          ``CausalLMOutput`` with float32 ``logits [B, L, V]`` and the updated cache.
+          ``CausalLMOutput`` with float32 ``logits [B, L, V]`` (``[B, S, V]`` with ``logits_at``) and the
+          updated cache.
         """
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -420,6 +424,8 @@ class CausalLM(nn.Module):
             hidden.append(h)
         h = self.norm(h)
         hidden[-1] = h
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, S, D]
         if c.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)
         else:
@@ -434,8 +440,9 @@ class CausalLM(nn.Module):
 
     def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Training loss on a batch ``{"input_ids", "attention_mask", "loss_mask"}`` (see losses.py)."""
-        out = self(batch["input_ids"], attention_mask=batch["attention_mask"])
-        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+        positions = batch.get("loss_positions")
+        out = self(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=positions)
+        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"], positions)
 
     def example_batch(self, batch: int = 2, length: int = 8) -> dict[str, jax.Array]:
         """A batch of the documented format with every key the model reads (for tracing and tests)."""

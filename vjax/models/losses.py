@@ -1,9 +1,16 @@
 """Losses shared by every model: next-token cross-entropy over the answer tokens only.
 
-    loss = sum_t m_t * (-log softmax(logits_t)[y_{t+1}]) / max(1, sum_t m_t)
+    loss = sum_t w_t * (logsumexp(z_t) - z_t[y_t]) / max(1, sum_t w_t)
 
-where ``m_t`` is the loss mask of the *target* token ``t + 1`` (1 on answer tokens). The softmax runs
-in float32 whatever the compute dtype.
+with ``y_t = input_ids[t + 1]`` (the targets shifted left, the last position padded) and ``w_t =
+loss_mask[t + 1]`` (1 on answer tokens, 0 at the last position). The logits ``z`` are float32 whatever the
+compute dtype; ``z_t[y_t]`` is picked with a one-hot product (its gradient is dense and cheap, where a
+gather's is a scatter), and no slice of the ``[B, L, V]`` logits is taken.
+
+The logits may be computed at the supervised positions only (``positions [B, S]``, made by the data
+pipeline: :func:`vjax.data.pipeline.loss_positions`): ``z`` is then ``[B, S, V]`` and the targets and weights
+are gathered the same way, which saves the LM head on every unsupervised position (most of a video-QA
+sequence).
 """
 
 from __future__ import annotations
@@ -12,18 +19,31 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
-    """``logits [B, L, V]``, ``input_ids [B, L]``, ``loss_mask [B, L]`` (mask of each token as a target).
+def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(targets [B, L], weights [B, L] float32)``: ``targets[t] = input_ids[t + 1]``, ``weights[t] =
+    loss_mask[t + 1]``, both 0 at ``t = L - 1``."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    mask = loss_mask.astype(jnp.float32)
+    weights = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    return targets, weights
 
-    Returns the mean loss over supervised targets and metrics (``loss``, ``token_accuracy``,
-    ``num_targets``).
+
+def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                    positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """``logits [B, L, V]`` (or ``[B, S, V]`` at ``positions [B, S]``), ``input_ids [B, L]``, ``loss_mask [B, L]``
+    (mask of each token as a target).
+
+    Returns the mean loss over supervised targets and metrics (``loss``, ``token_accuracy``: the target's
+    logit is the row's maximum — an exact tie counts as right —, ``num_targets``).
     """
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, L-1, V] predicts tokens 1..L-1
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L-1]
-    n = jnp.maximum(mask.sum(), 1.0)
-    loss = (nll * mask).sum() / n
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return loss, {"loss": loss, "token_accuracy": (correct * mask).sum() / n, "num_targets": mask.sum()}
+    targets, weights = shifted_targets(input_ids, loss_mask)
+    if positions is not None:
+        targets = jnp.take_along_axis(targets, positions, axis=1)
+        weights = jnp.take_along_axis(weights, positions, axis=1)
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    n = jnp.maximum(weights.sum(), 1.0)
+    loss = (nll * weights).sum() / n
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    return loss, {"loss": loss, "token_accuracy": (correct * weights).sum() / n, "num_targets": weights.sum()}

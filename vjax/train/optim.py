@@ -54,11 +54,26 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
         0.0, cfg.learning_rate, warm, max(updates, warm + 1), cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW(schedule) after global-norm clipping; decay only on matrices; accumulation via MultiSteps."""
+def clips_outside(cfg: OptimConfig) -> bool:
+    """Whether the caller clips the gradient itself (:func:`clip_by_norm`, with the norm it already has) and
+    builds the optimizer with ``clip=False``: without accumulation the clipped gradient is this step's; with
+    it, the clip applies to the accumulated gradient, inside ``optax.MultiSteps``."""
+    return bool(cfg.grad_clip) and cfg.grad_accum <= 1
+
+
+def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
+    """``optax.clip_by_global_norm`` given the global norm: ``g`` if ``norm < max_norm`` else
+    ``g / norm * max_norm`` (the same operations, so the same bits)."""
+    return jax.tree_util.tree_map(
+        lambda g: jax.numpy.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads)
+
+
+def make_optimizer(cfg: OptimConfig, clip: bool = True) -> optax.GradientTransformation:
+    """AdamW(schedule) after global-norm clipping (unless ``clip=False``: the caller clips, see
+    :func:`clips_outside`); decay only on matrices; accumulation via MultiSteps."""
     decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip and clip else optax.identity(),
         optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     mask=decay_mask),
     )

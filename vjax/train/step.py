@@ -57,7 +57,8 @@ class Trainer:
     rules: Sequence[tuple[str, Any]] = RULES
 
     def __post_init__(self):
-        self.tx = optim.make_optimizer(self.optim_config)
+        self.clip_outside = optim.clips_outside(self.optim_config)
+        self.tx = optim.make_optimizer(self.optim_config, clip=not self.clip_outside)
         example = _example_batch(self.module)
         boxed = jax.eval_shape(lambda: self.module.init(jax.random.key(0), example, method="loss"))["params"]
         self.param_shardings = logical_shardings(boxed, self.mesh, self.rules)
@@ -117,14 +118,19 @@ class Trainer:
             return self._loss(optim.merge_trainable(tp, frozen), batch, sub)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)  # computed once: reported, checked, and clipped with
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        params = optim.merge_trainable(keep(new_trainable, trainable), frozen)
+
+        def update(_):
+            g = optim.clip_by_norm(grads, grad_norm, self.optim_config.grad_clip) if self.clip_outside else grads
+            updates, opt_state = self.tx.update(g, state.opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        # A non-finite step keeps the state: a branch, not a select over every leaf of params and moments.
+        new_trainable, opt_state = jax.lax.cond(ok, update, lambda _: (trainable, state.opt_state), None)
+        params = optim.merge_trainable(new_trainable, frozen)
         new_state = TrainState(step=state.step + ok.astype(jnp.int32), params=params,
-                               opt_state=keep(opt_state, state.opt_state), rng=jax.random.key_data(key))
+                               opt_state=opt_state, rng=jax.random.key_data(key))
         lr = optim.schedule(self.optim_config)(state.step // max(1, self.optim_config.grad_accum))
         return new_state, {**metrics, "grad_norm": grad_norm, "finite": ok, "learning_rate": lr}
 

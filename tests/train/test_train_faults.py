@@ -91,7 +91,9 @@ def test_a_truncated_latest_checkpoint_is_passed_over_kept_and_named(reference):
     line = one_line(r, 0, "warning:")
     assert line.startswith(f"warning: checkpoint step 6 in {w / 'checkpoints'} does not restore (") and \
         line.endswith("; using step 4"), line
-    assert "OUT_OF_RANGE" in line and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    report = ("preprocessing:", "video:")  # what chat prints about the frames once the video is read
+    assert "OUT_OF_RANGE" in line and len([ln for ln in r.stderr.strip().splitlines()
+                                           if not ln.startswith(report)]) == 1, r.stderr
 
     # none restores: chat and train exit 2 with one line naming each step; nothing is moved or deleted
     _truncate_arrays(w / "checkpoints" / "4")

@@ -75,6 +75,8 @@ def test_nan_steps_are_skipped_and_counted_and_a_streak_stops_with_the_last_good
     rows = read_metrics(tmp_path / "a")
     assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 1, 0, 0, 1, 0, 0]
     assert [r["finite"] for r in rows] == [1, 1, 0, 1, 1, 0, 1, 1]
+    # the host's wait for each batch is recorded beside the step rate (a share of the wall time between logs)
+    assert all(r["data_wait_seconds"] >= 0 and 0 <= r["data_wait_fraction"] <= 1 for r in rows)
     assert int(state.step) == 6  # 8 batches, 6 updates applied
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 

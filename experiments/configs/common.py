@@ -8,6 +8,7 @@ Keys of a config (``experiments/train.py`` validates all of them before compilin
                           come from the tokenizer (the model spec's marker tokens), frames and image size from
                           ``data.num_frames`` / ``data.image_size``
   stage                   key of the model's ``STAGES`` (which parameter paths train)
+  compute_dtype           every module's compute dtype (float32 tiny, bfloat16 published); parameters stay float32
   init_params             '' (random init) or a directory for ``vjax.from_pretrained`` (HF or vjax)
   data.*                  synthetic set or real annotations, sampler, frames, buckets, batch
   optim.*                 ``vjax.train.optim.OptimConfig`` fields (``total_steps`` follows the top level)
@@ -39,6 +40,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     c.model_overrides.llm = llm_overrides()
     c.stage = "full"
     c.init_params = ""
+    c.compute_dtype = "float32"  # every module's dtype (parameters stay float32: master weights); bfloat16 at scale
 
     c.total_steps = 3000
     c.log_every = 20
@@ -121,6 +123,7 @@ def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: floa
     (``train.py`` fails early naming the key)."""
     c.model_preset = preset
     c.model_overrides = ml_collections.ConfigDict()
+    c.compute_dtype = "bfloat16"
     c.stage = stage
     c.init_params = init_params
     c.total_steps = steps

@@ -117,6 +117,8 @@ BAD = [
     (["--config.model_overrides.llm.hidden_size=2.5"], "model_overrides.llm.hidden_size"),
     (["--config.stage=everything"], "stage"),
     (["--config.data.sampler_kwargs.fps_typo=2"], "data.sampler_kwargs.fps_typo"),
+    (["--config.compute_dtype=int8"], "compute_dtype"),
+    (["--config.optim.mu_dtype=int8"], "optim"),
 ]
 
 

@@ -188,6 +188,7 @@ def attention(
     impl: str = "xla",
     block_q: int = 512,
     block_kv: int = 512,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """``softmax(scale * q k^T + bias, masked) v``: ``q [B, L, H, Dh]``, ``k``/``v [B, S, K, Dh]`` -> ``[B, L, H, Dh]``.
 
@@ -200,7 +201,9 @@ def attention(
     * ``"cudnn"``: :func:`cudnn_attention` (cuDNN on a GPU, ``jax.nn``'s XLA path elsewhere);
     * ``"splash"``: :func:`vjax.layers.splash.splash_attention` (TPU Pallas; interpreted elsewhere); needs a
       structured mask with a static offset and no bias (``ValueError`` otherwise). The decode step
-      (``L = 1``) runs the reference instead;
+      (``L = 1``) runs the reference instead. ``interpret``: run the kernel in the Pallas interpreter
+      (default: when the default backend is not a TPU; pass False to compile ahead of time for a TPU
+      topology from a CPU host);
     * ``"auto"``: :func:`resolve_impl` (tpu: splash or chunked, gpu: cudnn, cpu: xla).
 
     Every implementation equals the reference on rows that attend something; a row that attends nothing is
@@ -219,7 +222,7 @@ def attention(
         raise ValueError(f"impl={impl!r} takes no additive bias; use impl='xla' or 'cudnn' for a biased call")
     if impl == "chunked":
         return chunked_attention(q, k, v, mask, scale=scale, block_q=block_q, block_kv=block_kv)
-    return splash_attention(q, k, v, mask, scale=scale)
+    return splash_attention(q, k, v, mask, scale=scale, interpret=interpret)
 
 
 def update_cache(cache: Cache, k: jax.Array, v: jax.Array, index: jax.Array) -> Cache:

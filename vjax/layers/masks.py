@@ -15,18 +15,21 @@ needs); :meth:`StructuredMask.dense` on all of them (what the einsum reference n
 
 from __future__ import annotations
 
-import flax.struct
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class StructuredMask:
     """A boolean attention mask given by its parts (module docstring); unset parts allow everything.
 
     Attributes:
       kv_valid: ``bool [B, S]`` real (True) or padding key slots; None: every slot is real.
-      q_offset: the cache slot of query 0: an int, or an int array (scalar or ``[B]``).
+      q_offset: the cache slot of query 0: a Python int (kept static through ``jit``, ``remat`` and ``scan``:
+        it is pytree metadata, so a kernel with static masks can use it), or an int array (scalar or ``[B]``).
       q_segment_ids / kv_segment_ids: ``int [B, L]`` / ``int [B, S]`` segment of every query / key; ``-1`` marks
         padding queries (they attend nothing). Both or neither.
       causal: static; keys at slots after the query's are hidden.
@@ -42,8 +45,8 @@ class StructuredMask:
     q_offset: jax.Array | int = 0
     q_segment_ids: jax.Array | None = None
     kv_segment_ids: jax.Array | None = None
-    causal: bool = flax.struct.field(pytree_node=False, default=False)
-    sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
+    causal: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
@@ -51,13 +54,14 @@ class StructuredMask:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
 
+    def replace(self, **kw) -> "StructuredMask":
+        return dataclasses.replace(self, **kw)
+
     @property
     def static_offset(self) -> int | None:
         """``q_offset`` as a Python int when it is one (known at trace time), else None."""
         off = self.q_offset
-        if isinstance(off, int):
-            return off
-        return None
+        return int(off) if isinstance(off, (int, np.integer)) else None
 
     def block(self, q_index: jax.Array, kv_index: jax.Array) -> jax.Array | None:
         """The mask on a tile: ``bool [B or 1, 1, len(q_index), len(kv_index)]``; None when nothing is masked.
@@ -100,6 +104,21 @@ class StructuredMask:
             mask = jnp.ones((1, 1, query_length, kv_length), bool)
         b = batch or mask.shape[0]
         return jnp.broadcast_to(mask, (b, 1, query_length, kv_length))
+
+
+def _flatten(m: StructuredMask):
+    static_off = m.static_offset
+    children = (m.kv_valid, None if static_off is not None else m.q_offset, m.q_segment_ids, m.kv_segment_ids)
+    return children, (m.causal, m.sliding_window, static_off)
+
+
+def _unflatten(aux, children) -> StructuredMask:
+    causal, window, static_off = aux
+    kv_valid, off, q_seg, kv_seg = children
+    return StructuredMask(kv_valid, static_off if static_off is not None else off, q_seg, kv_seg, causal, window)
+
+
+jax.tree_util.register_pytree_node(StructuredMask, _flatten, _unflatten)
 
 
 def is_structured(mask) -> bool:

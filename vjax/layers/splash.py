@@ -73,6 +73,31 @@ def _segment_ids(spec: StructuredMask | None, b: int, l: int, s: int, lp: int, s
     return q_seg, kv_seg
 
 
+def _default_precision(fn):
+    """``fn(q, k, v, q_seg, kv_seg)`` traced, forward and backward, under the default matmul precision.
+
+    Mosaic rejects an fp32 contraction precision on bf16/f16 operands, which a process-wide
+    ``jax_default_matmul_precision="highest"`` would ask for inside the kernel; the kernel's own backward is
+    traced lazily (during ``grad``), so the context is re-entered there through ``jax.vjp``."""
+
+    @jax.custom_vjp
+    def wrapped(q, k, v, q_seg, kv_seg):
+        with jax.default_matmul_precision("default"):
+            return fn(q, k, v, q_seg, kv_seg)
+
+    def fwd(q, k, v, q_seg, kv_seg):
+        with jax.default_matmul_precision("default"):
+            out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, q_seg, kv_seg), q, k, v)
+        return out, pullback
+
+    def bwd(pullback, d_out):
+        with jax.default_matmul_precision("default"):
+            return (*pullback(d_out), None, None)
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
+
+
 def splash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -116,6 +141,8 @@ def splash_attention(
     def one(qe, ke, ve, qs, ks):
         return kernel(qe, ke, ve, segment_ids=sa.SegmentIds(q=qs, kv=ks))
 
-    out = jax.vmap(one)(qt, kt, vt, q_seg, kv_seg)  # [B, H, Lp, Dh]
+    low = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+    run = _default_precision(jax.vmap(one)) if low else jax.vmap(one)
+    out = run(qt, kt, vt, q_seg, kv_seg)  # [B, H, Lp, Dh]
     return jnp.moveaxis(out[:, :, :l], 1, 2).astype(v.dtype)
 

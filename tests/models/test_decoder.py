@@ -56,8 +56,10 @@ def test_checkpoint_is_sharded(converted):
     assert len(set(index["weight_map"].values())) >= 2
 
 
-def test_logits_match_transformers_on_padded_batch(converted):
+@pytest.mark.parametrize("impl", ["auto", "chunked", "cudnn"])  # auto = the einsum reference on a CPU
+def test_logits_match_transformers_on_padded_batch(converted, impl):
     family, hf, _, module, params = converted
+    module = module.clone(config=module.config.replace(attention_impl=impl))
     ids, mask = padded_batch(hf.config.vocab_size)
     pos = np.asarray(default_position_ids(jnp.asarray(mask)))
     with torch.no_grad():
@@ -66,8 +68,8 @@ def test_logits_match_transformers_on_padded_batch(converted):
     out = module.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     valid = mask.astype(bool)
     err = np.abs(np.asarray(out.logits) - ref)[valid].max()
-    print(f"{family}: max |Δ logits| = {err:.2e}")
-    assert err <= TOL, f"{family}: max |Δ logits| = {err}"
+    print(f"{family} ({impl}): max |Δ logits| = {err:.2e}")
+    assert err <= TOL, f"{family} ({impl}): max |Δ logits| = {err}"
 
 
 def test_sliding_window_matters_for_mistral(tmp_path_factory):

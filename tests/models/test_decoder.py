@@ -13,7 +13,7 @@ import torch
 
 import vjax
 from vjax.generate import generate
-from vjax.models.decoder import default_position_ids
+from vjax.models.decoder import DecoderConfig, default_position_ids
 
 from tests.hf_models import FAMILIES, tiny_hf_model
 
@@ -136,3 +136,13 @@ def test_export_round_trip(converted, tmp_path):
     _, params2 = vjax.from_pretrained(out_dir)
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_attention_impl_is_validated_and_stays_out_of_config_json():
+    with pytest.raises(ValueError, match="'flash'"):
+        DecoderConfig.tiny(attention_impl="flash")
+    config = DecoderConfig.tiny(attention_impl="chunked", visual_experts=True)
+    assert config.expert_config.attention_impl == "chunked"
+    assert DecoderConfig.from_expert_config(config.expert_config).attention_impl == "chunked"
+    hf = config.to_hf()
+    assert "attention_impl" not in hf and DecoderConfig.from_hf(hf).attention_impl == "auto"

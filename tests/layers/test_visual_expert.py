@@ -120,6 +120,20 @@ def test_tiny_cogvlm2_language_model_matches_official(case):
     np.testing.assert_allclose(emb[text], t["out/inputs_embeds"][text], atol=1e-6)
 
 
+def test_cogvlm2_language_model_under_chunked_attention():
+    """The visual-expert layers take the decoder's attention_impl: chunked matches the official logits."""
+    t, lm, params = lm_from_golden("full_tiny_leftpad")
+    lm = lm.clone(config=lm.config.replace(attention_impl="chunked"))
+    assert lm.config.expert_config.attention_impl == "chunked"
+    valid = t["in/attention_mask"].astype(bool)
+    ty, m = jnp.asarray(t["in/token_type_ids"]), jnp.asarray(t["in/attention_mask"])
+    out = lm.apply({"params": params}, inputs_embeds=jnp.asarray(t["out/inputs_embeds"], jnp.float32),
+                   vision=vision_expert_mask(ty), position_ids=build_position_ids(ty, m), attention_mask=m)
+    err = np.abs(np.asarray(out.logits) - t["out/logits"])[valid].max()
+    print(f"full_tiny_leftpad (chunked): max |Δ logits| = {err:.2e}")
+    assert err <= TOL
+
+
 def test_cached_decoding_equals_full_forward_and_compiles_once():
     t, lm, params = lm_from_golden("full_tiny_leftpad")
     embeds = jnp.asarray(t["out/inputs_embeds"], jnp.float32)

@@ -13,7 +13,7 @@ import torch
 
 import vjax
 from vjax.generate import generate
-from vjax.models.decoder import default_position_ids
+from vjax.models.decoder import DecoderConfig, default_position_ids
 
 from tests.hf_models import FAMILIES, tiny_hf_model
 
@@ -56,8 +56,10 @@ def test_checkpoint_is_sharded(converted):
     assert len(set(index["weight_map"].values())) >= 2
 
 
-def test_logits_match_transformers_on_padded_batch(converted):
+@pytest.mark.parametrize("impl", ["auto", "chunked", "cudnn"])  # auto = the einsum reference on a CPU
+def test_logits_match_transformers_on_padded_batch(converted, impl):
     family, hf, _, module, params = converted
+    module = module.clone(config=module.config.replace(attention_impl=impl))
     ids, mask = padded_batch(hf.config.vocab_size)
     pos = np.asarray(default_position_ids(jnp.asarray(mask)))
     with torch.no_grad():
@@ -66,8 +68,8 @@ def test_logits_match_transformers_on_padded_batch(converted):
     out = module.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     valid = mask.astype(bool)
     err = np.abs(np.asarray(out.logits) - ref)[valid].max()
-    print(f"{family}: max |Δ logits| = {err:.2e}")
-    assert err <= TOL, f"{family}: max |Δ logits| = {err}"
+    print(f"{family} ({impl}): max |Δ logits| = {err:.2e}")
+    assert err <= TOL, f"{family} ({impl}): max |Δ logits| = {err}"
 
 
 def test_sliding_window_matters_for_mistral(tmp_path_factory):
@@ -134,3 +136,13 @@ def test_export_round_trip(converted, tmp_path):
     _, params2 = vjax.from_pretrained(out_dir)
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_attention_impl_is_validated_and_stays_out_of_config_json():
+    with pytest.raises(ValueError, match="'flash'"):
+        DecoderConfig.tiny(attention_impl="flash")
+    config = DecoderConfig.tiny(attention_impl="chunked", visual_experts=True)
+    assert config.expert_config.attention_impl == "chunked"
+    assert DecoderConfig.from_expert_config(config.expert_config).attention_impl == "chunked"
+    hf = config.to_hf()
+    assert "attention_impl" not in hf and DecoderConfig.from_hf(hf).attention_impl == "auto"

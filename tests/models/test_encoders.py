@@ -320,6 +320,18 @@ def test_qwen2_vl_vision_under_jit_and_masks_matter(qwen_converted):
     assert max_err(full, ref.pooler_output) > 10 * TOL
 
 
+@pytest.mark.parametrize("impl", ["chunked", "cudnn"])
+def test_qwen2_vl_vision_under_memory_efficient_attention(qwen_converted, impl):
+    """The packed tower passes its segment ids as structure; chunked and jax.nn's attention give the
+    transformers features too."""
+    _, _, config, module, params, x, ref = qwen_converted
+    module = module.clone(config=config.replace(attention_impl=impl))
+    out = module.apply({"params": params}, jnp.asarray(x.numpy()), QWEN_GRIDS)
+    err = max(max_err(out.features, ref.pooler_output), max_err(out.last_hidden_state, ref.last_hidden_state))
+    print(f"qwen2_vl vision ({impl}): max |Δ| {err:.2e}")
+    assert err <= TOL
+
+
 # ============================================================================ ImageBind audio
 class RefAudioEncoder(torch.nn.Module):
     """ImageBind audio path as written in spec_qformer_family §2.1, with ImageBind's module names:

@@ -9,6 +9,13 @@ Logits and softmax are computed in float32 whatever the compute dtype.
 The KV cache is explicit — a dict ``{"k": [B, S, K, Dh], "v": [B, S, K, Dh]}`` passed in and
 returned — so decoding is a pure function that ``lax.while_loop``/``scan`` can carry. A chunk of
 ``L`` tokens is written at cache slots ``[index, index + L)``; masks are expressed over slots.
+
+:func:`attention` is the one entry point with several implementations (``impl``): the einsum reference
+(:func:`dot_product_attention`, ``"xla"``), a blockwise online softmax in ``jnp`` (``"chunked"``,
+:mod:`vjax.layers.flash`), ``jax.nn.dot_product_attention`` (``"cudnn"``), TPU splash attention
+(``"splash"``, :mod:`vjax.layers.splash`) and ``"auto"`` (by backend). Masks are a dense boolean array or a
+:class:`~vjax.layers.masks.StructuredMask` (padding, offset, causal, window, segments), which the
+memory-efficient kernels use without ever building the ``[L, S]`` mask.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vjax.layers.flash import chunked_attention
 from vjax.layers.lora import LoRADense
+from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import dense
 from vjax.layers.rope import apply_rotary_pos_emb
+from vjax.layers.splash import splash_attention, splash_supports
 
 Cache = dict  # {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}
 
@@ -43,17 +53,20 @@ def make_attention_mask(
     >>> make_attention_mask(jnp.array([[0, 1, 1]]), 3)[0, 0].astype(int).tolist()
     [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
     """
-    kv_valid = kv_valid.astype(bool)
-    s = kv_valid.shape[-1]
-    q_slot = jnp.asarray(query_offset, jnp.int32)[..., None] + jnp.arange(query_length)  # [L] or [B, L]
-    q_slot = jnp.broadcast_to(q_slot, (kv_valid.shape[0], query_length))[:, :, None]  # [B, L, 1]
-    k_slot = jnp.arange(s)[None, None, :]  # [1, 1, S]
-    mask = jnp.broadcast_to(kv_valid[:, None, :], (kv_valid.shape[0], query_length, s))
-    if causal:
-        mask = mask & (k_slot <= q_slot)
-    if sliding_window is not None:
-        mask = mask & (k_slot > q_slot - sliding_window)
-    return mask[:, None]  # [B, 1, L, S]
+    return structured_mask(kv_valid, query_offset=query_offset, causal=causal,
+                           sliding_window=sliding_window).dense(query_length, kv_valid.shape[-1])  # [B, 1, L, S]
+
+
+def structured_mask(
+    kv_valid: jax.Array | None,
+    *,
+    query_offset: jax.Array | int = 0,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> StructuredMask:
+    """The :class:`~vjax.layers.masks.StructuredMask` whose ``dense(L, S)`` is :func:`make_attention_mask`."""
+    return StructuredMask(kv_valid=None if kv_valid is None else kv_valid.astype(bool), q_offset=query_offset,
+                          causal=causal, sliding_window=sliding_window)
 
 
 def dot_product_attention(
@@ -89,6 +102,127 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v)  # [B, L, K, G, Dh]
     return out.reshape(b, l, h, dh)
+
+
+IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an attention implementation, else a ``ValueError`` naming it and the choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def resolve_impl(impl: str, q_len: int, mask=None, bias=None, dtype=None) -> str:
+    """The implementation ``"auto"`` stands for on the default backend (others are returned as they are):
+
+    * tpu: ``"splash"`` when :func:`~vjax.layers.splash.splash_supports` the call (structured mask with a
+      static offset, no bias, ``L > 1``), else ``"chunked"`` (no bias) or ``"xla"``;
+    * gpu: ``"cudnn"`` for float16/bfloat16 (cuDNN's flash kernel takes only those), else ``"xla"``;
+    * cpu and anything else: ``"xla"``.
+    """
+    check_impl(impl)
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "tpu":
+        if splash_supports(q_len, mask, bias):
+            return "splash"
+        return "xla" if bias is not None or q_len <= 1 else "chunked"
+    if backend in ("gpu", "cuda", "rocm"):
+        return "cudnn" if jnp.dtype(dtype or jnp.float32) in (jnp.float16, jnp.bfloat16) else "xla"
+    return "xla"
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: StructuredMask | jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with ``implementation="cudnn"`` on a GPU and ``None`` (its XLA path)
+    on any other backend, so the same mapping runs and is tested on a CPU. Shapes as :func:`attention`.
+
+    Structure maps to its arguments where it fits: ``causal`` with a static zero offset and ``L == S`` ->
+    ``is_causal``, plus a sliding window ``W`` -> ``local_window_size=(W - 1, 0)``; padding and segments
+    (and any other case) go in as a dense ``[B, 1, L, S]`` mask, which cuDNN also takes. A row with nothing
+    to attend is the mean of ``v`` on the XLA path (as the reference); cuDNN's value there is unspecified.
+    """
+    b, l, h, dh = q.shape
+    s = k.shape[1]
+    is_causal, window = False, None
+    if isinstance(mask, StructuredMask):
+        if mask.causal and mask.static_offset == 0 and l == s:
+            is_causal = True
+            window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
+            rest = mask.replace(causal=False, sliding_window=None)
+            rest_mask = rest.block(jnp.arange(l), jnp.arange(s))
+            mask = None if rest_mask is None else jnp.broadcast_to(rest_mask, (b, 1, l, s))
+        else:
+            mask = mask.dense(l, s, b)
+    elif mask is not None:
+        mask = jnp.asarray(mask).astype(bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (b, mask.shape[1], l, s))  # [B, 1 or H, L, S]
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        bias = jnp.broadcast_to(bias.reshape((1,) * (4 - bias.ndim) + bias.shape), (b, h, l, s))
+    implementation = "cudnn" if jax.default_backend() in ("gpu", "cuda") else None
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, mask, scale=scale,
+                                        is_causal=is_causal, local_window_size=window,
+                                        implementation=implementation)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: StructuredMask | jax.Array | None = None,
+    *,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    impl: str = "xla",
+    block_q: int = 512,
+    block_kv: int = 512,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """``softmax(scale * q k^T + bias, masked) v``: ``q [B, L, H, Dh]``, ``k``/``v [B, S, K, Dh]`` -> ``[B, L, H, Dh]``.
+
+    ``mask``: a dense boolean array broadcastable to ``[B, H, L, S]`` (True = attend) or a
+    :class:`~vjax.layers.masks.StructuredMask`. ``impl``:
+
+    * ``"xla"``: :func:`dot_product_attention`, the reference (densifies a structured mask);
+    * ``"chunked"``: :func:`vjax.layers.flash.chunked_attention`, ``O(L x block)`` memory on any backend,
+      ``block_q``/``block_kv`` its tiles; no ``bias`` (``ValueError``);
+    * ``"cudnn"``: :func:`cudnn_attention` (cuDNN on a GPU, ``jax.nn``'s XLA path elsewhere);
+    * ``"splash"``: :func:`vjax.layers.splash.splash_attention` (TPU Pallas; interpreted elsewhere); needs a
+      structured mask with a static offset and no bias (``ValueError`` otherwise). The decode step
+      (``L = 1``) runs the reference instead. ``interpret``: run the kernel in the Pallas interpreter
+      (default: when the default backend is not a TPU; pass False to compile ahead of time for a TPU
+      topology from a CPU host);
+    * ``"auto"``: :func:`resolve_impl` (tpu: splash or chunked, gpu: cudnn, cpu: xla).
+
+    Every implementation equals the reference on rows that attend something; a row that attends nothing is
+    the mean of ``v`` (finite) except under splash and cuDNN proper, where it is finite but unspecified.
+    """
+    impl = resolve_impl(impl, q.shape[1], mask, bias, q.dtype)
+    if impl == "splash" and q.shape[1] == 1:
+        impl = "xla"
+    if impl == "xla":
+        if isinstance(mask, StructuredMask):
+            mask = mask.dense(q.shape[1], k.shape[1], q.shape[0])
+        return dot_product_attention(q, k, v, mask, bias=bias, scale=scale)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, mask, bias=bias, scale=scale)
+    if bias is not None:
+        raise ValueError(f"impl={impl!r} takes no additive bias; use impl='xla' or 'cudnn' for a biased call")
+    if impl == "chunked":
+        return chunked_attention(q, k, v, mask, scale=scale, block_q=block_q, block_kv=block_kv)
+    return splash_attention(q, k, v, mask, scale=scale, interpret=interpret)
 
 
 def update_cache(cache: Cache, k: jax.Array, v: jax.Array, index: jax.Array) -> Cache:
@@ -130,6 +264,8 @@ class Attention(nn.Module):
       lora_rank, lora_alpha, lora_targets: a LoRA adapter (:class:`vjax.layers.lora.LoRADense`) of rank
         ``lora_rank`` and scale ``lora_alpha / lora_rank`` on the named projections (e.g. ``("q_proj",
         "v_proj")``); ``lora_rank = 0`` (default) builds plain projections.
+      impl: the attention implementation (:func:`attention`); the default is the reference ``"xla"``. A call
+        with ``bias`` runs the reference whatever ``impl`` says (the kernels take none).
     """
 
     num_heads: int
@@ -143,6 +279,7 @@ class Attention(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 1.0
     lora_targets: tuple[str, ...] = ()
+    impl: str = "xla"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -160,7 +297,7 @@ class Attention(nn.Module):
         kv_inputs: jax.Array | None = None,
         cos: jax.Array | None = None,
         sin: jax.Array | None = None,
-        mask: jax.Array | None = None,
+        mask: StructuredMask | jax.Array | None = None,
         bias: jax.Array | None = None,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
@@ -169,7 +306,7 @@ class Attention(nn.Module):
 
         ``cos``/``sin [B, L, Dh]`` rotate q and k (self-attention only). With ``cache``, the new keys
         and values are written at ``cache_index`` and attention runs over all cache slots; ``mask``
-        must then be ``[B, 1, L, S_cache]``.
+        must then be ``[B, 1, L, S_cache]`` (or a :class:`~vjax.layers.masks.StructuredMask` over the slots).
         """
         bq, bk, bv = _bias_flags(self.qkv_bias)
         b, l, d = x.shape
@@ -187,7 +324,10 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError("bias_kv attention does not support a KV cache")
             k, v = self._append_bias_kv(k, v)  # [B, S + 1, K, Dh]
+            if isinstance(mask, StructuredMask):  # densify: the extra slot breaks causal/segment structure
+                mask = mask.dense(l, src.shape[1], b)
             if mask is not None:  # the learned slot is visible to every query
+                mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, l, src.shape[1])))
                 mask = jnp.concatenate([mask, jnp.ones(mask.shape[:-1] + (1,), bool)], axis=-1)
             if bias is not None:
                 bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(0, 1)])
@@ -195,7 +335,8 @@ class Attention(nn.Module):
         if cache is not None:
             new_cache = update_cache(cache, k, v, cache_index)
             k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask, bias=bias, scale=self.scale)  # [B, L, H, Dh]
+        impl = "xla" if bias is not None else self.impl
+        out = attention(q, k, v, mask, bias=bias, scale=self.scale, impl=impl)  # [B, L, H, Dh]
         out = out.reshape(b, l, self.num_heads * self.head_dim)
         out = self._proj("o_proj", self.out_features or d, ("heads", "embed"), self.out_bias)(out)
         return out, new_cache

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vjax.layers.attention import Cache, dot_product_attention, update_cache
+from vjax.layers.attention import Cache, attention, check_impl, update_cache
+from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import apply_rotary_pos_emb
@@ -110,8 +111,10 @@ class VisualExpertConfig:
     language_qkv_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: str = "auto"  # vjax.layers.attention.attention's impl
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
                              f"num_kv_heads={self.num_kv_heads} do not divide")
@@ -152,8 +155,8 @@ class VisualExpertAttention(nn.Module):
 
     Parameters ``{vision,language}_{q,k,v,o}_proj`` (the checkpoint's fused
     ``*_expert_query_key_value`` is split into q/k/v by the conversion table). The attention maths is
-    :func:`vjax.layers.attention.dot_product_attention` over all tokens; with ``cache`` the new keys
-    and values are written at ``cache_index`` (as :class:`vjax.layers.attention.Attention`).
+    :func:`vjax.layers.attention.attention` (implementation ``impl``) over all tokens; with ``cache`` the new
+    keys and values are written at ``cache_index`` (as :class:`vjax.layers.attention.Attention`).
 
     >>> import jax, jax.numpy as jnp
     >>> attn = VisualExpertAttention(num_heads=4, num_kv_heads=2, head_dim=8)
@@ -170,6 +173,7 @@ class VisualExpertAttention(nn.Module):
     language_qkv_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -185,7 +189,8 @@ class VisualExpertAttention(nn.Module):
     ) -> tuple[jax.Array, Cache | None]:
         """``x [B, L, D]``, ``vision [B, L]`` (from :func:`vision_expert_mask`) -> ``([B, L, D], cache)``.
 
-        ``cos``/``sin [B, L, Dh]`` rotate q and k; ``mask`` is boolean ``[B, 1, L, S]`` (True = attend).
+        ``cos``/``sin [B, L, Dh]`` rotate q and k; ``mask`` is boolean ``[B, 1, L, S]`` (True = attend) or a
+        :class:`~vjax.layers.masks.StructuredMask`.
         """
         b, l, d = x.shape
         h, kh, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -210,7 +215,7 @@ class VisualExpertAttention(nn.Module):
         if cache is not None:
             new_cache = update_cache(cache, k, v, cache_index)
             k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
-        ctx = dot_product_attention(q, k, v, mask).reshape(b, l, h * dh)  # [B, L, H Dh]
+        ctx = attention(q, k, v, mask, impl=self.impl).reshape(b, l, h * dh)  # [B, L, H Dh]
         out = routed("o_proj", d, ("heads", "embed"), False, False, ctx)  # [B, L, D]
         return out, new_cache
 
@@ -261,15 +266,17 @@ class VisualExpertDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, vision=None, cos=None, sin=None, mask=None, cache=None, cache_index=0):
         """``h [B, L, D]``, ``vision [B, L]`` (default: every token to the language expert), ``cos``/``sin
-        [B, L, Dh]``, bool ``mask [B, 1, L, S]`` (default: causal over ``L``) -> ``(h [B, L, D], cache)``."""
+        [B, L, Dh]``, bool ``mask [B, 1, L, S]`` or a ``StructuredMask`` (default: causal over ``L``)
+        -> ``(h [B, L, D], cache)``."""
         c = self.config
         if vision is None:
             vision = jnp.zeros(h.shape[:2], bool)
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if mask is None and cache is None:
-            mask = jnp.tril(jnp.ones((h.shape[1], h.shape[1]), bool))[None, None]
+            mask = StructuredMask(causal=True)
         attn = VisualExpertAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.vision_qkv_bias,
-                                     c.language_qkv_bias, dtype=dt, param_dtype=pdt, name="self_attn")
+                                     c.language_qkv_bias, dtype=dt, param_dtype=pdt, impl=c.attention_impl,
+                                     name="self_attn")
         a, cache = attn(RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(h), vision, cos=cos, sin=sin,
                         mask=mask, cache=cache, cache_index=cache_index)
         h = h + a

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vjax.layers.attention import Attention
+from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import Mlp
 from vjax.layers.norm import LayerNorm
 from vjax.layers.rope import rope_inv_freq
@@ -52,6 +53,12 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     valid = segment_ids[:, :, None] >= 0
     return (same & valid)[:, None]
+
+
+def segment_structure(segment_ids: jax.Array) -> StructuredMask:
+    """The :class:`~vjax.layers.masks.StructuredMask` whose dense form is :func:`segment_mask` (same ids for
+    queries and keys); memory-efficient attention kernels use it without building ``[L, L]``."""
+    return StructuredMask(q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
 
 def grid_segment_ids(grid_thw: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
@@ -178,6 +185,7 @@ class ViTBlock(nn.Module):
     bias_kv: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"  # vjax.layers.attention.attention's impl
 
     @nn.compact
     def __call__(self, x, *, cos=None, sin=None, mask=None):  # [B, L, D] -> [B, L, D]
@@ -186,7 +194,7 @@ class ViTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(num_heads=self.num_heads, num_kv_heads=self.num_heads,
                          head_dim=self.width // self.num_heads, qkv_bias=self.qkv_bias, out_bias=self.out_bias,
-                         bias_kv=self.bias_kv, name="attn", **kw)
+                         bias_kv=self.bias_kv, impl=self.attention_impl, name="attn", **kw)
         mlp = Mlp(self.width, self.mlp_dim, self.act, use_bias=self.mlp_bias, name="mlp", **kw)
         norm1 = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm1")
         norm2 = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm2")
@@ -238,6 +246,7 @@ class ViT(nn.Module):
     bias_kv: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"  # vjax.layers.attention.attention's impl
 
     @nn.compact
     def __call__(
@@ -251,7 +260,8 @@ class ViT(nn.Module):
     ) -> ViTOutput:
         """``x``: images ``[B, H, W, C]`` (2-D) or flattened patches ``[B, N, C*T*P*P]`` (3-D).
 
-        ``cos``/``sin [B, L, Dh]``: rotary tables; ``mask``: boolean, broadcastable to ``[B, 1, L, L]``.
+        ``cos``/``sin [B, L, Dh]``: rotary tables; ``mask``: boolean, broadcastable to ``[B, 1, L, L]``, or a
+        :class:`~vjax.layers.masks.StructuredMask` (e.g. :func:`segment_structure`).
         ``num_blocks``: run only the first blocks (e.g. CLIP's penultimate-layer features); every
         block's parameters are still created at ``init``. ``post_norm`` applies only after the last block.
         """
@@ -282,7 +292,7 @@ class ViT(nn.Module):
         for i in range(n):
             h = ViTBlock(self.width, self.num_heads, self.mlp_dim, self.act, self.eps, self.norm_position,
                          self.qkv_bias, self.out_bias, self.mlp_bias, self.bias_kv, self.dtype, pdt,
-                         name=f"blocks_{i}")(h, cos=cos, sin=sin, mask=mask)
+                         attention_impl=self.attention_impl, name=f"blocks_{i}")(h, cos=cos, sin=sin, mask=mask)
             hidden.append(h)
         if self.post_norm and n == self.depth:
             h = LayerNorm(self.post_norm_eps, param_dtype=pdt, name="post_norm")(h)

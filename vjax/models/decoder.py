@@ -24,7 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vjax.layers.attention import Attention, Cache, init_cache, make_attention_mask
+from vjax.layers.attention import Attention, Cache, check_impl, init_cache, structured_mask
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
@@ -59,6 +59,7 @@ class DecoderConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral v0.1
+    attention_impl: str = "auto"  # vjax.layers.attention.attention: auto | xla | chunked | cudnn | splash (not HF)
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
@@ -75,6 +76,7 @@ class DecoderConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -99,7 +101,7 @@ class DecoderConfig:
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, hidden_act=self.hidden_act,
             vision_qkv_bias=self.vision_qkv_bias, language_qkv_bias=self.attention_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype)
+            param_dtype=self.param_dtype, attention_impl=self.attention_impl)
 
     @classmethod
     def from_expert_config(cls, c: VisualExpertConfig, **kw) -> "DecoderConfig":
@@ -108,7 +110,8 @@ class DecoderConfig:
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
             num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps,
             rope_theta=c.rope_theta, hidden_act=c.hidden_act, attention_bias=c.language_qkv_bias,
-            visual_experts=True, vision_qkv_bias=c.vision_qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype), **kw})
+            visual_experts=True, vision_qkv_bias=c.vision_qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype,
+            attention_impl=c.attention_impl), **kw})
 
     def replace(self, **kw) -> "DecoderConfig":
         return dataclasses.replace(self, **kw)
@@ -306,7 +309,7 @@ class DecoderLayer(nn.Module):
         attn_out, cache = Attention(
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
             qkv_bias=c.attention_bias, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-            lora_targets=tuple(c.lora_targets), dtype=dt, param_dtype=pdt, name="self_attn",
+            lora_targets=tuple(c.lora_targets), impl=c.attention_impl, dtype=dt, param_dtype=pdt, name="self_attn",
         )(RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(h), cos=cos, sin=sin, mask=mask,
           cache=cache, cache_index=cache_index)
         h = h + attn_out
@@ -415,7 +418,8 @@ class CausalLM(nn.Module):
         if position_ids.ndim == 2 and c.mrope_section is not None:
             position_ids = jnp.broadcast_to(position_ids, (3,) + position_ids.shape)  # text: t = h = w
         cos, sin = self.rotary(position_ids)
-        mask = make_attention_mask(attention_mask, l, query_offset=cache_index, sliding_window=c.sliding_window)
+        # structure, not the dense [B, 1, L, S] mask: the attention impl densifies it only if it needs to
+        mask = structured_mask(attention_mask, query_offset=cache_index, sliding_window=c.sliding_window)
         hidden, new_cache = [h], []
         for i, layer in enumerate(self.layers):
             h, layer_cache = layer(h, cos=cos, sin=sin, mask=mask, cache=None if cache is None else cache[i],

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vjax.layers.attention import check_impl
 from vjax.layers.mlp import dense
 from vjax.layers.norm import LayerNorm
 from vjax.layers.vit import (
@@ -48,7 +49,7 @@ from vjax.layers.vit import (
     grid_segment_ids,
     l2_normalize,
     rope_2d_cos_sin,
-    segment_mask,
+    segment_structure,
 )
 
 TOWERS = ("clip", "eva", "eva2", "qwen2_vl", "imagebind_audio")
@@ -100,8 +101,10 @@ class EncoderConfig:
     logit_scale: float = 20.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: str = "auto"  # vjax.layers.attention.attention: auto | xla | chunked | cudnn | splash
 
     def __post_init__(self):
+        check_impl(self.attention_impl)
         if self.tower not in TOWERS:
             raise ValueError(f"tower={self.tower!r} is not one of {TOWERS}")
         if self.width % self.num_heads:
@@ -227,7 +230,8 @@ class Encoder(nn.Module):
             patch_bias=c.patch_bias, cls_token=c.cls_token, num_positions=c.num_positions, patch_norm=c.patch_norm,
             pre_norm=c.pre_norm, post_norm=False, eps=c.eps, patch_norm_eps=c.patch_norm_eps,
             pre_norm_eps=c.pre_norm_eps, norm_position=c.norm_position, act=c.act, qkv_bias=c.qkv_bias,
-            bias_kv=c.bias_kv, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="vit",
+            bias_kv=c.bias_kv, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+            attention_impl=c.attention_impl, name="vit",
         )
 
     @nn.compact
@@ -301,7 +305,7 @@ class Encoder(nn.Module):
             hidden = tuple(h.reshape(1, n, -1) for h in out.hidden_states)
         else:
             cos, sin = rope_2d_cos_sin(positions[None], c.width // c.num_heads, c.rope_theta)  # [1, N, Dh]
-            mask = segment_mask(segment_ids[None])  # [1, 1, N, N]
+            mask = segment_structure(segment_ids[None])  # block-diagonal; densified only by impl "xla"
             out = self.trunk()(inputs[None], cos=cos, sin=sin, mask=mask)
             last, hidden = out.last, out.hidden_states
         return EncoderOutput(last[0], last[0], None, hidden)  # [N, D] in merge-block order

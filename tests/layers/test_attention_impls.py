@@ -232,7 +232,7 @@ def test_splash_compiles_for_tpu_forward_and_gradient():
     """Ahead-of-time compile (no TPU needed) of splash forward and gradient for an abstract v5p chip, with
     padding, a sliding window and GQA; the compiled program holds the Pallas kernels (fwd, dq, dkv)."""
     if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed (pip install 'jax[tpu]'); cannot compile for a TPU topology")
+        pytest.fail("libtpu is missing: the test extra installs it (pip install -e '.[test]' pulls '.[plan]')")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # no real TPU to ask; quiets libtpu's warnings
     # another process (an xdist worker) may hold libtpu's lockfile; a compile-only use may share it
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -256,6 +256,12 @@ def test_splash_compiles_for_tpu_forward_and_gradient():
     for fn, kernels in ((fwd, 1), (grad, 3)):
         compiled = jax.jit(fn).lower(q, kv, kv, valid).compile()
         assert compiled.as_text().count("tpu_custom_call") >= kernels
+    # "auto" follows the devices of the active mesh, not this host's backend: a CPU host compiling for TPU chips
+    # (experiments.plan, the Trainer's scope) picks splash
+    spec = StructuredMask(causal=True)
+    assert resolve_impl("auto", 8, spec) == ("xla" if jax.default_backend() == "cpu" else resolve_impl("auto", 8, spec))
+    with jax.set_mesh(Mesh(np.array(topo.devices[:1]), ("x",))):
+        assert resolve_impl("auto", 8, spec) == "splash"
 
 
 # ---------------------------------------------------------------------------------------- memory

@@ -114,8 +114,21 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def target_platform() -> str:
+    """The platform the traced computation will run on: that of the devices of the active mesh
+    (``jax.set_mesh``, as ``Trainer`` sets while its steps trace), else ``jax.default_backend()``. A CPU host that
+    compiles for abstract TPU chips (``experiments.plan``) thus picks the TPU kernels."""
+    mesh = jax.sharding.get_mesh()
+    if mesh is not None and not getattr(mesh, "empty", True):
+        device = mesh.devices.flat[0]
+        if device is not None:
+            return device.platform
+    return jax.default_backend()
+
+
 def resolve_impl(impl: str, q_len: int, mask=None, bias=None, dtype=None) -> str:
-    """The implementation ``"auto"`` stands for on the default backend (others are returned as they are):
+    """The implementation ``"auto"`` stands for on the target platform (:func:`target_platform`; others are
+    returned as they are):
 
     * tpu: ``"splash"`` when :func:`~vjax.layers.splash.splash_supports` the call (structured mask with a
       static offset, no bias, ``L > 1``), else ``"chunked"`` (no bias) or ``"xla"``;
@@ -125,7 +138,7 @@ def resolve_impl(impl: str, q_len: int, mask=None, bias=None, dtype=None) -> str
     check_impl(impl)
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         if splash_supports(q_len, mask, bias):
             return "splash"

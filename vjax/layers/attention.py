@@ -118,12 +118,9 @@ def target_platform() -> str:
     """The platform the traced computation will run on: that of the devices of the active mesh
     (``jax.set_mesh``, as ``Trainer`` sets while its steps trace), else ``jax.default_backend()``. A CPU host that
     compiles for abstract TPU chips (``experiments.plan``) thus picks the TPU kernels."""
-    mesh = jax.sharding.get_mesh()
-    if mesh is not None and not getattr(mesh, "empty", True):
-        device = mesh.devices.flat[0]
-        if device is not None:
-            return device.platform
-    return jax.default_backend()
+    mesh = jax.sharding.get_abstract_mesh()  # usable while tracing, and it knows its devices' platform
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None) if not mesh.empty else None
+    return platform or jax.default_backend()
 
 
 def resolve_impl(impl: str, q_len: int, mask=None, bias=None, dtype=None) -> str:

@@ -297,8 +297,8 @@ def decoder_cache(config: DecoderConfig, batch: int, length: int, dtype=None) ->
     caches ``{"k", "v": [B, S, K, Dh]}``, or with ``scan_layers`` one cache stacked ``[num_layers, B, S, K, Dh]``
     (what the scanned layers consume). :func:`cache_length` reads either."""
     dt = jnp.dtype(dtype or config.dtype)
-    one = init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
     if config.scan_layers:
+        one = init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
         return {k: jnp.zeros((config.num_layers,) + v.shape, v.dtype) for k, v in one.items()}
     return [init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
             for _ in range(config.num_layers)]

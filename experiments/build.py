@@ -79,6 +79,7 @@ def build(c, plan: dict, workdir: str) -> Built:
         import vjax  # noqa: PLC0415
 
         _, init_params = vjax.from_pretrained(cfg._expand(c.init_params), model=c.model)
+        init_params = vjax.pretrained.with_layer_layout(init_params, module)  # e.g. unrolled -> scan_layers
 
     # --- input pipeline: the release's frame preprocessing (square S x S batches, or with data.frame_buckets one
     # loader per frame shape: Qwen2-VL's native resolution, bucketed), text buckets plus a full clip's visual

@@ -161,6 +161,7 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
         plan_conversion,
         unflatten_params,
     )
+    from vjax.layers.scan import unstack_all  # noqa: PLC0415
     from vjax.models import registry  # noqa: PLC0415
     from vjax.pretrained import VJAX_CONFIG, _with_dtype, abstract_params, init_params  # noqa: PLC0415
 
@@ -218,7 +219,8 @@ def run(model: str, srcs: list[str], dst: str, *, variant: str | None = None, to
     flat_expected = flatten_params(expected)
     table = lay.table(config, list(shapes))
 
-    plan = plan_conversion(shapes, table, {k: tuple(v.shape) for k, v in flat_expected.items()})
+    unrolled = flatten_params(unstack_all(expected))  # tables name layers_{i}; convert() stacks scanned groups
+    plan = plan_conversion(shapes, table, {k: tuple(v.shape) for k, v in unrolled.items()})
     context = ", ".join(srcs) + (f"; {lay.hint}" if lay.hint and plan.missing else "")
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
         raise ConversionError(plan.missing, plan.unexpected, plan.mismatched, context)

@@ -24,6 +24,7 @@ import numpy as np
 from vjax.convert import combine, hf_entry, open_checkpoint, read_hf_config
 from vjax.convert.mapping import convert, export, flatten_params
 from vjax.convert.io import save_sharded_safetensors
+from vjax.layers.scan import stack_like, unstack_all
 from vjax.models import registry
 
 VJAX_CONFIG = "vjax_config.json"
@@ -68,6 +69,26 @@ def _with_dtype(config: Any, dtype: Any) -> Any:
     return dataclasses.replace(config, **kw)
 
 
+def _with_scan(config: Any, scan_layers: bool | None) -> Any:
+    """``config`` with ``scan_layers`` set on it and on every nested config that has the field."""
+    if scan_layers is None:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    kw: dict[str, Any] = {"scan_layers": scan_layers} if "scan_layers" in fields else {}
+    for f in fields:
+        v = getattr(config, f)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            kw[f] = _with_scan(v, scan_layers)
+    return dataclasses.replace(config, **kw)
+
+
+def with_layer_layout(params: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """``params`` (either layer layout) in the layout of ``module``: its scanned groups (``scan_layers``) stacked
+    ``[N, ...]``, every other group unrolled (``layers_{i}``, ``blocks_{i}``); e.g. a checkpoint saved unrolled
+    for a training config that scans."""
+    return stack_like(unstack_all(params), abstract_params(module))
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -76,6 +97,7 @@ def from_pretrained(
     dtype: Any = None,
     strict: bool = True,
     progress: bool = False,
+    scan_layers: bool | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``(module, params)`` from an HF-layout directory or a vjax checkpoint directory.
 
@@ -86,13 +108,19 @@ def from_pretrained(
         the directory's config (for checkpoints that ship without a usable config.json).
       dtype: parameter and compute dtype (e.g. ``jnp.bfloat16``); default: as saved / float32.
       strict: refuse partial loads (see :func:`vjax.convert.convert`).
+      scan_layers: set ``scan_layers`` on the model's decoder and towers (parameters stacked per group, the
+        layout of ``nn.scan``); default: as saved (HF layouts: unrolled).
     Returns:
       the Flax module and its parameters (plain nested dict of arrays); then
       ``module.apply({"params": params}, input_ids=..., attention_mask=...).logits`` is ``[B, L, V]``.
     """
     p = Path(path)
     if (p / VJAX_CONFIG).exists():
-        return _load_vjax(p, model=model, dtype=dtype)
+        module, params = _load_vjax(p, model=model, dtype=dtype)
+        if scan_layers is not None:
+            module = module.clone(config=_with_scan(module.config, scan_layers))
+            params = with_layer_layout(params, module)
+        return module, params
     cfg_file = p / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{p}: neither {VJAX_CONFIG} (vjax checkpoint) nor config.json (HF layout) found")
@@ -105,7 +133,7 @@ def from_pretrained(
     source = combine([(str(p), "", open_checkpoint(p))], lay)
     shapes = {k: source.shape(k) for k in source.keys()}
     config = getattr(config_cls, variant)() if variant else lay.config_from_hf(hf, shapes)
-    config = _with_dtype(config, dtype)
+    config = _with_scan(_with_dtype(config, dtype), scan_layers)
     module = module_cls(config)
     expected = abstract_params(module)
     context = str(p) + (f"; {lay.hint}" if lay.hint else "")

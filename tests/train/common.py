@@ -10,9 +10,16 @@ from vjax.train.step import Trainer
 
 
 def build(model: str, mesh, trainable=None) -> Trainer:
-    """A Trainer for the tiny config of a registered model (its sharded dims divide a 2x2x2 mesh)."""
+    """A Trainer for the tiny config of a registered model (its sharded dims divide a 2x2x2 mesh);
+    ``"<name>+scan"``: the same with ``scan_layers`` on its decoder and towers."""
+    model, _, variant = model.partition("+")
     cfg_cls, module_cls = registry.get(model)
-    module = module_cls(cfg_cls.tiny())
+    config = cfg_cls.tiny()
+    if variant == "scan":
+        from vjax.pretrained import _with_scan  # noqa: PLC0415
+
+        config = _with_scan(config, True)
+    module = module_cls(config)
     # Adam's first steps are ~lr * sign(g): an element whose gradient is ~0 flips sign under any change
     # of reduction order (sharded vs not), moving by ~lr. eps=1e-3 bounds that amplification to
     # lr * |Δg| / eps, so a 1e-5 comparison tests the sharding, not Adam's conditioning.

@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from tests.train.common import build, fixed_batches  # noqa: E402
+from vjax.layers.scan import unstack_all  # noqa: E402
+from vjax.pretrained import with_layer_layout  # noqa: E402
 from vjax.train.checkpoint import Checkpoints  # noqa: E402
 from vjax.train.sharding import make_mesh  # noqa: E402
 
@@ -21,12 +23,19 @@ def main(model: str, mesh_shape: str, out: str, steps: int, ckpt_dir: str = "", 
     shape = tuple(int(s) for s in mesh_shape.split("x"))
     n = int(np.prod(shape))
     trainer = build(model, make_mesh(shape, jax.devices()[:n]))
-    state = trainer.init_state(0)
+    if model.endswith("+scan"):  # the unrolled model's initial values, stacked: runs compare leaf by leaf
+        unrolled = build(model.partition("+")[0], make_mesh(shape, jax.devices()[:n]))
+        state = trainer.init_state(0, with_layer_layout(jax.device_get(unrolled.init_state(0).params), trainer.module))
+        spec = state.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec  # [layers, embed, mlp]
+        assert tuple(spec) == (None, "fsdp", "tensor"), spec
+    else:
+        state = trainer.init_state(0)
     losses = []
     for batch in fixed_batches(trainer.module, steps):
         state, metrics = trainer.train_step(state, batch)
         losses.append(float(metrics["loss"]))
-    leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state.params))}
+    params = unstack_all(jax.device_get(state.params))  # scanned groups unrolled: the leaves of the unrolled model
+    leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(params))}
     np.savez(out, losses=np.asarray(losses), **leaves)
     if ckpt_dir:
         ck = Checkpoints(ckpt_dir)

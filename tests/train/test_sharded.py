@@ -37,10 +37,14 @@ def single_device(tmp_path_factory):
 
 # cogvlm2_video on 2x2x2 found an XLA SPMD mis-partitioning of the backward pass of its EVA2 tower (every
 # two-axis mesh agreed); the GLU adapter pins its activation's sharding (vjax/models/encoders.py).
-@pytest.mark.parametrize("model,mesh", [("decoder", "2x2x2"), ("qwen2_vl", "2x2x2"), ("cogvlm2_video", "2x2x2")])
+# decoder+scan: scan_layers (params stacked [layers, ...], the layer axis replicated) on a 2x2 (fsdp x tensor)
+# mesh equals the unrolled decoder on one device.
+@pytest.mark.parametrize("model,mesh", [("decoder", "2x2x2"), ("qwen2_vl", "2x2x2"), ("cogvlm2_video", "2x2x2"),
+                                        ("decoder+scan", "1x2x2")])
 def test_sharded_step_equals_single_device(model, mesh, tmp_path, single_device):
-    _run(model, mesh, tmp_path / "eight.npz", 3, tmp_path / "ckpt", "1x2x2")
-    one, eight = single_device(model), np.load(tmp_path / "eight.npz")
+    ckpt = (tmp_path / "ckpt", "1x2x2") if "+" not in model else ()
+    _run(model, mesh, tmp_path / "eight.npz", 3, *ckpt)
+    one, eight = single_device(model.partition("+")[0]), np.load(tmp_path / "eight.npz")
     np.testing.assert_allclose(one["losses"], eight["losses"], atol=1e-5)
     keys = [k for k in one.files if k != "losses"]
     assert keys and all(np.abs(one[k] - eight[k]).max() <= 1e-5 for k in keys)

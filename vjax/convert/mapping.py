@@ -8,6 +8,12 @@ several vjax parameters (e.g. a fused ``query_key_value`` weight) and joins them
 :func:`convert` first plans the whole mapping from names and shapes only — nothing is read — and
 raises :class:`ConversionError` listing every missing, unexpected and mis-shaped tensor by name; only
 then does it read tensors one at a time (memory-mapped sources stay on disk until read).
+
+Tables name the unrolled layout (``layers_{i}``, ``blocks_{i}``). A model with scanned layers
+(``scan_layers``: a group ``layers`` / ``blocks`` with every leaf ``[N, ...]``, :mod:`vjax.layers.scan`) is
+served by the same tables: :func:`convert` plans against the unrolled form of ``expected`` and writes each
+layer into its slice of the stacked array, and :func:`export` reads the slices back, so every converter and
+``vjax.pretrained`` get both layouts from these two functions.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vjax.convert.io import TensorSource
+from vjax.layers.scan import scanned_groups, unstack_all
 from vjax.pytree import flatten_params, unflatten_params  # noqa: F401 (re-exported)
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -298,6 +305,8 @@ def convert(
     """
     flat_expected = expected if all("/" in k for k in expected) and not any(
         isinstance(v, Mapping) for v in expected.values()) else flatten_params(expected)
+    stacked = _Stacked(flat_expected)
+    flat_expected = stacked.unrolled
     want_shapes = {k: tuple(v.shape) for k, v in flat_expected.items()}
     plan = plan_conversion({k: source.shape(k) for k in source.keys()}, table, want_shapes)
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
@@ -307,15 +316,65 @@ def convert(
         if _blockwise(source, key, rule):  # a transposed matrix, filled block by block: no full-size temporary
             path = rule.dst.format(**fields)
             target = np.dtype(dtype) if dtype is not None else np.dtype(flat_expected[path].dtype)
-            out[path] = _read_transposed(source, key, target)
+            slot = stacked.slot(out, path, target)
+            if slot is None:
+                out[path] = _read_transposed(source, key, target)
+            else:
+                _read_transposed(source, key, target, slot)
             continue
         parts = rule.load(source.get(key))
         for path_t, arr in zip(rule.dsts, parts):
             path = path_t.format(**fields)
             target = np.dtype(dtype) if dtype is not None else np.dtype(flat_expected[path].dtype)
-            out[path] = _owned(arr, target)
+            slot = stacked.slot(out, path, target)
+            if slot is None:
+                out[path] = _owned(arr, target)
+            else:
+                slot[...] = arr
         del parts
+    stacked.check_complete(context)
     return unflatten_params(out)
+
+
+class _Stacked:
+    """Where each unrolled path of a scanned model lives: ``<group>_<i>/<rest>`` is slice ``i`` of
+    ``<group>/<rest>`` (leaves ``[N, ...]``). The stacked arrays are allocated on first write and filled layer by
+    layer, so converting a scanned model holds no second copy of its layers."""
+
+    def __init__(self, flat_expected: Mapping[str, Any]):
+        self.groups = scanned_groups(flat_expected)
+        self.unrolled = flat_expected
+        if self.groups:  # shapes only: no slice of a real array is taken here
+            self.unrolled = unstack_all({k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
+                                         for k, v in flat_expected.items()})
+        self.shapes = {k: tuple(v.shape) for k, v in flat_expected.items()}
+        self.where: dict[str, tuple[str, int]] = {}
+        for prefix, _ in self.groups:
+            rx = re.compile(re.escape(prefix) + r"_(\d+)/(.+)")
+            for path in self.unrolled:
+                m = rx.fullmatch(path)
+                if m:
+                    self.where[path] = (f"{prefix}/{m.group(2)}", int(m.group(1)))
+        self.filled: dict[str, set[int]] = {}
+
+    def slot(self, out: dict, path: str, dtype: np.dtype) -> np.ndarray | None:
+        """The view of ``out[<group>/<rest>]`` that holds ``path`` (``None`` for a path outside any group)."""
+        if path not in self.where:
+            return None
+        full, i = self.where[path]
+        if full not in out:
+            out[full] = np.empty(self.shapes[full], dtype)
+        self.filled.setdefault(full, set()).add(i)
+        return out[full][i]
+
+    def check_complete(self, context: str = "") -> None:
+        """A partial load (``strict=False``) cannot leave holes in a stacked array: name the layers missing."""
+        holes = [f"{full}: layers {sorted(set(range(self.shapes[full][0])) - got)}"
+                 for full, got in sorted(self.filled.items()) if len(got) != self.shapes[full][0]]
+        if holes:
+            raise ConversionError(missing=holes, context=(context + "; " if context else "") + (
+                "a scanned model (scan_layers) needs every layer of a group in one load; convert into the unrolled "
+                "config and stack with vjax.layers.scan.stack_layers after merging"))
 
 
 _BLOCK_BYTES = 8 << 20
@@ -327,10 +386,10 @@ def _blockwise(source: TensorSource, key: str, rule) -> bool:
             and getattr(source, "can_read_rows", lambda k: True)(key))
 
 
-def _read_transposed(source: TensorSource, key: str, dtype: np.dtype) -> np.ndarray:
-    """``source[key].T`` as a new C-contiguous array, reading ~8 MiB of rows at a time."""
+def _read_transposed(source: TensorSource, key: str, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """``source[key].T`` as a new C-contiguous array (or written into ``out``), reading ~8 MiB of rows at a time."""
     rows, cols = source.shape(key)
-    out = np.empty((cols, rows), dtype)
+    out = np.empty((cols, rows), dtype) if out is None else out
     step = max(1, _BLOCK_BYTES // max(1, cols * 4))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -378,7 +437,17 @@ def export_plan(paths: Sequence[str], table: Table) -> list[tuple[str, Any, list
 
 
 def export(params: Mapping[str, Any], table: Table) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(torch key, array)`` for every parameter; the inverse of :func:`convert`."""
+    """Yield ``(torch key, array)`` for every parameter; the inverse of :func:`convert`. Scanned groups are
+    exported layer by layer (one slice of a stacked array read at a time)."""
     flat = flatten_params(params)
-    for key, rule, parts in export_plan(list(flat), table):
-        yield key, rule.export([np.asarray(jax.device_get(flat[p])) for p in parts])
+    stacked = _Stacked(flat)
+    where = stacked.where
+
+    def get(path):
+        if path in where:
+            full, i = where[path]
+            return np.asarray(jax.device_get(flat[full][i]))
+        return np.asarray(jax.device_get(flat[path]))
+
+    for key, rule, parts in export_plan(list(stacked.unrolled), table):
+        yield key, rule.export([get(p) for p in parts])

@@ -8,5 +8,6 @@ Axis letters used in shape comments and einsums throughout the layers:
     M memory slots  V vocabulary
 
 Logical axis names carried by parameters (mapped to mesh axes by `vjax.train` rules):
-``embed``, ``vocab``, ``heads`` (flattened heads x head width), ``kv_heads``, ``mlp``, ``norm``.
+``embed``, ``vocab``, ``heads`` (flattened heads x head width), ``kv_heads``, ``mlp``, ``norm``, and ``layers``
+(the leading axis of a scanned block's stacked parameters, `vjax.layers.scan`).
 """

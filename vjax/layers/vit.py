@@ -37,6 +37,7 @@ from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import Mlp
 from vjax.layers.norm import LayerNorm
 from vjax.layers.rope import rope_inv_freq
+from vjax.layers.scan import checkpoint_policy, remat_block, resolve_remat, scan_block
 
 
 # ----------------------------------------------------------------------------- plain functions
@@ -207,6 +208,15 @@ class ViTBlock(nn.Module):
         return x
 
 
+class ScanViTBlock(ViTBlock):
+    """:class:`ViTBlock` with the call ``nn.scan`` needs: ``(x, inputs) -> (x, x)``, ``inputs`` the keyword
+    arguments every block shares (``cos``, ``sin``, ``mask``); the output is emitted for ``hidden_states``."""
+
+    def __call__(self, x, inputs):
+        x = super().__call__(x, **inputs)
+        return x, x
+
+
 @flax.struct.dataclass
 class ViTOutput:
     """``last [B, L, D]``: after the last block run (and ``post_norm`` if any); ``hidden_states``:
@@ -218,7 +228,11 @@ class ViTOutput:
 
 class ViT(nn.Module):
     """The configurable ViT trunk (module docstring). Parameter names: ``patch_embed``, ``cls_token [D]``,
-    ``pos_embed [num_positions, D]``, ``patch_norm``, ``pre_norm``, ``blocks_{i}``, ``post_norm``."""
+    ``pos_embed [num_positions, D]``, ``patch_norm``, ``pre_norm``, ``blocks_{i}``, ``post_norm``.
+
+    ``scan_layers``: one block scanned over the depth, parameters ``blocks`` stacked ``[depth, ...]``
+    (:mod:`vjax.layers.scan`). ``remat_policy``: a :data:`vjax.layers.scan.REMAT_POLICIES` name, applied to
+    every block (to the scanned body with ``scan_layers``)."""
 
     width: int
     depth: int
@@ -247,6 +261,8 @@ class ViT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"  # vjax.layers.attention.attention's impl
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(
@@ -264,6 +280,8 @@ class ViT(nn.Module):
         :class:`~vjax.layers.masks.StructuredMask` (e.g. :func:`segment_structure`).
         ``num_blocks``: run only the first blocks (e.g. CLIP's penultimate-layer features); every
         block's parameters are still created at ``init``. ``post_norm`` applies only after the last block.
+        With ``scan_layers`` and ``num_blocks < depth`` the same block is scanned over the first ``num_blocks``
+        slices of the stacked parameters (one parameter tree whatever ``num_blocks`` a call asks for).
         """
         pdt = self.param_dtype
         h = PatchEmbed(self.width, self.patch_size, self.in_channels, self.patch_stride, self.temporal_patch_size,
@@ -288,12 +306,39 @@ class ViT(nn.Module):
         n = self.depth if num_blocks is None or self.is_initializing() else num_blocks
         if not 0 <= n <= self.depth:
             raise ValueError(f"num_blocks={num_blocks} outside [0, {self.depth}]")
-        hidden = [h]
-        for i in range(n):
-            h = ViTBlock(self.width, self.num_heads, self.mlp_dim, self.act, self.eps, self.norm_position,
-                         self.qkv_bias, self.out_bias, self.mlp_bias, self.bias_kv, self.dtype, pdt,
-                         attention_impl=self.attention_impl, name=f"blocks_{i}")(h, cos=cos, sin=sin, mask=mask)
-            hidden.append(h)
+        args = (self.width, self.num_heads, self.mlp_dim, self.act, self.eps, self.norm_position, self.qkv_bias,
+                self.out_bias, self.mlp_bias, self.bias_kv, self.dtype, pdt, self.attention_impl)
+        policy = resolve_remat(False, self.remat_policy)
+        if self.scan_layers:
+            h0 = h
+            h, stacked = self._scanned_blocks(h, args, policy, n, dict(cos=cos, sin=sin, mask=mask))
+            hidden = [h0, *stacked]  # stacked: [n, B, L, D]
+        else:
+            hidden = [h]
+            block = remat_block(ViTBlock, policy)
+            for i in range(n):
+                h = block(*args, name=f"blocks_{i}")(h, cos=cos, sin=sin, mask=mask)
+                hidden.append(h)
         if self.post_norm and n == self.depth:
             h = LayerNorm(self.post_norm_eps, param_dtype=pdt, name="post_norm")(h)
         return ViTOutput(last=h, hidden_states=tuple(hidden))
+
+    def _scanned_blocks(self, h, args, policy: str, n: int, inputs: dict) -> tuple[jax.Array, jax.Array]:
+        """The first ``n`` blocks scanned: ``(h after block n, every block's output [n, B, L, D])``.
+
+        All ``depth`` blocks run through the ``nn.scan`` module ``blocks`` (which creates the stacked
+        parameters at ``init``); fewer run as a ``lax.scan`` of the same step over the first ``n`` slices of
+        those parameters, rematerialised by the same policy."""
+        if n == self.depth:
+            step = remat_block(ScanViTBlock, policy, scanned=True)
+            return scan_block(step, self.depth, in_axes=(nn.broadcast,))(*args, name="blocks")(h, inputs)
+        stacked = nn.meta.unbox(self.variables["params"]["blocks"])  # leaves [depth, ...]
+        first = jax.tree_util.tree_map(lambda p: p[:n], stacked)
+        body = ScanViTBlock(*args)
+
+        def one(x, params):
+            return body.apply({"params": params}, x, inputs)
+
+        if policy != "none":
+            one = jax.checkpoint(one, policy=checkpoint_policy(policy), prevent_cse=False)
+        return jax.lax.scan(one, h, first)

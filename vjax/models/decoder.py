@@ -17,6 +17,7 @@ read the per-token routing ``vision [B, L]`` passed through ``CausalLM.__call__(
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
+from vjax.layers.scan import check_remat_policy, remat_block, resolve_remat, scan_block
 from vjax.layers.visual_expert import VisualExpertConfig, VisualExpertDecoderLayer
 from vjax.models.losses import next_token_loss
 from vjax.models.spec import ModelSpec
@@ -69,7 +71,9 @@ class DecoderConfig:
     vision_qkv_bias: bool = True  # CogVLM's vision expert q/k/v bias (only with visual_experts)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # alias of remat_policy="full" (kept for existing configs)
+    remat_policy: str = "none"  # vjax.layers.scan.REMAT_POLICIES: none | full | dots_saveable | ... | offload
+    scan_layers: bool = False  # nn.scan over one block: params `layers` [num_layers, ...], stacked KV cache
     # LoRA adapters on attention projections (MiniGPT4-video: r 64, alpha 16 on q_proj, v_proj); 0 = off
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -88,6 +92,7 @@ class DecoderConfig:
                 f"mrope_section={self.mrope_section} sums to {sum(self.mrope_section)}, "
                 f"but must equal head_dim // 2 = {self.resolved_head_dim // 2}"
             )
+        check_remat_policy(self.remat_policy)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -290,9 +295,14 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask == 1, pos, 1)
 
 
-def decoder_cache(config: DecoderConfig, batch: int, length: int, dtype=None) -> list[Cache]:
-    """An empty KV cache of ``length`` slots for every layer of a decoder with ``config``."""
+def decoder_cache(config: DecoderConfig, batch: int, length: int, dtype=None) -> list[Cache] | Cache:
+    """An empty KV cache of ``length`` slots for every layer of a decoder with ``config``: a list of per-layer
+    caches ``{"k", "v": [B, S, K, Dh]}``, or with ``scan_layers`` one cache stacked ``[num_layers, B, S, K, Dh]``
+    (what the scanned layers consume). :func:`cache_length` reads either."""
     dt = jnp.dtype(dtype or config.dtype)
+    if config.scan_layers:
+        one = init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
+        return {k: jnp.zeros((config.num_layers,) + v.shape, v.dtype) for k, v in one.items()}
     return [init_cache(batch, length, config.num_kv_heads, config.resolved_head_dim, dt)
             for _ in range(config.num_layers)]
 
@@ -318,23 +328,53 @@ class DecoderLayer(nn.Module):
         return h, cache
 
 
-def decoder_block(config: "DecoderConfig", name: str) -> nn.Module:
-    """The LLaMA-family block (:class:`DecoderLayer`), rematerialised when ``config.remat``."""
-    return (nn.remat(DecoderLayer) if config.remat else DecoderLayer)(config, name=name)
+def decoder_block(config: "DecoderConfig", name: str, lift: Callable[[type], type] | None = None) -> nn.Module:
+    """The LLaMA-family block (:class:`DecoderLayer`). ``lift`` transforms the class before it is built
+    (:class:`CausalLM` passes remat and, with ``scan_layers``, the scan over all layers)."""
+    return (lift or _identity)(DecoderLayer)(config, name=name)
 
 
-def visual_expert_block(config: "DecoderConfig", name: str) -> nn.Module:
+def visual_expert_block(config: "DecoderConfig", name: str, lift: Callable[[type], type] | None = None) -> nn.Module:
     """CogVLM's visual-expert block (:class:`~vjax.layers.visual_expert.VisualExpertDecoderLayer`) with this
-    decoder's sizes; it reads ``vision [B, L]`` (True: the token goes to the vision expert)."""
-    layer = nn.remat(VisualExpertDecoderLayer) if config.remat else VisualExpertDecoderLayer
-    return layer(config.expert_config, name=name)
+    decoder's sizes; it reads ``vision [B, L]`` (True: the token goes to the vision expert). ``lift`` as in
+    :func:`decoder_block`."""
+    return (lift or _identity)(VisualExpertDecoderLayer)(config.expert_config, name=name)
+
+
+def _identity(cls: type) -> type:
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def scan_step(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of a decoder block class whose call fits ``nn.scan``: ``(h, cache, inputs) -> (h, (cache,
+    h))`` with ``cache`` this layer's slice of the stacked cache and ``inputs`` the keyword arguments shared
+    by every layer (cos/sin, mask, cache_index, ``vision``); the layer's output is also emitted, so the scan
+    returns every layer's hidden state stacked."""
+
+    class Step(cls):
+        def __call__(self, h, cache, inputs):
+            h, cache = super().__call__(h, cache=cache, **inputs)
+            return h, (cache, h)
+
+    Step.__name__ = Step.__qualname__ = f"ScanStep{cls.__name__}"
+    return Step
+
+
+def cache_length(cache: Any) -> int:
+    """Number of slots ``S`` of a KV cache in either layout: a list of per-layer ``{"k": [B, S, K, Dh], ...}``
+    (unrolled decoder) or one stacked ``{"k": [N, B, S, K, Dh], ...}`` (``scan_layers``)."""
+    first = cache if isinstance(cache, Mapping) else cache[0]
+    return first["k"].shape[-3]
 
 
 class CausalLM(nn.Module):
     """The decoder with its embedding and LM head. See the module docstring for the formula.
 
-    ``block``: ``(config, name) -> module`` building each layer (:func:`decoder_block`, or
-    :func:`visual_expert_block` for a config with ``visual_experts``)."""
+    ``block``: ``(config, name, lift) -> module`` building each layer (:func:`decoder_block`, or
+    :func:`visual_expert_block` for a config with ``visual_experts``); ``lift`` maps the block class to its
+    rematerialised (``remat_policy``) and, with ``scan_layers``, scanned form (:func:`scan_step`), and the
+    one scanned module is named ``layers``."""
 
     config: DecoderConfig
     block: Callable[..., nn.Module] | None = None
@@ -347,7 +387,15 @@ class CausalLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         block = self.block or (visual_expert_block if c.visual_experts else decoder_block)
-        self.layers = [block(c, f"layers_{i}") for i in range(c.num_layers)]
+        policy = resolve_remat(c.remat, c.remat_policy)
+        if c.scan_layers:  # one block scanned over the layers: params `layers` [num_layers, ...]
+            def lift(cls):
+                return scan_block(remat_block(scan_step(cls), policy, scanned=True), c.num_layers,
+                                  in_axes=(0, nn.broadcast))
+
+            self.layers = block(c, "layers", lift)
+        else:
+            self.layers = [block(c, f"layers_{i}", lambda cls: remat_block(cls, policy)) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, pdt)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), param_dtype=pdt)
@@ -366,8 +414,8 @@ class CausalLM(nn.Module):
             return mrope_cos_sin(position_ids, c.resolved_head_dim, c.rope_theta, c.mrope_section)
         return rope_cos_sin(position_ids, inv)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> list[Cache]:
-        """An empty KV cache of ``length`` slots for every layer."""
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[Cache] | Cache:
+        """An empty KV cache of ``length`` slots for every layer (:func:`decoder_cache`)."""
         return decoder_cache(self.config, batch, length, dtype)
 
     def __call__(
@@ -404,7 +452,7 @@ class CausalLM(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(c.dtype))
         b, l, _ = h.shape
-        s = l if cache is None else cache[0]["k"].shape[1]
+        s = l if cache is None else cache_length(cache)
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), jnp.int32)
         if attention_mask.shape != (b, s):
@@ -420,12 +468,18 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(position_ids)
         # structure, not the dense [B, 1, L, S] mask: the attention impl densifies it only if it needs to
         mask = structured_mask(attention_mask, query_offset=cache_index, sliding_window=c.sliding_window)
-        hidden, new_cache = [h], []
-        for i, layer in enumerate(self.layers):
-            h, layer_cache = layer(h, cos=cos, sin=sin, mask=mask, cache=None if cache is None else cache[i],
-                                   cache_index=cache_index, **block_inputs)
-            new_cache.append(layer_cache)
-            hidden.append(h)
+        if c.scan_layers:
+            inputs = dict(cos=cos, sin=sin, mask=mask, cache_index=cache_index, **block_inputs)
+            h0 = h
+            h, (new_cache, stacked) = self.layers(h, cache, inputs)  # stacked: [num_layers, B, L, D]
+            hidden = [h0, *stacked] if return_hidden else [h]
+        else:
+            hidden, new_cache = [h], []
+            for i, layer in enumerate(self.layers):
+                h, layer_cache = layer(h, cos=cos, sin=sin, mask=mask, cache=None if cache is None else cache[i],
+                                       cache_index=cache_index, **block_inputs)
+                new_cache.append(layer_cache)
+                hidden.append(h)
         h = self.norm(h)
         hidden[-1] = h
         if logits_at is not None:

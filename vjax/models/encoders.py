@@ -43,6 +43,7 @@ import numpy as np
 from vjax.layers.attention import check_impl
 from vjax.layers.mlp import dense
 from vjax.layers.norm import LayerNorm
+from vjax.layers.scan import check_remat_policy
 from vjax.layers.vit import (
     ViT,
     grid_positions_2d,
@@ -102,9 +103,12 @@ class EncoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # vjax.layers.attention.attention: auto | xla | chunked | cudnn | splash
+    scan_layers: bool = False  # one block scanned over the depth: trunk params `vit/blocks` [depth, ...]
+    remat_policy: str = "none"  # vjax.layers.scan.REMAT_POLICIES, applied to every trunk block
 
     def __post_init__(self):
         check_impl(self.attention_impl)
+        check_remat_policy(self.remat_policy)
         if self.tower not in TOWERS:
             raise ValueError(f"tower={self.tower!r} is not one of {TOWERS}")
         if self.width % self.num_heads:
@@ -231,7 +235,7 @@ class Encoder(nn.Module):
             pre_norm=c.pre_norm, post_norm=False, eps=c.eps, patch_norm_eps=c.patch_norm_eps,
             pre_norm_eps=c.pre_norm_eps, norm_position=c.norm_position, act=c.act, qkv_bias=c.qkv_bias,
             bias_kv=c.bias_kv, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-            attention_impl=c.attention_impl, name="vit",
+            attention_impl=c.attention_impl, scan_layers=c.scan_layers, remat_policy=c.remat_policy, name="vit",
         )
 
     @nn.compact

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from vjax.layers.splice import splice_tokens
-from vjax.models.decoder import CausalLMOutput, decoder_cache
+from vjax.models.decoder import CausalLMOutput, cache_length, decoder_cache
 from vjax.models.losses import next_token_loss
 
 VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "qformer_input_ids", "qformer_attention_mask")
@@ -151,7 +151,7 @@ def hide_slots(attention_mask: jax.Array | None, placeholder: jax.Array, token_m
     [[1, 1, 0, 0, 1]]
     """
     b, l = placeholder.shape
-    s = l if cache is None else cache[0]["k"].shape[1]
+    s = l if cache is None else cache_length(cache)
     mask = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     k = jnp.cumsum(placeholder.astype(jnp.int32), axis=1) - 1  # [B, L]: which visual token each slot shows
     n = token_mask.shape[1]

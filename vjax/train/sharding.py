@@ -28,6 +28,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned blocks (vjax.layers.scan): not split; the other axes shard
 )
 
 

@@ -1,0 +1,238 @@
+"""Layer stacks: rematerialisation policies by name, ``nn.scan`` over one block, stacked parameter trees.
+
+A model of ``N`` identical blocks either unrolls them (parameters ``layers_0 .. layers_{N-1}``, one traced
+copy of the block per layer) or scans one block over a leading layer axis (parameters ``layers`` with every
+leaf ``[N, ...]``; one traced copy, so compile time no longer grows with depth). The two layouts hold the
+same numbers: :func:`stack_layers` / :func:`unstack_layers` move a tree between them, and
+:func:`stack_like` / :func:`unstack_all` do it for every group of a model at once (the checkpoint converters
+read and write the unrolled layout and call these when the model is scanned).
+
+A scanned group is a sub-tree whose name is one of :data:`SCAN_GROUPS` (``layers`` in the decoder, ``blocks``
+in the ViT); its unrolled form is the siblings ``<name>_0 .. <name>_{N-1}``.
+
+Rematerialisation (``jax.checkpoint``) trades compute for memory: the backward pass recomputes what the
+policy did not save. :data:`REMAT_POLICIES` names them:
+
+| name | saved for the backward pass |
+|---|---|
+| ``none`` | everything (no remat) |
+| ``full`` | only the block's inputs |
+| ``dots_saveable`` | every matmul output |
+| ``dots_with_no_batch_dims_saveable`` | matmuls without batch dimensions (the projections, not attention scores) |
+| ``offload`` | as the previous, but moved to pinned host memory (backends that have it) |
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
+SCAN_GROUPS = ("layers", "blocks")
+LAYER_AXIS = "layers"  # the logical name of the stacked axis (replicated by vjax.train.sharding.RULES)
+
+
+def check_remat_policy(name: str) -> str:
+    """``name`` if it is one of :data:`REMAT_POLICIES`, else a ``ValueError`` naming it and the choices.
+
+    >>> check_remat_policy("dots_saveable")
+    'dots_saveable'
+    """
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r} is not one of {REMAT_POLICIES}")
+    return name
+
+
+def resolve_remat(remat: bool, remat_policy: str) -> str:
+    """The policy a config asks for: ``remat_policy``, with the older ``remat=True`` meaning ``"full"``
+    when no other policy is named.
+
+    >>> resolve_remat(True, "none"), resolve_remat(False, "dots_saveable"), resolve_remat(True, "offload")
+    ('full', 'dots_saveable', 'offload')
+    """
+    check_remat_policy(remat_policy)
+    return "full" if remat and remat_policy == "none" else remat_policy
+
+
+def has_pinned_host(device: jax.Device | None = None) -> bool:
+    """Whether ``device`` (default: the first device) can address a ``pinned_host`` memory space."""
+    device = device or jax.devices()[0]
+    try:
+        return any(m.kind == "pinned_host" for m in device.addressable_memories())
+    except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+        return False
+
+
+def checkpoint_policy(name: str) -> Callable | None:
+    """The ``jax.checkpoint`` policy of a :data:`REMAT_POLICIES` name (``None`` for ``"full"``: save nothing).
+
+    ``"offload"`` needs a backend with pinned host memory; elsewhere a ``ValueError`` names the backend.
+    ``"none"`` has no policy: do not rematerialise at all (:func:`remat_block` returns the class unchanged).
+    """
+    check_remat_policy(name)
+    cp = jax.checkpoint_policies
+    if name in ("none", "full"):
+        return None
+    if name == "dots_saveable":
+        return cp.dots_saveable
+    if name == "dots_with_no_batch_dims_saveable":
+        return cp.dots_with_no_batch_dims_saveable
+    if not has_pinned_host():
+        raise ValueError(f"remat_policy='offload' needs a pinned_host memory space, which the "
+                         f"{jax.default_backend()!r} backend does not have; use 'dots_with_no_batch_dims_saveable'")
+    return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+
+def remat_block(cls: type[nn.Module], policy: str, *, scanned: bool = False) -> type[nn.Module]:
+    """``cls`` rematerialised by the named policy (``cls`` itself for ``"none"``).
+
+    ``scanned``: the block is the body of a scan, where XLA cannot merge the recomputation with the forward
+    pass anyway, so common-subexpression prevention is off (``prevent_cse=False``) and costs nothing."""
+    if check_remat_policy(policy) == "none":
+        return cls
+    return nn.remat(cls, policy=checkpoint_policy(policy), prevent_cse=not scanned)
+
+
+def scan_block(cls: type[nn.Module], length: int, in_axes: Any) -> type[nn.Module]:
+    """``nn.scan`` of a block class over ``length`` layers, parameters stacked on a leading axis.
+
+    ``cls.__call__(carry, *args) -> (carry, y)``; ``in_axes`` per positional ``arg``: ``0`` for a
+    per-layer input (a stacked KV cache), ``nn.broadcast`` for one shared by every layer (cos/sin, mask).
+    Every parameter gets a leading ``[length]`` axis, named :data:`LAYER_AXIS` in its logical partitioning;
+    the ``y`` of all layers come back stacked ``[length, ...]``. Each layer initialises from its own key.
+    """
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   length=length, metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+
+
+# ----------------------------------------------------------------------------- stacked <-> unrolled trees
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}/{sk}": sv for sk, sv in _flat(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _same_form(flat: dict[str, Any], like: Mapping[str, Any]) -> Any:
+    """``flat`` nested again when the input was nested (``like``), else flat."""
+    nested = any(isinstance(v, Mapping) for v in like.values()) or not all("/" in k for k in like)
+    return _nest(flat) if nested else flat
+
+
+def _stack(leaves: Sequence[Any]) -> Any:
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)
+    return jax.numpy.stack(leaves)
+
+
+def _index(x: Any, i: int) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+    return x[i]
+
+
+def stack_layers(params: Mapping[str, Any], prefix: str, n: int) -> Any:
+    """The tree with ``<prefix>_0 .. <prefix>_{n-1}`` replaced by ``<prefix>`` holding their leaves stacked
+    on a new leading axis. ``prefix`` is a ``/`` path (``"llm/layers"``); ``params`` nested or flat
+    (``{"a/b": x}``), returned in the same form. A missing or extra layer is a ``ValueError`` naming it.
+
+    >>> import numpy as np
+    >>> p = {"layers_0": {"w": np.zeros(2)}, "layers_1": {"w": np.ones(2)}, "norm": np.ones(2)}
+    >>> s = stack_layers(p, "layers", 2)
+    >>> sorted(s), s["layers"]["w"].tolist()
+    (['layers', 'norm'], [[0.0, 0.0], [1.0, 1.0]])
+    """
+    flat = _flat(params)
+    rx = re.compile(re.escape(prefix) + r"_(\d+)/(.+)")
+    per_layer: dict[str, dict[int, Any]] = {}
+    out = {}
+    for path, v in flat.items():
+        m = rx.fullmatch(path)
+        if m is None:
+            out[path] = v
+            continue
+        per_layer.setdefault(m.group(2), {})[int(m.group(1))] = v
+    if not per_layer:
+        raise ValueError(f"no {prefix}_<i> sub-trees to stack")
+    for rest, layers in per_layer.items():
+        if sorted(layers) != list(range(n)):
+            raise ValueError(f"{prefix}_<i>/{rest}: found layers {sorted(layers)}, expected 0..{n - 1}")
+        out[f"{prefix}/{rest}"] = _stack([layers[i] for i in range(n)])
+    return _same_form(out, params)
+
+
+def unstack_layers(params: Mapping[str, Any], prefix: str) -> Any:
+    """Inverse of :func:`stack_layers`: ``<prefix>`` (leaves ``[N, ...]``) back to ``<prefix>_0 .. _{N-1}``.
+
+    >>> import numpy as np
+    >>> u = unstack_layers({"blocks": {"w": np.arange(4.0).reshape(2, 2)}}, "blocks")
+    >>> sorted(u), u["blocks_1"]["w"].tolist()
+    (['blocks_0', 'blocks_1'], [2.0, 3.0])
+    """
+    flat = _flat(params)
+    out = {}
+    head = prefix + "/"
+    found = False
+    for path, v in flat.items():
+        if not path.startswith(head):
+            out[path] = v
+            continue
+        found = True
+        for i in range(v.shape[0]):
+            out[f"{prefix}_{i}/{path[len(head):]}"] = _index(v, i)
+    if not found:
+        raise ValueError(f"no stacked sub-tree {prefix!r} to unstack")
+    return _same_form(out, params)
+
+
+def scanned_groups(params: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """``(path, N)`` of every scanned group in a tree: a sub-tree named one of :data:`SCAN_GROUPS` (its
+    leaves ``[N, ...]``). An unrolled tree has none.
+
+    >>> import numpy as np
+    >>> scanned_groups({"llm": {"layers": {"w": np.zeros((3, 2))}}, "vision": {"blocks_0": {"w": np.zeros(2)}}})
+    [('llm/layers', 3)]
+    """
+    groups: dict[str, int] = {}
+    for path, v in _flat(params).items():
+        parts = path.split("/")
+        for j, p in enumerate(parts[:-1]):
+            if p in SCAN_GROUPS:
+                groups.setdefault("/".join(parts[:j + 1]), int(v.shape[0]))
+                break
+    return sorted(groups.items())
+
+
+def unstack_all(params: Mapping[str, Any]) -> Any:
+    """Every scanned group of ``params`` unrolled (the tree unchanged when it has none)."""
+    for prefix, _ in scanned_groups(params):
+        params = unstack_layers(params, prefix)
+    return params
+
+
+def stack_like(params: Mapping[str, Any], like: Mapping[str, Any]) -> Any:
+    """Unrolled ``params`` stacked wherever the tree ``like`` (e.g. a scanned model's abstract params) has a
+    scanned group; unchanged where ``like`` has none."""
+    for prefix, n in scanned_groups(like):
+        params = stack_layers(params, prefix, n)
+    return params

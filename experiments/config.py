@@ -24,7 +24,7 @@ from vjax.eval import TEXT_KEYS, VISUAL_BATCH_KEYS
 __all__ = ["ConfigError", "TEXT_KEYS", "VISUAL_BATCH_KEYS", "apply_overrides", "check_lengths", "check_mesh",
            "config_json", "config_names", "config_path", "data_format", "experiment_config", "from_config",
            "define_checkpoint_flags", "load_run", "make_sampler", "model_config", "records", "resolve_markers",
-           "synthetic_root", "validate", "with_compute_dtype"]
+           "set_everywhere", "synthetic_root", "validate", "with_compute_dtype"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _NOT_CONFIGS = {"__init__", "common"}
@@ -138,11 +138,41 @@ def model_config(c) -> tuple[Any, Any]:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("compute_dtype", f"{dtype!r} is not one of float32, bfloat16, float16")
         cfg = with_compute_dtype(cfg, dtype)
+    layers = {k: c[k] for k in ("scan_layers", "remat_policy", "attention_impl") if c.get(k) not in (None, "")}
+    if layers:
+        try:
+            cfg = set_everywhere(cfg, **layers)
+        except (ValueError, TypeError) as err:
+            key = next((k for k in layers if k in str(err)), next(iter(layers)))
+            raise ConfigError(key, str(err)) from None
     try:
         cfg = model.with_geometry(cfg, c.data.num_frames, c.data.image_size)
     except (ValueError, TypeError) as err:
         raise ConfigError("data", str(err)) from None
     return model, cfg
+
+
+def set_everywhere(cfg: Any, **fields: Any) -> Any:
+    """Every field named in ``fields`` of a (nested) model config set to its value, wherever it occurs (the LLM, the
+    towers, the Q-Formers); ``dtype`` values keep the field's kind (a string, or a NumPy dtype).
+
+    >>> from vjax.models.decoder import DecoderConfig
+    >>> set_everywhere(DecoderConfig.tiny(), dtype="bfloat16", scan_layers=True).scan_layers
+    True
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    kw = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in fields:
+            new = fields[f.name]
+            kw[f.name] = jnp.dtype(new) if f.name == "dtype" and not isinstance(v, str) else new
+        elif dataclasses.is_dataclass(v):
+            kw[f.name] = set_everywhere(v, **fields)
+    return dataclasses.replace(cfg, **kw)
 
 
 def with_compute_dtype(cfg: Any, dtype: str) -> Any:
@@ -153,18 +183,7 @@ def with_compute_dtype(cfg: Any, dtype: str) -> Any:
     >>> with_compute_dtype(DecoderConfig.tiny(), "bfloat16").dtype
     'bfloat16'
     """
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    if not dataclasses.is_dataclass(cfg):
-        return cfg
-    kw = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name == "dtype":
-            kw[f.name] = dtype if isinstance(v, str) else jnp.dtype(dtype)
-        elif dataclasses.is_dataclass(v):
-            kw[f.name] = with_compute_dtype(v, dtype)
-    return dataclasses.replace(cfg, **kw)
+    return set_everywhere(cfg, dtype=dtype)
 
 
 def data_format(model, mcfg: Any, c) -> FormatSpec:

@@ -121,3 +121,17 @@ def test_compute_dtype_reaches_every_module_and_keeps_float32_weights():
         assert (sub.dtype, sub.param_dtype) == ("bfloat16", "float32"), part
     assert config.experiment_config("qwen2_vl", "7b").compute_dtype == "bfloat16"
     assert config.experiment_config("qwen2_vl", "tiny").compute_dtype == "float32"
+
+
+def test_published_recipes_scan_and_rematerialise_every_block_stack():
+    """scan_layers / remat_policy / attention_impl reach the LLM and the towers of a published recipe (not the tiny
+    runs)."""
+    from experiments import config  # noqa: PLC0415
+
+    for name, variant in (("qwen2_vl", "7b"), ("video_llama", "stage2")):
+        _, mcfg = config.model_config(config.experiment_config(name, variant))
+        for part in ("llm", "vision"):
+            sub = getattr(mcfg, part)
+            assert (sub.scan_layers, sub.remat_policy, sub.attention_impl) == (True, "full", "auto"), (name, part)
+    _, tiny = config.model_config(config.experiment_config("qwen2_vl", "tiny"))
+    assert (tiny.llm.scan_layers, tiny.llm.remat_policy) == (False, "none")

@@ -9,6 +9,9 @@ Keys of a config (``experiments/train.py`` validates all of them before compilin
                           ``data.num_frames`` / ``data.image_size``
   stage                   key of the model's ``STAGES`` (which parameter paths train)
   compute_dtype           every module's compute dtype (float32 tiny, bfloat16 published); parameters stay float32
+  scan_layers, remat_policy, attention_impl
+                          set on every block stack (LLM and towers; docs/scale.md): published recipes scan and
+                          rematerialise fully; attention 'auto' is splash on TPU, cuDNN on GPU, the einsum on CPU
   init_params             '' (random init) or a directory for ``vjax.from_pretrained`` (HF or vjax)
   data.*                  synthetic set or real annotations, sampler, frames, buckets, batch
   optim.*                 ``vjax.train.optim.OptimConfig`` fields (``total_steps`` follows the top level)
@@ -41,6 +44,10 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     c.stage = "full"
     c.init_params = ""
     c.compute_dtype = "float32"  # every module's dtype (parameters stay float32: master weights); bfloat16 at scale
+    # every block stack of the model (LLM, towers): one scanned block, the remat policy, the attention kernel
+    c.scan_layers = False
+    c.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | offload
+    c.attention_impl = "auto"  # auto | xla | chunked | cudnn | splash (auto: splash on TPU, cuDNN on GPU)
 
     c.total_steps = 3000
     c.log_every = 20
@@ -124,6 +131,7 @@ def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: floa
     c.model_preset = preset
     c.model_overrides = ml_collections.ConfigDict()
     c.compute_dtype = "bfloat16"
+    c.scan_layers, c.remat_policy = True, "full"  # 32-40 layers compile as one; activations recomputed per block
     c.stage = stage
     c.init_params = init_params
     c.total_steps = steps

@@ -118,6 +118,8 @@ BAD = [
     (["--config.stage=everything"], "stage"),
     (["--config.data.sampler_kwargs.fps_typo=2"], "data.sampler_kwargs.fps_typo"),
     (["--config.compute_dtype=int8"], "compute_dtype"),
+    (["--config.remat_policy=sometimes"], "remat_policy"),
+    (["--config.attention_impl=magic"], "attention_impl"),
     (["--config.optim.mu_dtype=int8"], "optim"),
 ]
 

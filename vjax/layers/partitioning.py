@@ -4,7 +4,9 @@ Parameters carry logical names (``nn.with_logical_partitioning``); a rules table
 maps each name to mesh axes. :func:`spec_for` makes the ``PartitionSpec`` of one array, replicating a
 dimension the mesh axes do not divide (tiny models on big meshes) and using a mesh axis at most once.
 
-:func:`constrain` pins an activation's sharding by logical names while a mesh (``jax.set_mesh``) and rules
+:func:`constrain` pins an activation's sharding by logical names (every transformer block's output
+``[B, L, D]`` as :data:`ACTIVATION`: batch over the data axes, so FSDP and tensor parallelism shard the
+activations as well as the parameters) while a mesh (``jax.set_mesh``) and rules
 (``flax.linen.logical_axis_rules``) are active — ``vjax.train.step.Trainer`` sets both while its steps trace —
 and is a no-op everywhere else (single device, inference, other projects).
 """
@@ -48,6 +50,9 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh, rules: Seq
         else:
             out.append(None)
     return P(*out)
+
+
+ACTIVATION = ("batch", "length", "act_embed")  # [B, L, D] between transformer blocks (decoder, ViT)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

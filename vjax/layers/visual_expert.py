@@ -34,6 +34,7 @@ from vjax.layers.attention import Cache, attention, check_impl, update_cache
 from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.norm import RMSNorm
+from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import apply_rotary_pos_emb
 
 LANGUAGE_TOKEN_TYPE = 0
@@ -282,4 +283,4 @@ class VisualExpertDecoderLayer(nn.Module):
         h = h + a
         mlp = VisualExpertMlp(c.hidden_size, c.intermediate_size, c.hidden_act, dtype=dt, param_dtype=pdt, name="mlp")
         h = h + mlp(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(h), vision)
-        return h, cache
+        return constrain(h, ACTIVATION), cache

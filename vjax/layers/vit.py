@@ -36,6 +36,7 @@ from vjax.layers.attention import Attention
 from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import Mlp
 from vjax.layers.norm import LayerNorm
+from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_inv_freq
 from vjax.layers.scan import checkpoint_policy, remat_block, resolve_remat, scan_block
 
@@ -205,7 +206,7 @@ class ViTBlock(nn.Module):
         else:
             x = x + norm1(attn(x, cos=cos, sin=sin, mask=mask)[0])
             x = x + norm2(mlp(x))
-        return x
+        return constrain(x, ACTIVATION)
 
 
 class ScanViTBlock(ViTBlock):

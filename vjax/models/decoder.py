@@ -29,6 +29,7 @@ from vjax.layers.attention import Attention, Cache, check_impl, init_cache, stru
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
+from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
 from vjax.layers.scan import check_remat_policy, remat_block, resolve_remat, scan_block
 from vjax.layers.visual_expert import VisualExpertConfig, VisualExpertDecoderLayer
@@ -325,7 +326,7 @@ class DecoderLayer(nn.Module):
         h = h + attn_out
         mlp = GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_act, dtype=dt, param_dtype=pdt, name="mlp")
         h = h + mlp(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(h))
-        return h, cache
+        return constrain(h, ACTIVATION), cache
 
 
 def decoder_block(config: "DecoderConfig", name: str, lift: Callable[[type], type] | None = None) -> nn.Module:

@@ -29,6 +29,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),  # the stacked axis of scanned blocks (vjax.layers.scan): not split; the other axes shard
+    # activations between blocks (vjax.layers.partitioning.ACTIVATION): the batch as above; the sequence and the
+    # width replicated (Megatron's tensor parallelism all-reduces back to whole rows at every block boundary)
+    ("length", None),
+    ("act_embed", None),
 )
 
 

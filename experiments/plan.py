@@ -163,10 +163,13 @@ def recipe(spec: str, frames: int | None = None, dtype: str | None = None, assig
     return c, model, mcfg
 
 
-def abstract_batch(module, global_batch: int, tokens: int) -> dict:
+def abstract_batch(module, global_batch: int, tokens: int, loss_positions: int = 0) -> dict:
     """The model's training batch as ``ShapeDtypeStruct``s: its ``example_batch`` (every key the model reads, at
-    the config's frames and resolution) with the text keys (every ``[B, L]`` key) stretched to ``tokens``."""
+    the config's frames and resolution) with the text keys (every ``[B, L]`` key) stretched to ``tokens``, and
+    ``loss_positions [B, P]`` when the recipe runs the LM head on the supervised positions only
+    (``data.loss_position_buckets``: ``P`` its largest bucket, at most ``tokens``)."""
     import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
 
     example = jax.eval_shape(lambda: module.example_batch(1))
     length = example["input_ids"].shape[1]
@@ -179,6 +182,8 @@ def abstract_batch(module, global_batch: int, tokens: int) -> dict:
         if len(shape) >= 2 and v.shape[:2] == (1, length):
             shape = (global_batch, tokens) + tuple(v.shape[2:])
         out[k] = jax.ShapeDtypeStruct(shape, v.dtype)
+    if loss_positions:
+        out["loss_positions"] = jax.ShapeDtypeStruct((global_batch, min(loss_positions, tokens)), jnp.int32)
     return out
 
 
@@ -226,7 +231,8 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
     def build(cfg, mesh):
         trainer = Trainer(model.module(cfg), optim, mesh, stages[c.stage])
         state = _with_shardings(trainer.abstract_state, trainer.state_shardings)
-        batch = abstract_batch(trainer.module, global_batch, tokens)
+        batch = abstract_batch(trainer.module, global_batch, tokens,
+                               max(tuple(c.data.get("loss_position_buckets") or ()), default=0))
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
                  for k, v in batch.items()}
         with trainer.scope():
@@ -247,11 +253,11 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
         # XLA counts a loop body once, so a scanned step's compiled FLOPs are measured on a slice: the same model
         # with 2 blocks per stack, unrolled, same remat policy, tokens and batch; its ratio to its own model
         # FLOPs (the recompute and XLA's rewrites per block) scales the whole step's model FLOPs
-        small = slice_config(mcfg, 2)
+        small = config.set_everywhere(slice_config(mcfg, 2), attention_impl="xla")  # attention counted as the reference
         small_compiled = build(small, mesh)[3].compile()
         small_model = _flops(build(reference_config(small) or small, cpu)[3].cost_analysis())
         compiled_flops = _flops(small_compiled.cost_analysis()) * len(devices) / small_model * model_flops
-        flops_basis = "2-block unrolled slice (XLA counts a scanned loop body once)"
+        flops_basis = "2-block unrolled slice, dense attention (XLA counts a scanned loop body once)"
     params_b = _per_chip_bytes(state.params, trainer.state_shardings.params)
     opt_b = _per_chip_bytes(state.opt_state, trainer.state_shardings.opt_state)
     batch_b = _per_chip_bytes(batch, {k: v.sharding for k, v in batch.items()})

@@ -1,7 +1,7 @@
 """The dependency direction of docs/design.md, checked on every import statement of the package.
 
 Each package of vjax may import only the packages listed for it (module-level and function-level imports
-alike): ``layers`` nothing but other layers, ``models`` only ``layers``, ``data`` and ``train`` no model.
+alike): ``layers`` nothing but other layers and the leaf ``vjax.pytree``, ``models`` only ``layers``, ``data`` and ``train`` no model.
 """
 
 import ast
@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 ALLOWED = {
-    "vjax.layers": set(),
+    "vjax.layers": {"vjax.pytree"},  # the leaf utility of path-keyed parameter dicts (imports nothing from vjax)
     "vjax.models": {"vjax.layers"},
     "vjax.data": {"vjax.layers"},
     "vjax.train": {"vjax.layers", "vjax.pytree"},

@@ -181,7 +181,7 @@ def cudnn_attention(
     if bias is not None:
         bias = jnp.asarray(bias)
         bias = jnp.broadcast_to(bias.reshape((1,) * (4 - bias.ndim) + bias.shape), (b, h, l, s))
-    implementation = "cudnn" if jax.default_backend() in ("gpu", "cuda") else None
+    implementation = "cudnn" if target_platform() in ("gpu", "cuda") else None
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, mask, scale=scale,
                                         is_causal=is_causal, local_window_size=window,
                                         implementation=implementation)

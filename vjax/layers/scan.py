@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from vjax.pytree import flatten_params, unflatten_params
+
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
 SCAN_GROUPS = ("layers", "blocks")
 LAYER_AXIS = "layers"  # the logical name of the stacked axis (replicated by vjax.train.sharding.RULES)
@@ -110,31 +112,10 @@ def scan_block(cls: type[nn.Module], length: int, in_axes: Any) -> type[nn.Modul
 
 
 # ----------------------------------------------------------------------------- stacked <-> unrolled trees
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update({f"{k}/{sk}": sv for sk, sv in _flat(v).items()})
-        else:
-            out[k] = v
-    return out
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def _same_form(flat: dict[str, Any], like: Mapping[str, Any]) -> Any:
     """``flat`` nested again when the input was nested (``like``), else flat."""
     nested = any(isinstance(v, Mapping) for v in like.values()) or not all("/" in k for k in like)
-    return _nest(flat) if nested else flat
+    return unflatten_params(flat) if nested else flat
 
 
 def _stack(leaves: Sequence[Any]) -> Any:
@@ -162,7 +143,7 @@ def stack_layers(params: Mapping[str, Any], prefix: str, n: int) -> Any:
     >>> sorted(s), s["layers"]["w"].tolist()
     (['layers', 'norm'], [[0.0, 0.0], [1.0, 1.0]])
     """
-    flat = _flat(params)
+    flat = flatten_params(params)
     rx = re.compile(re.escape(prefix) + r"_(\d+)/(.+)")
     per_layer: dict[str, dict[int, Any]] = {}
     out = {}
@@ -189,7 +170,7 @@ def unstack_layers(params: Mapping[str, Any], prefix: str) -> Any:
     >>> sorted(u), u["blocks_1"]["w"].tolist()
     (['blocks_0', 'blocks_1'], [2.0, 3.0])
     """
-    flat = _flat(params)
+    flat = flatten_params(params)
     out = {}
     head = prefix + "/"
     found = False
@@ -214,7 +195,7 @@ def scanned_groups(params: Mapping[str, Any]) -> list[tuple[str, int]]:
     [('llm/layers', 3)]
     """
     groups: dict[str, int] = {}
-    for path, v in _flat(params).items():
+    for path, v in flatten_params(params).items():
         parts = path.split("/")
         for j, p in enumerate(parts[:-1]):
             if p in SCAN_GROUPS:

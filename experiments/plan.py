@@ -239,10 +239,13 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
             lowered = trainer._train_step.lower(state, batch)
         return trainer, state, batch, lowered
 
+    _progress(f"train step: tracing for {sl.name}")
     t0 = time.perf_counter()
     trainer, state, batch, lowered = build(mcfg, mesh)
     t_lower = time.perf_counter() - t0
+    _progress(f"train step: compiling for {len(devices)} {devices[0].device_kind} chips (minutes at 7 B)")
     compiled, mem, t_compile = compile_for_memory(lowered)
+    _progress("train step: counting the model FLOPs (the step unsharded, unrolled, without recompute)")
     # model FLOPs: the whole step, unsharded, unrolled and without recompute, lowered for one CPU device and
     # counted by XLA on the unoptimised program (no compile)
     cpu = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
@@ -254,6 +257,7 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
         # with 2 blocks per stack, unrolled, same remat policy, tokens and batch; its ratio to its own model
         # FLOPs (the recompute and XLA's rewrites per block) scales the whole step's model FLOPs
         small = config.set_everywhere(slice_config(mcfg, 2), attention_impl="xla")  # attention counted as the reference
+        _progress("train step: compiling a 2-block slice for the compiled FLOPs")
         small_compiled = build(small, mesh)[3].compile()
         small_model = _flops(build(reference_config(small) or small, cpu)[3].cost_analysis())
         compiled_flops = _flops(small_compiled.cost_analysis()) * len(devices) / small_model * model_flops
@@ -275,6 +279,10 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
         "flops_ratio": compiled_flops / model_flops if model_flops else float("nan"),
         "lower_seconds": t_lower, "compile_seconds": t_compile,
     }
+
+
+def _progress(message: str) -> None:
+    print(f"plan: {message}", file=sys.stderr, flush=True)
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -336,6 +344,7 @@ def plan_decode(model, mcfg, devices: list, sl: Slice, *, global_batch: int, tok
 
     with jax.set_mesh(mesh):
         lowered = jax.jit(step, donate_argnums=(3,)).lower(params, ids, mask, cache, jax.ShapeDtypeStruct((), jnp.int32))
+    _progress("decode step: compiling")
     compiled, mem, seconds = compile_for_memory(lowered)
     params_b = _per_chip_bytes(params, p_shard)
     cache_b = _per_chip_bytes(cache, jax.tree_util.tree_map(lambda x: x.sharding, cache))

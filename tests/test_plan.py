@@ -79,7 +79,8 @@ def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
         pytest.fail("libtpu is missing: the test extra installs it (pip install -e '.[test]' pulls '.[plan]')")
     out = tmp_path / "plan.json"
     proc = run_plan("--config=video_chatgpt:tiny", "--topology=v5p-8", "--mesh=1,4,1", "--global_batch=8",
-                    "--tokens=96", "--decode", f"--out={out}")
+                    "--tokens=96", "--set=llm.scan_layers=True", "--set=llm.remat_policy=full", "--decode",
+                    f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(out.read_text())
     train, decode = info["plans"]
@@ -91,7 +92,7 @@ def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
     from experiments import config  # noqa: PLC0415
     from vjax.train.step import _example_batch  # noqa: PLC0415
 
-    _, model, mcfg = plan.recipe("video_chatgpt:tiny", dtype="bfloat16")
+    _, model, mcfg = plan.recipe("video_chatgpt:tiny", dtype="bfloat16", assignments=["llm.scan_layers=True"])
     module = model.module(mcfg)
     params = jax.eval_shape(lambda: module.init(jax.random.key(0), _example_batch(module), method="loss"))["params"]
     total = sum(math.prod(x.value.shape if hasattr(x, "value") else x.shape) * 4
@@ -104,6 +105,7 @@ def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
     # compiled FLOPs (all chips) against XLA's count of the unsharded, remat-free step: the same work, give or take
     # XLA's rewrites and the sharded update
     assert train["model_flops"] > 0 and 0.7 < train["flops_ratio"] < 2.0, train
+    assert "slice" in train["flops_basis"]  # the scanned LLM: counted on an unrolled 2-block slice
     assert decode["per_chip"]["kv_cache"] > 0 and decode["fits"]
     assert config.config_names()  # the command and the test read the same configs
 

@@ -333,7 +333,7 @@ def plan_decode(model, mcfg, devices: list, sl: Slice, *, global_batch: int, tok
     b = global_batch
     cache = jax.eval_shape(lambda: module.init_cache(b, tokens))
     cache = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, len(x.shape))), cache)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_cache_sharding(mesh, x.ndim)), cache)
     ids = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sharding(mesh, 2))
     mask = jax.ShapeDtypeStruct((b, tokens), jnp.int32, sharding=batch_sharding(mesh, 2))
 
@@ -360,6 +360,15 @@ def plan_decode(model, mcfg, devices: list, sl: Slice, *, global_batch: int, tok
         "hbm_per_chip": sl.hbm, "fraction_of_hbm": total / sl.hbm, "fits": compiled is not None and total <= sl.hbm,
         "compiler_error": mem.get("error", ""), "compile_seconds": seconds,
     }
+
+
+def _cache_sharding(mesh, ndim: int):
+    """KV-cache arrays are ``[..., B, S, K, Dh]`` (a scanned decoder stacks the layers in front): the batch axis
+    is sharded like a batch, the rest replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+    lead = ndim - 4
+    return NamedSharding(mesh, P(*([None] * lead), ("data", "fsdp"), None, None, None))
 
 
 def default_tokens(c, model, mcfg) -> int:

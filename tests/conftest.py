@@ -6,6 +6,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs on CPUs. libtpu (the plan extra, in the test extra) would otherwise initialise the TPU plugin in
+# every process, and every subprocess, and print its errors about missing TPU workers on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite is compile-bound (hundreds of tiny models): LLVM's expensive optimisation passes cost more
 # than they save at these sizes. HLO-level optimisation (fusion, layout) is unchanged; the published

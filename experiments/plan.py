@@ -259,7 +259,7 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
         small = config.set_everywhere(slice_config(mcfg, 2), attention_impl="xla")  # attention counted as the reference
         _progress("train step: compiling a 2-block slice for the compiled FLOPs")
         small_compiled = build(small, mesh)[3].compile()
-        small_model = _flops(build(reference_config(small) or small, cpu)[3].cost_analysis())
+        small_model = _flops(build(reference_config(small), cpu)[3].cost_analysis())
         compiled_flops = _flops(small_compiled.cost_analysis()) * len(devices) / small_model * model_flops
         flops_basis = "2-block unrolled slice, dense attention (XLA counts a scanned loop body once)"
     params_b = _per_chip_bytes(state.params, trainer.state_shardings.params)
@@ -467,23 +467,8 @@ def slice_config(cfg: Any, blocks: int) -> Any:
 
 def reference_config(cfg: Any) -> Any:
     """The config with every ``remat``/``remat_policy`` switched off and layers unrolled (``scan_layers``): the
-    model-FLOPs reference, in which XLA counts every layer and no recompute; None when nothing changes."""
-    if not dataclasses.is_dataclass(cfg):
-        return None
-    kw, changed = {}, False
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name == "remat" and v:
-            kw[f.name], changed = False, True
-        elif f.name == "remat_policy" and v not in ("none", "", None):
-            kw[f.name], changed = "none", True
-        elif f.name == "scan_layers" and v:
-            kw[f.name], changed = False, True
-        elif dataclasses.is_dataclass(v):
-            sub = reference_config(v)
-            if sub is not None:
-                kw[f.name], changed = sub, True
-    return dataclasses.replace(cfg, **kw) if changed else None
+    model-FLOPs reference, in which XLA counts every layer and no recompute."""
+    return config.set_everywhere(cfg, remat=False, remat_policy="none", scan_layers=False)
 
 
 def main(argv: list[str]) -> int:

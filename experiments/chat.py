@@ -178,13 +178,11 @@ class Chat:
         return tokens
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, stream: Callable[[str], Any] | None = None) -> str:
-        """Answer ``question`` (the conversation so far as context); ``stream(text)`` gets each new piece.
-        Raises :class:`vjax.generate.ContextOverflow` (the conversation is unchanged)."""
-        import jax  # noqa: PLC0415
+    def prompt(self, question: str) -> tuple[list[int], dict[str, Any]]:
+        """The token ids of the conversation so far plus ``question`` (ending where the assistant speaks) and the
+        visual prefill inputs (the video is encoded on the first call only; MA-LMM streams it through its memory
+        bank here). Raises ``ValueError`` (no video, empty question) and :class:`vjax.generate.ContextOverflow`."""
         import jax.numpy as jnp  # noqa: PLC0415
-
-        from vjax.data import formats  # noqa: PLC0415
 
         if self.record is None:
             raise ValueError("load_video first")
@@ -208,27 +206,69 @@ class Chat:
                 self.frames_seen = int(batch["frame_mask"].sum())
         else:
             ids, _ = self.format.text(rec, self.frames_seen if not self.streaming else 1)
-        tok = self.run.tokenizer
-        pieces: list[int] = []
-        shown = [""]
+        return [int(t) for t in ids], self._visual
 
-        def on_token(token: int) -> None:
-            if stream is None:
-                return
-            pieces.append(token)
-            text = formats.cut_at_stop(tok.decode(pieces), self.stops)
-            hold = max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-            text = text[: len(text) - hold].rstrip("\ufffd")  # a possible stop string / an incomplete character
-            if text.startswith(shown[0]) and len(text) > len(shown[0]):
-                stream(text[len(shown[0]):])
-                shown[0] = text
+    def ask(self, question: str, stream: Callable[[str], Any] | None = None) -> str:
+        """Answer ``question`` (the conversation so far as context); ``stream(text)`` gets each new piece.
+        Raises :class:`vjax.generate.ContextOverflow` (the conversation is unchanged)."""
+        import jax  # noqa: PLC0415
 
+        ids, visual = self.prompt(question)
+        text = TextStream(self.run.tokenizer, self.stops, stream)
         self.rng, sub = jax.random.split(self.rng)
-        out = self.session.respond(ids, config=self.sampling, prefill_inputs=self._visual, rng=sub, stream=on_token)
-        answer = formats.cut_at_stop(tok.decode(out), self.stops)
-        if stream is not None and answer.startswith(shown[0]) and len(answer) > len(shown[0]):
-            stream(answer[len(shown[0]):])
+        out = self.session.respond(ids, config=self.sampling, prefill_inputs=visual, rng=sub, stream=text.add)
+        answer = text.finish(out)
         self.history.append((question, answer))
+        return answer
+
+
+class TextStream:
+    """Token ids in, answer text out piece by piece: the text is cut at the first stop string, and a tail that
+    may still become one (``"#"`` before ``"###"``) or an incomplete character is held back until it cannot.
+
+    >>> class Chars:  # a tokenizer whose token ids are character codes
+    ...     def decode(self, ids): return "".join(map(chr, ids))
+    >>> pieces = []
+    >>> s = TextStream(Chars(), ("###",), pieces.append)
+    >>> for c in "red ##": s.add(ord(c))
+    >>> s.finish([ord(c) for c in "red ###"]), pieces
+    ('red', ['r', 'e', 'd'])
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], on_text: Callable[[str], Any] | None = None):
+        self.tokenizer, self.stops, self.on_text = tokenizer, tuple(stops), on_text
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def _emit(self, text: str) -> None:
+        if self.on_text is not None and text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+    def text(self) -> str:
+        """The answer so far, cut at a stop string."""
+        from vjax.data import formats  # noqa: PLC0415
+
+        return formats.cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+
+    def stopped(self) -> bool:
+        """Whether a stop string has appeared in the decoded text."""
+        raw = self.tokenizer.decode(self.ids)
+        return any(s and s in raw for s in self.stops)
+
+    def add(self, token: int) -> None:
+        """Append one token; emit the text that can no longer change."""
+        self.ids.append(int(token))
+        text = self.text()
+        hold = max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+        self._emit(text[: len(text) - hold].rstrip("\ufffd").rstrip())  # the final answer is stripped too
+
+    def finish(self, ids: list[int] | None = None) -> str:
+        """The final answer (of ``ids`` when given, else of the tokens added); emits what was held back."""
+        if ids is not None:
+            self.ids = [int(t) for t in ids]
+        answer = self.text()
+        self._emit(answer)
         return answer
 
 

@@ -377,17 +377,26 @@ def define_checkpoint_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "training workdir or converted vjax checkpoint directory")
     flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the checkpoint's)")
-    flags.DEFINE_string("config", None, "converted checkpoints: experiment config name[:variant] for frames, "
-                        "sampler and template (default: <model>:tiny)")
+    flags.DEFINE_string("config", None, "converted checkpoints: experiment config name[:variant] (or a config "
+                        "file path.py[:variant]) for frames, sampler and template (default: <model>:tiny)")
 
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None):
     """:func:`vjax.pretrained.load_run`, a converted checkpoint's data settings taken from the experiment config
-    ``config`` = ``name[:variant]`` (default: the model's ``tiny``)."""
+    ``config`` = ``name[:variant]`` or ``path.py[:variant]`` (default: the model's ``tiny``)."""
     from vjax import pretrained  # noqa: PLC0415
 
     def experiment(name: str):
         base, _, variant = (config or name).partition(":")
+        if base.endswith(".py"):  # a config file of the user's (e.g. its own data.root), as train accepts
+            path, _, variant = config_path(config)
+            try:
+                c = config_from_file(path, variant)
+            except ValueError as err:  # an unknown variant: the file names the known ones
+                raise ConfigError("config", str(err)) from None
+            if c.model != name:
+                raise ConfigError("config", f"{config!r} configures {c.model!r}, not the checkpoint's model {name!r}")
+            return c
         if base != name:
             raise ConfigError("config", f"{config!r} is not a config of the checkpoint's model {name!r}")
         return experiment_config(name, variant or "tiny")

@@ -283,6 +283,8 @@ def create_app(engine, *, max_upload_bytes: int, upload_dir: str):
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
 
     def unreadable(err: UnreadableVideo) -> ApiError:
+        if err.kind in ("missing", "not_a_file", "empty"):  # a wrong path: nothing to re-encode
+            return ApiError(400, f"{err} (on the server's disk; upload a video with POST /v1/videos)")
         return ApiError(400, f"{err} (re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
 
     async def json_body(request: Request) -> dict:
@@ -406,6 +408,10 @@ def create_app(engine, *, max_upload_bytes: int, upload_dir: str):
                                    on_done=lambda reason, usage: put(("done", reason, usage)))
         except ContextOverflow as err:
             raise ApiError(400, f"{err}: shorten the conversation or lower max_tokens") from None
+        except ValueError as err:  # a sampling value the engine refuses
+            raise ApiError(400, str(err)) from None
+        except RuntimeError as err:  # the engine is closed: the server is stopping
+            raise ApiError(503, str(err), "server_error") from None
         state = {"done": False}
 
         def cancel() -> None:
@@ -413,15 +419,23 @@ def create_app(engine, *, max_upload_bytes: int, upload_dir: str):
                 state["done"] = True
                 ticket.cancel()
 
+        checked = [time.monotonic()]
+
         async def next_item():
-            """The engine's next event; None once the client has gone (the ticket is then cancelled)."""
+            """The engine's next event; None once the client has gone (the ticket is then cancelled). The client
+            is looked for every ``POLL_S`` seconds, whether the engine is quiet or busy."""
             while True:
                 try:
-                    return await asyncio.wait_for(queue.get(), POLL_S)
+                    item = await asyncio.wait_for(queue.get(), POLL_S)
                 except asyncio.TimeoutError:
+                    item = None
+                if time.monotonic() - checked[0] >= POLL_S:
+                    checked[0] = time.monotonic()
                     if await request.is_disconnected():
                         cancel()
                         return None
+                if item is not None:
+                    return item
 
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": engine.name}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -225,8 +226,8 @@ def _bad_cases(paths, tmp_path):
 
 
 BAD = ["malformed_json", "not_an_object", "no_messages", "empty_messages", "no_video", "missing_video",
-       "unreadable_video", "relative_path", "file_url_host", "bad_part", "remote_video", "oversized_data_url", "oversized_body",
-       "context_overflow", "temperature", "top_p", "max_tokens", "bad_role", "ends_with_assistant",
+       "unreadable_video", "relative_path", "file_url_host", "bad_part", "remote_video", "oversized_data_url",
+       "oversized_body", "context_overflow", "temperature", "top_p", "max_tokens", "bad_role", "ends_with_assistant",
        "video_in_second_turn", "empty_question"]
 
 
@@ -266,7 +267,8 @@ def test_a_client_that_drops_its_request_frees_the_slot(server):
         assert t.done.wait(10), "a dropped request still holds its slot"
     engine.delay = 0.0
     for t in dropped:
-        assert t.finish_reason == "cancelled" and len(t.tokens) < CAP, [(x.finish_reason, len(x.tokens)) for x in dropped]
+        assert t.finish_reason == "cancelled" and len(t.tokens) < CAP, [(x.finish_reason, len(x.tokens))
+                                                                         for x in dropped]
     # every slot serves again: SLOTS concurrent requests all complete
     results = [None] * SLOTS
 
@@ -280,3 +282,26 @@ def test_a_client_that_drops_its_request_frees_the_slot(server):
         t.join(60)
     assert all(r is not None and r.status_code == 200 for r in results), results
     assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1  # greedy: the same answer
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "port_in_use", "bad_flag"])
+def test_the_command_refuses_with_one_line_and_exit_code_2(tmp_path, case):
+    import subprocess
+    import sys
+
+    from tests.serve_common import ROOT
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    args = {"not_a_checkpoint": [f"--workdir={tmp_path}", "--port=0"],
+            "port_in_use": [f"--workdir={tmp_path}", f"--port={taken.getsockname()[1]}"],
+            "bad_flag": [f"--workdir={tmp_path}", "--slots=0"]}[case]
+    needle = {"not_a_checkpoint": "not a vjax checkpoint", "port_in_use": "cannot listen on 127.0.0.1:",
+              "bad_flag": "--slots=0 must be at least 1"}[case]
+    r = subprocess.run([sys.executable, "-m", "experiments.serve", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    taken.close()
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr[-2000:]

@@ -131,7 +131,7 @@ class SlotDecoder:
 
     def check_fits(self, n: int, max_new_tokens: int) -> None:
         """Raise :class:`vjax.generate.ContextOverflow` if a prompt of ``n`` tokens and its answer do not fit."""
-        need = self.padded_length(n) + max_new_tokens
+        need = self.padded_length(n) + max_new_tokens - 1  # the last answer token is never written
         if need > self.max_length:
             raise ContextOverflow(
                 f"the prompt has {n} tokens ({self.padded_length(n)} as prefilled); with max_tokens={max_new_tokens} "

@@ -311,8 +311,9 @@ def create_app(engine, *, max_upload_bytes: int, upload_dir: str):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/v1/clips")
-    async def clips():
-        return {"data": [{"name": os.path.basename(p), "video": os.path.abspath(p)} for p in engine.clips()]}
+    async def clips():  # in a thread: the first call may generate the synthetic set
+        paths = await run_in_threadpool(engine.clips)
+        return {"data": [{"name": os.path.basename(p), "video": os.path.abspath(p)} for p in paths]}
 
     @app.post("/v1/videos")
     async def upload(request: Request):

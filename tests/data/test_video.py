@@ -84,6 +84,16 @@ def test_resize_widths_decord_cannot_scale_to():
     assert frames.shape == (4, 32, 48, 3) and (info.height, info.width) == (32, 48)
 
 
+def test_probe_a_clip_whose_native_width_decord_cannot_copy(tmp_path):
+    # a 48 px wide clip: decord's copy of frame 0 fails natively too, so the probe decodes it with PyAV
+    from vjax.data.synthetic import write_mp4
+
+    path = str(tmp_path / "w48.mp4")
+    write_mp4(path, np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8), fps=6)
+    info = video.probe_video(path)
+    assert (info.num_frames, info.fps, info.height, info.width) == (12, 6.0, 32, 48)
+
+
 def test_out_of_range_index_is_named():
     with pytest.raises(IndexError, match="frame index 250 out of range"):
         video.read_frames(BIKES, [0, 250])

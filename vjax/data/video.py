@@ -211,7 +211,10 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     p = os.fspath(path)
     vr = open_video(p)
     try:
-        first = _get_batch(vr, p, [0])  # [1, H, W, 3]
+        try:
+            first = _get_batch(vr, p, [0])  # [1, H, W, 3]
+        except _ScalerBug:  # a width decord cannot copy: the frame decodes natively instead
+            first = _native_fallback(p, [0], None, 1)
         return VideoInfo(
             num_frames=len(vr), fps=float(vr.get_avg_fps()), height=first.shape[1], width=first.shape[2]
         )

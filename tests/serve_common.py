@@ -1,4 +1,4 @@
-"""The tiny checkpoint that tests/test_serve_http.py and tests/test_serve_browser.py serve: a random-parameter
+"""The tiny checkpoint that the chat, eval and serve tests load: a random-parameter
 tiny Chat-UniVi saved as a converted checkpoint, its tokenizer, an experiment config file whose synthetic set is
 three test clips (``--config=<file>``: the page's clip list), and a clip of odd size."""
 
@@ -29,8 +29,9 @@ def get_config(variant="tiny"):
 '''
 
 
-def tiny_checkpoint(d: Path) -> dict[str, str]:
-    """Writes the checkpoint, tokenizer, config file and a clip under ``d``; their paths by name."""
+def tiny_checkpoint(d: Path, clip_shape: tuple[int, int, int] = (24, 48, 40)) -> dict[str, str]:
+    """Writes the checkpoint, tokenizer, config file and a clip (``clip_shape`` = frames, height, width) under
+    ``d``; their paths by name."""
     c = chat_univi_config.get_config("tiny")
     model, mcfg = config.model_config(c)
     module = model.module(mcfg)
@@ -39,5 +40,5 @@ def tiny_checkpoint(d: Path) -> dict[str, str]:
                           str(d / "tok"), c.data.synthetic.vocab_size)
     (d / "serve_config.py").write_text(CONFIG_FILE.format(root=str(d / "synthetic"), synthetic=SYNTHETIC))
     rng = np.random.default_rng(0)
-    write_mp4(str(d / "a.mp4"), rng.integers(0, 255, (24, 48, 40, 3), dtype=np.uint8), fps=8)
+    write_mp4(str(d / "a.mp4"), rng.integers(0, 255, (*clip_shape, 3), dtype=np.uint8), fps=8)
     return {"ckpt": str(d / "ckpt"), "tokenizer": tok, "config": str(d / "serve_config.py"), "clip": str(d / "a.mp4")}

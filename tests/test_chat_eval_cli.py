@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import vjax
 from experiments import eval as eval_cmd
 from experiments import config
-from experiments.configs import chat_univi as chat_univi_config
-from vjax.data.synthetic import NUMBER_WORDS, SyntheticConfig, ensure_synthetic_dataset, train_tokenizer, write_mp4
+from vjax.data.synthetic import NUMBER_WORDS, SyntheticConfig, ensure_synthetic_dataset, write_mp4
 
-from tests.models.tiny import random_params
+from tests.serve_common import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,15 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def converted(tmp_path_factory):
     """A tiny Chat-UniVi saved as a converted checkpoint, its tokenizer, two short clips."""
     d = tmp_path_factory.mktemp("chat_eval")
-    c = chat_univi_config.get_config("tiny")
-    model, mcfg = config.model_config(c)
-    module = model.module(mcfg)
-    vjax.save_pretrained(d / "ckpt", module, random_params(module, seed=0, std=0.2))
-    tok = train_tokenizer(["What colour is the circle? red green blue", "How many objects? two three"] * 20,
-                          str(d / "tok"), c.data.synthetic.vocab_size)
-    rng = np.random.default_rng(0)
-    for name, n in (("a.mp4", 24), ("b.mp4", 40)):
-        write_mp4(str(d / name), rng.integers(0, 255, (n, 48, 48, 3), dtype=np.uint8), fps=8)
+    tok = tiny_checkpoint(d, clip_shape=(24, 48, 48))["tokenizer"]  # ckpt/, tok/, a.mp4
+    write_mp4(str(d / "b.mp4"), np.random.default_rng(1).integers(0, 255, (40, 48, 48, 3), dtype=np.uint8), fps=8)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return d, tok, env
 

@@ -15,10 +15,11 @@ import time
 import pytest
 from PIL import Image
 
+from experiments import loadtest
 from tests.serve_common import tiny_checkpoint
 
-httpx = pytest.importorskip("httpx", reason="pip install -e '.[test]' (the serve extra and httpx)")
-uvicorn = pytest.importorskip("uvicorn", reason="pip install -e '.[serve]'")
+import httpx  # the test extra has the serve extra and httpx
+import uvicorn
 
 SLOTS, CAP, LIMIT = 2, 200, 1 << 20  # decode slots, the max_tokens cap, the upload limit (bytes)
 
@@ -305,3 +306,16 @@ def test_the_command_refuses_with_one_line_and_exit_code_2(tmp_path, case):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr[-2000:]
+
+
+def test_the_load_test_finds_every_concurrent_answer_equal_to_the_one_alone(server):
+    client, engine, paths, url = server
+    report = loadtest.load_test(url, [paths["clip"]], requests=12, clients=4, max_tokens=6, alone=4)
+    assert report["ok"], report
+    single, many = report["alone"], report["concurrent"]
+    assert (single["requests"], many["requests"], many["lost"], report["wrong"]) == (4, 12, 0, [])
+    assert many["completion_tokens"] > 0 and many["latency_p99_s"] >= many["latency_p50_s"] > 0
+    report["loadavg"] = (0.0, 0.0, 0.0)
+    assert "lost 0, answered differently 0" in loadtest.summary(report)
+    with pytest.raises(ValueError, match="no videos to ask about"):
+        loadtest.load_test(url, [], requests=1, clients=1, max_tokens=1, alone=1)

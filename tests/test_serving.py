@@ -14,12 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import vjax
 from experiments import config
 from experiments.chat import Chat
-from experiments.configs import chat_univi as chat_univi_config
 from experiments.engine import Engine
-from vjax.data.synthetic import train_tokenizer, write_mp4
+from vjax.data.synthetic import write_mp4
 from vjax.generate import ContextOverflow, generate
 from vjax.models import registry
 from vjax.models.decoder import CausalLM, DecoderConfig
@@ -27,6 +25,7 @@ from vjax.models.video_llm import VISUAL_KEYS
 from vjax.serving import SlotDecoder, select_rows
 
 from tests.models.tiny import random_params
+from tests.serve_common import tiny_checkpoint
 
 NEW = 8
 
@@ -134,18 +133,13 @@ def test_the_decoder_refuses_what_does_not_fit(decoder):
 def engine(tmp_path_factory):
     """A tiny random-weight Chat-UniVi saved as a converted checkpoint, loaded as a run; three clips."""
     d = tmp_path_factory.mktemp("serving")
-    c = chat_univi_config.get_config("tiny")
-    model, mcfg = config.model_config(c)
-    module = model.module(mcfg)
-    vjax.save_pretrained(d / "ckpt", module, random_params(module, seed=0, std=0.2))
-    tok = train_tokenizer(["What colour is the circle? red green blue", "How many objects? two three"] * 20,
-                          str(d / "tok"), c.data.synthetic.vocab_size)
-    rng = np.random.default_rng(0)
-    clips = []
-    for name, n in (("a.mp4", 24), ("b.mp4", 40), ("c.mp4", 16)):
+    paths = tiny_checkpoint(d)
+    rng = np.random.default_rng(1)
+    clips = [paths["clip"]]
+    for name, n in (("b.mp4", 40), ("c.mp4", 16)):
         write_mp4(str(d / name), rng.integers(0, 255, (n, 48, 48, 3), dtype=np.uint8), fps=8)
         clips.append(str(d / name))
-    run = config.load_run(str(d / "ckpt"), tokenizer=tok)
+    run = config.load_run(paths["ckpt"], tokenizer=paths["tokenizer"])
     eng = Engine(run, slots=4, max_context=256, max_new_tokens=24, bucket=32)
     yield eng, run, clips
     eng.close()

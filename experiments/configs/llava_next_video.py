@@ -8,7 +8,8 @@ Variants:
   7b       ``llava-hf/LLaVA-NeXT-Video-7B-hf``: 32 frames over the whole clip at 336 px, for chat and eval of the
            converted checkpoint (``python -m experiments.chat --workdir=CONVERTED --config=llava_next_video:7b``).
            The release's training recipe is not reproduced here: training needs ``data.*`` paths and your own
-           schedule.
+           schedule; the scale switches of the published recipes are set (bfloat16 compute, scanned layers,
+           full remat, FSDP over every device), so a fine-tune of the 7B fits a v5p-8 (experiments.plan).
 """
 
 from experiments.configs import common
@@ -23,5 +24,7 @@ def get_config(variant: str = "tiny"):
         c.model_overrides = {}
         c.data.num_frames, c.data.image_size = 32, 336
         c.data.tokenizer = "~/models/LLaVA-NeXT-Video-7B-hf"
+        c.compute_dtype, c.scan_layers, c.remat_policy = "bfloat16", True, "full"  # as common.published
+        c.mesh = (1, -1, 1)
         return c
     raise ValueError(f"unknown llava_next_video variant {variant!r}; known: tiny, 7b")

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vjax.layers.quant import quantized_matmul
+
 
 def lora_scale(rank: int, alpha: float) -> float:
     """``alpha / r``."""
@@ -58,9 +60,10 @@ class LoRADense(nn.Module):
                             self.param_dtype)
         bias = (self.param("bias", part(nn.initializers.zeros, (ax_out,)), (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        x, kernel, lora_a, lora_b = (v.astype(self.dtype) for v in (x, kernel, lora_a, lora_b))
+        scale = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
+        x, lora_a, lora_b = (v.astype(self.dtype) for v in (x, lora_a, lora_b))
         contract = (((x.ndim - 1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(x, kernel, contract)  # [..., out]
+        y = quantized_matmul(x, kernel, scale, self.dtype)  # [..., out]; an int8 kernel times its kernel_scale
         if bias is not None:
             y = y + bias.astype(self.dtype)
         low = jax.lax.dot_general(x, lora_a, contract)  # [..., r]
@@ -81,6 +84,8 @@ def merge_lora(params: Mapping[str, Any], config: Any) -> dict[str, Any]:
             return node
         out = {k: walk(v) for k, v in node.items() if k not in ("lora_A", "lora_B")}
         if "lora_A" in node and "lora_B" in node:
+            if "kernel_scale" in node:
+                raise ValueError("merge LoRA before quantising: this kernel is int8 (it has a kernel_scale)")
             w = node["kernel"]
             delta = jnp.matmul(jnp.asarray(node["lora_A"], jnp.float32), jnp.asarray(node["lora_B"], jnp.float32),
                                precision=jax.lax.Precision.HIGHEST)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vjax.layers.quant import Dense
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU() / "gelu"
@@ -39,9 +41,10 @@ def dense(
     param_dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
     kernel_init=nn.initializers.normal(0.02),
-) -> nn.Dense:
-    """A ``nn.Dense`` whose kernel ``[in, out]`` (torch weight transposed) carries logical axes."""
-    return nn.Dense(
+) -> Dense:
+    """A ``nn.Dense`` whose kernel ``[in, out]`` (torch weight transposed) carries logical axes; it also runs an
+    int8 kernel with its per-channel ``kernel_scale`` (:class:`vjax.layers.quant.Dense`)."""
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,

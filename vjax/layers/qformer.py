@@ -38,6 +38,7 @@ from vjax.layers.attention import Attention
 from vjax.layers.memory_bank import MemoryBank, append_and_compress, memory_bank_init
 from vjax.layers.mlp import Mlp
 from vjax.layers.norm import LayerNorm
+from vjax.layers.quant import Embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +240,10 @@ class QFormer(nn.Module):
         self.query_tokens = self.param(
             "query_tokens", _embed_init((None, None, "embed")), (1, c.num_query_tokens, c.hidden_size), pdt)
         if c.text_input:
-            self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt,
-                                            embedding_init=_embed_init(("vocab", "embed")))
-            self.position_embeddings = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=dt,
-                                                param_dtype=pdt, embedding_init=_embed_init((None, "embed")))
+            self.word_embeddings = Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt,
+                                         embedding_init=_embed_init(("vocab", "embed")))
+            self.position_embeddings = Embed(c.max_position_embeddings, c.hidden_size, dtype=dt,
+                                             param_dtype=pdt, embedding_init=_embed_init((None, "embed")))
         self.embed_norm = LayerNorm(c.layer_norm_eps, param_dtype=pdt)
         self.layers = [QFormerLayer(c, c.has_cross_attention(i), name=f"layers_{i}") for i in range(c.num_layers)]
 
@@ -369,7 +370,7 @@ class MemoryQFormer(QFormer):
     def setup(self):
         super().setup()
         if self.num_frame_positions:
-            self.frame_position = nn.Embed(
+            self.frame_position = Embed(
                 self.num_frame_positions, self.config.encoder_width, param_dtype=jnp.dtype(self.config.param_dtype),
                 embedding_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")))
 

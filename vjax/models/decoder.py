@@ -29,6 +29,7 @@ from vjax.layers.attention import Attention, Cache, check_impl, init_cache, stru
 from vjax.layers.mlp import GatedMlp, dense
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
+from vjax.layers.quant import Embed
 from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
 from vjax.layers.scan import check_remat_policy, remat_block, resolve_remat, scan_block
@@ -383,7 +384,7 @@ class CausalLM(nn.Module):
     def setup(self):
         c = self.config
         pdt = jnp.dtype(c.param_dtype)
-        self.embed_tokens = nn.Embed(
+        self.embed_tokens = Embed(
             c.vocab_size, c.hidden_size, param_dtype=pdt, dtype=jnp.dtype(c.dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from vjax.layers.mlp import dense
 from vjax.layers.qformer import QFormer, QFormerConfig
+from vjax.layers.quant import Embed
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.models.encoders import Encoder, EncoderConfig
 from vjax.models.spec import ModelSpec, Preprocess, Visual
@@ -115,9 +116,9 @@ class VideoLLaMAConfig:
     }
 
 
-def _position_table(rows: int, width: int, pdt) -> nn.Embed:
-    return nn.Embed(rows, width, param_dtype=pdt,
-                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")))
+def _position_table(rows: int, width: int, pdt) -> Embed:
+    return Embed(rows, width, param_dtype=pdt,
+                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")))
 
 
 class VideoLLaMA(VideoLLM):

@@ -379,12 +379,24 @@ def define_checkpoint_flags() -> None:
     flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the checkpoint's)")
     flags.DEFINE_string("config", None, "converted checkpoints: experiment config name[:variant] (or a config "
                         "file path.py[:variant]) for frames, sampler and template (default: <model>:tiny)")
+    flags.DEFINE_enum("quantize", "", list(QUANTIZE_MODES), "int8: weight-only int8 (per-channel scales, "
+                      "dequantised in the matmuls; vjax.layers.quant) — about half of bf16's memory")
 
 
-def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None):
+QUANTIZE_MODES = ("", "int8")  # --quantize: "" keeps the checkpoint's float weights
+
+
+def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None,
+             quantize: str = ""):
     """:func:`vjax.pretrained.load_run`, a converted checkpoint's data settings taken from the experiment config
-    ``config`` = ``name[:variant]`` or ``path.py[:variant]`` (default: the model's ``tiny``)."""
+    ``config`` = ``name[:variant]`` or ``path.py[:variant]`` (default: the model's ``tiny``); ``quantize="int8"``
+    quantises the weights (:func:`vjax.layers.quant.quantize_params`). An unknown ``quantize`` raises
+    :class:`ConfigError`."""
     from vjax import pretrained  # noqa: PLC0415
+
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError("quantize", f"must be one of {[m for m in QUANTIZE_MODES if m]} (or empty), "
+                                      f"got {quantize!r}")
 
     def experiment(name: str):
         base, _, variant = (config or name).partition(":")
@@ -401,4 +413,4 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config
             raise ConfigError("config", f"{config!r} is not a config of the checkpoint's model {name!r}")
         return experiment_config(name, variant or "tiny")
 
-    return pretrained.load_run(workdir, tokenizer=tokenizer, experiment=experiment)
+    return pretrained.load_run(workdir, tokenizer=tokenizer, experiment=experiment, quantize=quantize)

@@ -7,7 +7,8 @@ r"""Evaluate a checkpoint: ``python -m experiments.eval --workdir=DIR [--data=FI
                       video, question, candidates, answer) | open_qa (MSVD/MSRVTT-QA: video, question,
                       answer); auto picks by the first record's keys
     --limit=N         the first N records only (0: all)
-    --out=FILE        the JSON report (default <workdir>/eval/<data name>.json)
+    --out=FILE        the JSON report (default <workdir>/eval/<data name>.json; <data name>_int8.json quantised)
+    --quantize=int8   int8 weights with per-channel scales (vjax.layers.quant); the report records it
 
 Answers are generated greedily in batches with the KV cache (``vjax.generate``); prompts use the model's
 template exactly as in training. Scores (:mod:`vjax.data.formats`):
@@ -319,7 +320,7 @@ def main(argv: list[str]) -> int:
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     try:
-        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config, quantize=FLAGS.quantize)
     except (NotACheckpoint, config.ConfigError) as err:
         cli.fail(str(err))
     try:
@@ -342,14 +343,17 @@ def main(argv: list[str]) -> int:
     print(f"{run.name}{'' if run.step is None else f' step {run.step}'}: {len(records)} records of {data_name}, "
           f"batch {batch}, up to {new} new tokens", flush=True)
     print(run.describe_preprocessing(), flush=True)
+    if run.quantize:
+        print(run.describe_weights(), flush=True)
     try:
         report = evaluate(run, records, batch_size=batch, max_new_tokens=new, tolerance=FLAGS.timestamp_tolerance,
                           progress=FLAGS.progress, max_bad_fraction=FLAGS.max_bad_fraction)
     except TooManyBadRecords as err:
         cli.fail(str(err))
     report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": FLAGS.data or data_name,
-              **report}
-    out = Path(FLAGS.out) if FLAGS.out else Path(run.workdir) / "eval" / f"{data_name}.json"
+              "quantize": run.quantize or None, **report}
+    suffix = f"_{run.quantize}" if run.quantize else ""  # an int8 report beside the float one
+    out = Path(FLAGS.out) if FLAGS.out else Path(run.workdir) / "eval" / f"{data_name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(table(report))

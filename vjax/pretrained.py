@@ -252,6 +252,7 @@ class Run:
     step: int | None
     workdir: str
     frames: Any = None  # vjax.data.preprocess.FrameProcessor; default: the model's, at data.image_size squared
+    quantize: str = ""  # "int8": params hold int8 weights with their scales (vjax.layers.quant)
     _sized: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -289,9 +290,16 @@ class Run:
         frames = self.frames.describe() if self.frames is not None else "frames: resized on decode"
         return f"preprocessing: sampler {name}({args}); {frames}"
 
+    def describe_weights(self) -> str:
+        """One line: the weights' storage and size in memory (chat and eval print it for a quantised run)."""
+        from vjax.layers.quant import param_bytes  # noqa: PLC0415
+
+        kind = "int8 per-channel (vjax.layers.quant)" if self.quantize else "as stored"
+        return f"weights: {kind}, {param_bytes(self.params) / 2**20:.2f} MiB"
+
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
-             experiment: Callable[[str], Any] | None = None) -> Run:
+             experiment: Callable[[str], Any] | None = None, quantize: str = "") -> Run:
     """Load a training workdir (``config.json`` of ``experiments.train`` + the newest Orbax checkpoint that
     restores; its parameters only) or a converted checkpoint (``vjax_config.json`` of ``experiments.convert``;
     ``experiment(model name)`` gives its data settings — an experiment config whose frames and image size are
@@ -303,6 +311,9 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     The tokenizer: ``tokenizer`` if given, else the copy in ``<workdir>/tokenizer``, the experiment's
     ``data.tokenizer``, or the run's synthetic set's (regenerated if it was deleted). Checkpoints that do not
     restore are named on stderr and passed over. Raises :class:`NotACheckpoint` with a one-line message.
+
+    ``quantize="int8"``: the weights are quantised after loading (:func:`vjax.layers.quant.quantize_params`:
+    int8 Dense kernels and embedding tables with per-channel float32 scales, dequantised inside the matmuls).
     """
     import ml_collections  # noqa: PLC0415
 
@@ -365,8 +376,20 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     # A training run's frames as it was trained (S x S); a converted release's at its native resolution.
     frames = FrameProcessor.for_model(registry.spec(name), module.config, native=step is None,
                                       size=c.data.image_size, buckets=tuple(c.data.get("frame_buckets", ())))
+    if quantize:
+        params = quantize_weights(params, quantize)
     return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
-               sampler=sampler, step=step, workdir=str(p), frames=frames)
+               sampler=sampler, step=step, workdir=str(p), frames=frames, quantize=quantize)
+
+
+def quantize_weights(params: Any, mode: str) -> Any:
+    """``params`` quantised by ``mode`` (``"int8"``: :func:`vjax.layers.quant.quantize_params`; ``""``: as they
+    are)."""
+    from vjax.layers.quant import quantize_params  # noqa: PLC0415
+
+    if mode not in ("", "int8"):
+        raise ValueError(f"unknown quantisation {mode!r}; known: int8")
+    return quantize_params(params) if mode else params
 
 
 def _newest_params(p: Path, name: str, module: nn.Module) -> tuple[dict[str, Any], int]:
@@ -402,4 +425,4 @@ def synthetic_paths(c: Any):
 
 
 __all__ = ["from_pretrained", "save_pretrained", "export_hf", "abstract_params", "init_params", "flatten_params",
-           "load_run", "Run", "NotACheckpoint"]
+           "load_run", "quantize_weights", "Run", "NotACheckpoint"]

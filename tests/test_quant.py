@@ -26,7 +26,10 @@ from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.pytree import flatten_params
 
 from tests.models.tiny import random_params
-from tests.test_chat_eval_cli import _one_error_line, _run, converted  # noqa: F401  (a fixture)
+from tests import test_chat_eval_cli as cli_tests
+
+converted = cli_tests.converted  # the module-scoped fixture: a tiny converted Chat-UniVi, its tokenizer, two clips
+_run, _one_error_line = cli_tests._run, cli_tests._one_error_line
 
 MAX_DRIFT, MEAN_DRIFT = 0.2, 0.05  # |logits(int8) - logits(f32)| / std(logits(f32)), random N(0, 0.05) weights
 
@@ -138,7 +141,7 @@ def test_greedy_generation_runs_on_int8_weights():
 
 
 # ----------------------------------------------------------------------------------------- the commands
-def test_chat_quantize_int8(converted):  # noqa: F811
+def test_chat_quantize_int8(converted):
     d, tok, env = converted
     r = _run("chat", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", "--quantize=int8", f"--video={d / 'a.mp4'}",
                       "--question=What colour is the circle?", "--max_new_tokens=4"], env)
@@ -146,7 +149,7 @@ def test_chat_quantize_int8(converted):  # noqa: F811
     assert "weights: int8" in r.stderr and r.stdout.endswith("\n")
 
 
-def test_eval_quantize_int8_is_recorded_in_its_report(converted, tmp_path):  # noqa: F811
+def test_eval_quantize_int8_is_recorded_in_its_report(converted, tmp_path):
     d, tok, env = converted
     common = [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", "--quantize=int8"]
     mv = [{"video": "a.mp4", "question": "What colour is the circle?", "candidates": ["red", "blue"],
@@ -159,8 +162,17 @@ def test_eval_quantize_int8_is_recorded_in_its_report(converted, tmp_path):  # n
     assert rep["quantize"] == "int8" and rep["evaluated"] == 1
 
 
-def test_a_bad_quantize_value_is_one_line_and_exit_2(converted, tmp_path):  # noqa: F811
+def test_a_bad_quantize_value_is_one_line_and_exit_2(converted, tmp_path):
     d, tok, env = converted
     r = _run("chat", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--video={d / 'a.mp4'}", "--quantize=int4",
                       "--question=hi"], env)
     _one_error_line(r, "--quantize", "int8")
+
+
+def test_the_weights_of_a_published_variant_halve_under_int8():
+    from experiments import weights  # noqa: PLC0415
+
+    row = weights.weight_memory("qwen2_vl:2b")  # jax.eval_shape only: no weights allocated
+    assert row["parameters"] == 2_208_985_600 and row["bf16"] >= 2 * row["parameters"]
+    assert 0.5 <= row["int8"] / row["bf16"] <= 0.505 and row["float_left"] < 0.002 * row["parameters"]
+    assert "| `qwen2_vl:2b` | 2,208,985,600 | 4.11 GiB | 2.06 GiB | 0.502 |" in weights.table([row])

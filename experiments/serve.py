@@ -6,6 +6,7 @@ r"""Serve a video LLM over HTTP: ``python -m experiments.serve --workdir=DIR [--
     --max_new_tokens=256   the default and the cap of a request's ``max_tokens``
     --max_context=0        tokens per slot's KV cache (0: as chat)
     --max_upload_mb=64     the largest video accepted, uploaded or inline as a ``data:`` URL
+    --quantize=int8        int8 weights with per-channel scales (vjax.layers.quant), about half of bf16's memory
 
 Endpoints (OpenAI's chat format; errors are ``{"error": {"message": ..., "type": ...}}`` with a 4xx status):
 
@@ -548,9 +549,11 @@ def main(argv: list[str]) -> int:
     from vjax.pretrained import NotACheckpoint  # noqa: PLC0415
 
     try:
-        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config)
+        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config, quantize=FLAGS.quantize)
     except (NotACheckpoint, config.ConfigError) as err:
         cli.fail(str(err))
+    if run.quantize:
+        print(run.describe_weights(), flush=True)
     try:
         engine = Engine(run, slots=FLAGS.slots, max_context=FLAGS.max_context, max_new_tokens=FLAGS.max_new_tokens)
     except ValueError as err:

@@ -140,6 +140,18 @@ def test_greedy_generation_runs_on_int8_weights():
     assert out.tokens.shape == (2, 8) and np.array_equal(out.tokens, ref.tokens)
 
 
+def test_the_serving_slots_decode_int8_weights():
+    from vjax.serving import SlotDecoder  # noqa: PLC0415
+
+    module = CausalLM(DecoderConfig.tiny())
+    q = quant.quantize_params(random_params(module, seed=6, std=0.2))
+    prompt = [5, 6, 7, 8]
+    want = generate(module, quant.dequantize_params(q), jnp.asarray([prompt], jnp.int32), max_new_tokens=5).tokens
+    dec = SlotDecoder(module, q, slots=2, max_length=32, bucket=8)
+    got = [dec.admit(1, prompt, max_new_tokens=5)] + [int(dec.step()[1]) for _ in range(4)]
+    assert got == np.asarray(want)[0].tolist()
+
+
 # ----------------------------------------------------------------------------------------- the commands
 def test_chat_quantize_int8(converted):
     d, tok, env = converted

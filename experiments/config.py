@@ -379,11 +379,10 @@ def define_checkpoint_flags() -> None:
     flags.DEFINE_string("tokenizer", None, "tokenizer directory (default: the checkpoint's)")
     flags.DEFINE_string("config", None, "converted checkpoints: experiment config name[:variant] (or a config "
                         "file path.py[:variant]) for frames, sampler and template (default: <model>:tiny)")
-    flags.DEFINE_enum("quantize", "", list(QUANTIZE_MODES), "int8: weight-only int8 (per-channel scales, "
+    from vjax.layers.quant import MODES  # noqa: PLC0415
+
+    flags.DEFINE_enum("quantize", "", list(MODES), "int8: weight-only int8 (per-channel scales, "
                       "dequantised in the matmuls; vjax.layers.quant) — about half of bf16's memory")
-
-
-QUANTIZE_MODES = ("", "int8")  # --quantize: "" keeps the checkpoint's float weights
 
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None,
@@ -393,10 +392,10 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config
     quantises the weights (:func:`vjax.layers.quant.quantize_params`). An unknown ``quantize`` raises
     :class:`ConfigError`."""
     from vjax import pretrained  # noqa: PLC0415
+    from vjax.layers.quant import MODES  # noqa: PLC0415
 
-    if quantize not in QUANTIZE_MODES:
-        raise ConfigError("quantize", f"must be one of {[m for m in QUANTIZE_MODES if m]} (or empty), "
-                                      f"got {quantize!r}")
+    if quantize not in MODES:
+        raise ConfigError("quantize", f"must be one of {[m for m in MODES if m]} (or empty), got {quantize!r}")
 
     def experiment(name: str):
         base, _, variant = (config or name).partition(":")

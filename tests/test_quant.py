@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import config
 from experiments.config import set_everywhere
 from vjax.generate import generate
 from vjax.layers import quant
@@ -179,6 +180,8 @@ def test_a_bad_quantize_value_is_one_line_and_exit_2(converted, tmp_path):
     r = _run("chat", [f"--workdir={d / 'ckpt'}", f"--tokenizer={tok}", f"--video={d / 'a.mp4'}", "--quantize=int4",
                       "--question=hi"], env)
     _one_error_line(r, "--quantize", "int8")
+    with pytest.raises(config.ConfigError, match="quantize"):  # the API, before anything loads
+        config.load_run(d / "ckpt", tokenizer=tok, quantize="int4")
 
 
 def test_the_weights_of_a_published_variant_halve_under_int8():

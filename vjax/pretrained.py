@@ -320,6 +320,7 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     from vjax.data import formats, sampling  # noqa: PLC0415
     from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
 
+    quantize_weights({}, quantize)  # an unknown mode fails before anything loads
     p = Path(workdir).expanduser().absolute()
     if not p.is_dir():
         raise NotACheckpoint(f"{p} is not a directory: {_HOW}")
@@ -385,10 +386,10 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
 def quantize_weights(params: Any, mode: str) -> Any:
     """``params`` quantised by ``mode`` (``"int8"``: :func:`vjax.layers.quant.quantize_params`; ``""``: as they
     are)."""
-    from vjax.layers.quant import quantize_params  # noqa: PLC0415
+    from vjax.layers.quant import MODES, quantize_params  # noqa: PLC0415
 
-    if mode not in ("", "int8"):
-        raise ValueError(f"unknown quantisation {mode!r}; known: int8")
+    if mode not in MODES:
+        raise ValueError(f"unknown quantisation {mode!r}; known: {', '.join(m for m in MODES if m)}")
     return quantize_params(params) if mode else params
 
 

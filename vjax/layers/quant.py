@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MODES = ("", "int8")  # what --quantize / load_run(quantize=...) accept; "" keeps the float weights
 SCALE_SUFFIX = "_scale"
 QUANTIZED = {"kernel": (2, 3), "embedding": (2,)}  # leaf name -> ranks quantised ([in, out], scanned [N, in, out])
 
@@ -218,5 +219,5 @@ class Embed(nn.Embed):
         return quantized_matmul(query, self.embedding.T, scale, dtype)
 
 
-__all__ = ["quantize_array", "dequantize_array", "quantize_params", "dequantize_params", "is_quantized",
+__all__ = ["MODES", "quantize_array", "dequantize_array", "quantize_params", "dequantize_params", "is_quantized",
            "param_bytes", "quantized_matmul", "Dense", "Embed"]

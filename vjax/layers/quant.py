@@ -184,7 +184,8 @@ class Dense(nn.Dense):
         scale = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
         if scale is None and kernel.dtype != jnp.int8:
             inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-            dot = self.dot_general_cls() if self.dot_general_cls is not None else self.dot_general or jax.lax.dot_general
+            dot = (self.dot_general_cls() if self.dot_general_cls is not None
+                   else self.dot_general or jax.lax.dot_general)
             y = dot(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         else:
             y = quantized_matmul(inputs, kernel, scale, self.dtype, self.precision)

@@ -149,8 +149,11 @@ def load_test(url: str, videos: list[str], *, requests: int, clients: int, max_t
     kinds = [chat_body(videos[k % len(videos)], QUESTIONS[k % len(QUESTIONS)], max_tokens, True)
              for k in range(distinct)]
     bodies = [kinds[i % distinct] for i in range(requests)]  # request i repeats distinct request i mod alone
-    _ = ask_streaming(url, bodies[0])  # compile the first shapes outside the clock
     say = progress or (lambda msg: None)
+    say("warming up: one request alone, then two bursts from every client (compiles outside the clock)")
+    _phase(url, kinds[:1], 1)
+    for _ in range(2):
+        _phase(url, bodies[: 2 * clients], clients)
     say(f"one at a time: {distinct} distinct requests")
     single = _phase(url, kinds, 1)
     say(f"concurrent: {requests} requests from {clients} clients")

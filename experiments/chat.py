@@ -35,7 +35,7 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, config
 from vjax import eval as vjax_eval
@@ -274,12 +274,7 @@ class TextStream:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    for name in ("workdir", "video"):
-        if not getattr(FLAGS, name):
-            cli.fail(f"--{name} is required")
+    cli.start_checkpoint_command(argv, "workdir", "video")
     if FLAGS.question is not None and not FLAGS.question.strip():
         cli.fail("--question is empty: ask something, or leave --question out for an interactive chat")
     from vjax.data.video import UnreadableVideo  # noqa: PLC0415

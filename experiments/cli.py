@@ -27,6 +27,19 @@ def fail(message: str) -> NoReturn:
     sys.exit(USER_ERROR)
 
 
+def start_checkpoint_command(argv: list[str], *required: str) -> None:
+    """The common start of chat, eval, serve and the measuring commands: no positional arguments, Orbax's
+    per-restore INFO logs off, and each flag in ``required`` given (else one line, exit 2)."""
+    from absl import flags, logging  # noqa: PLC0415
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    for name in required:
+        if not getattr(flags.FLAGS, name):
+            fail(f"--{name} is required")
+
+
 def interrupted(signum: int, message: str) -> NoReturn:
     """One line ``stopped: <message>`` on stderr, exit code ``128 + signum`` (130 SIGINT, 143 SIGTERM)."""
     print(f"stopped: {message}", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, config
 from vjax import eval as vjax_eval
@@ -310,11 +310,7 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    if not FLAGS.workdir:
-        cli.fail("--workdir is required")
+    cli.start_checkpoint_command(argv, "workdir")
     if not 0.0 <= FLAGS.max_bad_fraction <= 1.0:
         cli.fail(f"--max_bad_fraction must be in [0, 1], got {FLAGS.max_bad_fraction}")
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415

@@ -17,7 +17,7 @@ import json
 from typing import Any, Sequence
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, config
 
@@ -62,11 +62,7 @@ def drift(run, records: Sequence[dict], *, batch_size: int, max_new_tokens: int)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    if not FLAGS.workdir:
-        cli.fail("--workdir is required")
+    cli.start_checkpoint_command(argv, "workdir")
     from experiments.eval import synthetic_split  # noqa: PLC0415
     from vjax.pretrained import NotACheckpoint  # noqa: PLC0415
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, config
 
@@ -529,11 +529,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    if not FLAGS.workdir:
-        cli.fail("--workdir is required")
+    cli.start_checkpoint_command(argv, "workdir")
     for name in ("slots", "max_new_tokens", "max_upload_mb"):
         if getattr(FLAGS, name) < 1:
             cli.fail(f"--{name}={getattr(FLAGS, name)} must be at least 1")

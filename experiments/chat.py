@@ -239,6 +239,7 @@ class TextStream:
     def __init__(self, tokenizer: Any, stops: tuple[str, ...], on_text: Callable[[str], Any] | None = None):
         self.tokenizer, self.stops, self.on_text = tokenizer, tuple(stops), on_text
         self.ids: list[int] = []
+        self.raw = ""  # the decoded ids, before the cut at a stop string (decoded once per token)
         self.shown = ""
 
     def _emit(self, text: str) -> None:
@@ -250,16 +251,16 @@ class TextStream:
         """The answer so far, cut at a stop string."""
         from vjax.data import formats  # noqa: PLC0415
 
-        return formats.cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        return formats.cut_at_stop(self.raw, self.stops)
 
     def stopped(self) -> bool:
         """Whether a stop string has appeared in the decoded text."""
-        raw = self.tokenizer.decode(self.ids)
-        return any(s and s in raw for s in self.stops)
+        return any(s and s in self.raw for s in self.stops)
 
     def add(self, token: int) -> None:
         """Append one token; emit the text that can no longer change."""
         self.ids.append(int(token))
+        self.raw = self.tokenizer.decode(self.ids)
         text = self.text()
         hold = max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
         self._emit(text[: len(text) - hold].rstrip("\ufffd").rstrip())  # the final answer is stripped too
@@ -268,6 +269,7 @@ class TextStream:
         """The final answer (of ``ids`` when given, else of the tokens added); emits what was held back."""
         if ids is not None:
             self.ids = [int(t) for t in ids]
+            self.raw = self.tokenizer.decode(self.ids)
         answer = self.text()
         self._emit(answer)
         return answer

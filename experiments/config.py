@@ -392,10 +392,12 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config
     quantises the weights (:func:`vjax.layers.quant.quantize_params`). An unknown ``quantize`` raises
     :class:`ConfigError`."""
     from vjax import pretrained  # noqa: PLC0415
-    from vjax.layers.quant import MODES  # noqa: PLC0415
+    from vjax.layers.quant import check_mode  # noqa: PLC0415
 
-    if quantize not in MODES:
-        raise ConfigError("quantize", f"must be one of {[m for m in MODES if m]} (or empty), got {quantize!r}")
+    try:
+        check_mode(quantize)
+    except ValueError as err:
+        raise ConfigError("quantize", str(err)) from None
 
     def experiment(name: str):
         base, _, variant = (config or name).partition(":")

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from experiments.chat import Chat, TextStream
+from vjax import eval as vjax_eval
 from vjax.pretrained import Run
 
 DEFAULT_CONTEXT = 4096  # per slot: 8 slots of a 7B LLM's bf16 cache at 4096 tokens take ~17 GB
@@ -84,10 +85,9 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         context = max_context or min(run.model_config.llm.max_position_embeddings, DEFAULT_CONTEXT)
         self.decoder = SlotDecoder(run.module, run.params, slots=slots, max_length=context, bucket=bucket)
-        probe = Chat(run, max_new_tokens=1, max_context=context)
-        self.eos = set(probe.sampling.eos_token_ids)
-        self.stops = probe.stops
-        self.pad_token_id = probe.sampling.pad_token_id
+        self.eos = set(vjax_eval.stop_token_ids(run.tokenizer, run.spec))
+        self.stops = vjax_eval.stop_strings(run.tokenizer, run.spec)
+        self.pad_token_id = run.tokenizer.pad_token_id
         self._queue: collections.deque[Ticket] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -180,7 +180,7 @@ class Engine:
             self.decoder.release(slot)
             self._tickets.pop(slot, None)
         ticket.finish_reason = reason
-        if reason != "cancelled" and reason != "error":
+        if reason in ("stop", "length"):
             ticket.text.finish()
         try:
             ticket.on_done(reason, ticket.usage())

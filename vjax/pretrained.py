@@ -320,7 +320,9 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     from vjax.data import formats, sampling  # noqa: PLC0415
     from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
 
-    quantize_weights({}, quantize)  # an unknown mode fails before anything loads
+    from vjax.layers.quant import check_mode  # noqa: PLC0415
+
+    check_mode(quantize)  # an unknown mode fails before anything loads
     p = Path(workdir).expanduser().absolute()
     if not p.is_dir():
         raise NotACheckpoint(f"{p} is not a directory: {_HOW}")
@@ -377,8 +379,7 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
     # A training run's frames as it was trained (S x S); a converted release's at its native resolution.
     frames = FrameProcessor.for_model(registry.spec(name), module.config, native=step is None,
                                       size=c.data.image_size, buckets=tuple(c.data.get("frame_buckets", ())))
-    if quantize:
-        params = quantize_weights(params, quantize)
+    params = quantize_weights(params, quantize)
     return Run(name=name, config=c, module=module, params=params, spec=spec, tokenizer=formats.TextTokenizer(tok_dir),
                sampler=sampler, step=step, workdir=str(p), frames=frames, quantize=quantize)
 
@@ -386,10 +387,9 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
 def quantize_weights(params: Any, mode: str) -> Any:
     """``params`` quantised by ``mode`` (``"int8"``: :func:`vjax.layers.quant.quantize_params`; ``""``: as they
     are)."""
-    from vjax.layers.quant import MODES, quantize_params  # noqa: PLC0415
+    from vjax.layers.quant import check_mode, quantize_params  # noqa: PLC0415
 
-    if mode not in MODES:
-        raise ValueError(f"unknown quantisation {mode!r}; known: {', '.join(m for m in MODES if m)}")
+    check_mode(mode)
     return quantize_params(params) if mode else params
 
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vjax.layers.quant import quantized_matmul
+from vjax.layers.quant import quantized_matmul, sibling_scale
 
 
 def lora_scale(rank: int, alpha: float) -> float:
@@ -60,7 +60,7 @@ class LoRADense(nn.Module):
                             self.param_dtype)
         bias = (self.param("bias", part(nn.initializers.zeros, (ax_out,)), (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        scale = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
+        scale = sibling_scale(self, "kernel")
         x, lora_a, lora_b = (v.astype(self.dtype) for v in (x, lora_a, lora_b))
         contract = (((x.ndim - 1,), (0,)), ((), ()))
         y = quantized_matmul(x, kernel, scale, self.dtype)  # [..., out]; an int8 kernel times its kernel_scale

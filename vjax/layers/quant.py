@@ -69,6 +69,12 @@ def _unbox(v: Any) -> Any:
     return v.unbox() if hasattr(v, "unbox") else v
 
 
+def check_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming the known modes unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantisation {mode!r}; known: {', '.join(m for m in MODES if m)}")
+
+
 def quantize_params(params: Mapping[str, Any], *, bits: int = 8, min_size: int = 1024,
                     embeddings: bool = True) -> dict[str, Any]:
     """Every Dense ``kernel`` (``[in, out]``, or ``[N, in, out]`` of scanned layers) and, with ``embeddings``,
@@ -151,6 +157,12 @@ def param_bytes(params: Mapping[str, Any], dtype=None) -> int:
     return total
 
 
+def sibling_scale(module: nn.Module, name: str) -> jax.Array | None:
+    """The quantisation scale ``<name>_scale`` stored beside parameter ``name`` of ``module``, or None (float)."""
+    key = name + SCALE_SUFFIX
+    return module.get_variable("params", key) if module.has_variable("params", key) else None
+
+
 def quantized_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None, dtype=None,
                      precision=None) -> jax.Array:
     """``x [..., in] @ kernel [in, out]`` in ``dtype`` (default ``x``'s floating dtype); with ``scale [out]`` the
@@ -181,7 +193,7 @@ class Dense(nn.Dense):
     def __call__(self, inputs: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        scale = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
+        scale = sibling_scale(self, "kernel")
         if scale is None and kernel.dtype != jnp.int8:
             inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
             dot = (self.dot_general_cls() if self.dot_general_cls is not None
@@ -198,13 +210,9 @@ class Embed(nn.Embed):
     """``nn.Embed`` (same parameter ``embedding [V, D]``) that also runs an int8 table with one scale per row
     (``embedding_scale [V]``): lookup ``Q[ids] * scale[ids]``, tied LM head ``(h @ Q^T) * scale``."""
 
-    def _scale(self) -> jax.Array | None:
-        return self.get_variable("params", "embedding_scale") if self.has_variable("params", "embedding_scale") \
-            else None
-
     def __call__(self, inputs: jax.Array) -> jax.Array:  # int [...] -> [..., D]
         """Embed the ids ``inputs``, dequantising the rows it reads when the table is int8."""
-        scale = self._scale()
+        scale = sibling_scale(self, "embedding")
         if scale is None:
             return super().__call__(inputs)
         dtype = jnp.dtype(self.dtype or jnp.float32)
@@ -213,12 +221,12 @@ class Embed(nn.Embed):
 
     def attend(self, query: jax.Array) -> jax.Array:  # [..., D] -> [..., V]
         """``query @ embedding^T`` (tied LM head); an int8 table's row scales multiply the result."""
-        scale = self._scale()
+        scale = sibling_scale(self, "embedding")
         if scale is None:
             return super().attend(query)
         dtype = jnp.dtype(self.dtype or jnp.result_type(query.dtype, jnp.float32))
         return quantized_matmul(query, self.embedding.T, scale, dtype)
 
 
-__all__ = ["MODES", "quantize_array", "dequantize_array", "quantize_params", "dequantize_params", "is_quantized",
+__all__ = ["MODES", "check_mode", "sibling_scale", "quantize_array", "dequantize_array", "quantize_params", "dequantize_params", "is_quantized",
            "param_bytes", "quantized_matmul", "Dense", "Embed"]

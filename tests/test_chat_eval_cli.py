@@ -153,23 +153,25 @@ def test_scoring_per_task_kind_and_timestamp():
     ]
     rep = eval_cmd.summarize(recs, ["(B)", "The Red.", "at 2.0 s", "soon"], tolerance=1.0)
     acc = rep["accuracy"]
-    assert acc["task/colour"] == {"accuracy": 1.0, "n": 2}  # option letter; normalised exact match
+    # option letter; normalised exact match; chance: a random letter of two, the one open answer
+    assert acc["task/colour"] == {"accuracy": 1.0, "n": 2, "chance": 0.75}
     assert acc["kind/multiple_choice"]["n"] == 1 and acc["kind/open"]["n"] == 1
-    assert acc["kind/timestamp"] == {"accuracy": 0.0, "n": 2}  # neither is an exact match ...
+    assert acc["kind/timestamp"] == {"accuracy": 0.0, "n": 2, "chance": 0.5}  # neither is an exact match ...
     assert rep["timestamp"]["within_tolerance"] == 0.5  # ... but 2.0 s is within 1 s of 2.5 s
     assert rep["timestamp"]["mean_abs_error_s"] == 0.5 and rep["timestamp"]["answers_without_time"] == 1
     # chance level: 2.5 s and 4 s are 1.5 s apart, so one constant answer is within 1 s of only one of them
     assert rep["timestamp"]["best_constant_s"] == 2.5 and rep["timestamp"]["best_constant_within"] == 0.5
     wide = eval_cmd.summarize(recs, ["(B)", "The Red.", "at 2.0 s", "soon"], tolerance=1.5)["timestamp"]
     assert wide["best_constant_within"] == 1.0  # within 1.5 s, "2.5 s" covers both
-    assert acc["all"] == {"accuracy": 0.5, "n": 4}
+    assert acc["all"] == {"accuracy": 0.5, "n": 4, "chance": 0.625}  # (1/2 + 1 + 1) / 4
     cross = rep["task_by_kind"]
-    assert cross["colour"] == {"multiple_choice": {"accuracy": 1.0, "n": 1}, "open": {"accuracy": 1.0, "n": 1}}
-    assert cross["appear_time"] == {"timestamp": {"accuracy": 0.0, "n": 2}}
+    assert cross["colour"] == {"multiple_choice": {"accuracy": 1.0, "n": 1, "chance": 0.5},
+                               "open": {"accuracy": 1.0, "n": 1, "chance": 1.0}}
+    assert cross["appear_time"] == {"timestamp": {"accuracy": 0.0, "n": 2, "chance": 0.5}}
     lines = eval_cmd.table(rep).splitlines()
     assert "chance level: answering 2.5 s to every one scores 0.500" in [line.strip() for line in lines]
     colour = next(line for line in lines if line.startswith("colour "))
-    assert colour.split() == ["colour", "1.000", "(", "1)", "1.000", "(", "1)", "-"]
+    assert colour.split() == ["colour", "1.000", "[0.50]", "(", "1)", "1.000", "[1.00]", "(", "1)", "-"]
 
 
 def test_scoring_per_object_count_of_the_clip():
@@ -177,14 +179,15 @@ def test_scoring_per_object_count_of_the_clip():
              "conversations": [{"from": "human", "value": "Q"}]}
             for i, (t, n) in enumerate([("colour", 1), ("colour", 1), ("colour", 3), ("shape", 2)])]
     rep = eval_cmd.summarize(recs, ["red", "red", "blue", "red"])
-    assert rep["task_by_objects"] == {"colour": {"1": {"accuracy": 1.0, "n": 2}, "3": {"accuracy": 0.0, "n": 1}},
-                                      "shape": {"2": {"accuracy": 1.0, "n": 1}}}
+    assert rep["task_by_objects"] == {"colour": {"1": {"accuracy": 1.0, "n": 2, "chance": 1.0},
+                                                 "3": {"accuracy": 0.0, "n": 1, "chance": 1.0}},
+                                      "shape": {"2": {"accuracy": 1.0, "n": 1, "chance": 1.0}}}
     assert [row["num_objects"] for row in rep["predictions"]] == [1, 1, 3, 2]
     lines = eval_cmd.table(rep).splitlines()
     header = next(line for line in lines if line.startswith("objects in the clip"))
     assert header.split()[-3:] == ["1", "2", "3"]
     colour = [line for line in lines if line.startswith("colour ")][-1]
-    assert colour.split() == ["colour", "1.000", "(", "2)", "-", "0.000", "(", "1)"]
+    assert colour.split() == ["colour", "1.000", "[1.00]", "(", "2)", "-", "0.000", "[1.00]", "(", "1)"]
     # records without the field (real annotation files) get no such section
     plain = eval_cmd.summarize([{k: v for k, v in r.items() if k != "num_objects"} for r in recs], ["red"] * 4)
     assert "task_by_objects" not in plain and "objects in the clip" not in eval_cmd.table(plain)

@@ -1,20 +1,25 @@
 """Answering and scoring video questions with a model: greedy generation with the KV cache for batches of
-prompts (:func:`answer_prompts`), where an answer stops (:func:`stop_token_ids`, :func:`stop_strings`), and the
-generation-based validation of a training run (:class:`Evaluator`). Training, chat and evaluation share it.
+prompts (:func:`answer_prompts`), where an answer stops (:func:`stop_token_ids`, :func:`stop_strings`), multiple
+choice scored by the likelihood of each option's answer (:class:`OptionScorer`), and the generation-based
+validation of a training run (:class:`Evaluator`). Training, chat and evaluation share it.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vjax.data import formats
 from vjax.data.formats import FormatSpec
-from vjax.data.pipeline import DropSkipped, LoadAndFormat
+from vjax.data.pipeline import DropSkipped, LoadAndFormat, loss_positions
 from vjax.data.validate import TooManyBadRecords
 from vjax.generate import generate
+from vjax.models.losses import shifted_targets
 from vjax.models.video_llm import VISUAL_KEYS as VISUAL_BATCH_KEYS
 
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -56,6 +61,103 @@ def answer_prompts(module, params, prompts: Sequence[Mapping[str, np.ndarray]], 
         if progress is not None:
             progress(min(batch_size, n - s))
     return out
+
+
+def option_answer(record: Mapping[str, Any], index: int) -> str:
+    """The answer a multiple-choice record is trained on, for option ``index``: ``"(B) square"`` (the format of
+    :func:`vjax.data.annotations.load_mvbench` and of the synthetic set)."""
+    return f"({chr(65 + index)}) {record['choices'][index]}"
+
+
+def with_answer(record: Mapping[str, Any], answer: str) -> dict:
+    """A copy of a conversation record whose last answer (``gpt`` turn) is ``answer``."""
+    out = dict(record)
+    conv = copy.deepcopy(list(record["conversations"]))
+    last = max((i for i, t in enumerate(conv) if t.get("from") == "gpt"), default=None)
+    if last is None:
+        conv.append({"from": "gpt", "value": answer})
+    else:
+        conv[last]["value"] = answer
+    out["conversations"] = conv
+    return out
+
+
+def _answer_logprob(module, params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """``[B]``: the summed log-probability of each row's supervised tokens (``loss_mask``), the logits computed
+    at ``batch["loss_positions"]`` only."""
+    visual = {k: batch[k] for k in VISUAL_BATCH_KEYS if k in batch}
+    positions = batch["loss_positions"]
+    out = module.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_at=positions, **visual)
+    targets, weights = shifted_targets(batch["input_ids"], batch["loss_mask"])
+    targets = jnp.take_along_axis(targets, positions, axis=1)
+    weights = jnp.take_along_axis(weights, positions, axis=1)
+    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (picked * weights).sum(axis=1)
+
+
+class OptionScorer:
+    """Multiple choice scored by likelihood, as lm-eval-harness scores it: for every option the record's
+    conversation is rendered with that option's answer (:func:`option_answer`, ``"(C) circle"``) exactly as in
+    training, and the option whose answer tokens (the template's end-of-answer tokens included, the same for
+    every option) have the highest summed log-probability given the video and the prompt is the model's choice.
+    Unlike the generated letter this needs no skill at emitting a letter: it asks which answer the model finds
+    most likely.
+
+    Each record's video is decoded once (its prompt element is reused for every option); the options of all
+    records are batched ``batch_size`` rows at a time, right-padded to a multiple of 64 tokens, the logits taken
+    at the supervised positions only (one compiled shape per length).
+    """
+
+    def __init__(self, module, spec: FormatSpec, tokenizer: formats.TextTokenizer, *, batch_size: int = 8):
+        self.module, self.spec, self.tokenizer, self.batch_size = module, spec, tokenizer, batch_size
+        self.full = formats.VideoQAFormat(spec, tokenizer)
+        self._fn = jax.jit(lambda params, batch: _answer_logprob(module, params, batch))
+
+    def option_elements(self, record: Mapping[str, Any], element: Mapping[str, np.ndarray]) -> list[dict]:
+        """The training elements of every option of ``record``, the visual arrays taken from ``element`` (a
+        prompt-only element of the same record: the video is not decoded again)."""
+        t = int(np.asarray(element["frame_mask"]).sum()) if "frame_mask" in element else self.spec.num_frames
+        visual = {k: v for k, v in element.items() if k not in ("input_ids", "attention_mask", "loss_mask")}
+        out = []
+        for i in range(len(record["choices"])):
+            ids, mask = self.full.text(with_answer(record, option_answer(record, i)), t)
+            out.append({**visual, "input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": mask})
+        return out
+
+    def logprobs(self, params, records: Sequence[Mapping[str, Any]],
+                 elements: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+        """Per record, ``float [num_choices]``: the summed log-probability of each option's answer."""
+        rows = [(r, e) for r, el in enumerate(zip(records, elements)) for e in self.option_elements(*el)]
+        if not rows:
+            return []
+        length = -(-max(len(e["input_ids"]) for _, e in rows) // 64) * 64
+        supervised = max(int((e["loss_mask"][1:] != 0).sum()) for _, e in rows)
+        size = -(-max(supervised, 1) // 8) * 8
+        scores = np.zeros(len(rows), np.float64)
+        for s in range(0, len(rows), self.batch_size):
+            chunk = [e for _, e in rows[s: s + self.batch_size]]
+            chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one compiled shape
+            batch = {}
+            for k in chunk[0]:
+                arrs = [np.asarray(e[k]) for e in chunk]
+                if k in TEXT_KEYS:
+                    arrs = [np.pad(a, (0, length - a.shape[0])) for a in arrs]
+                batch[k] = np.stack(arrs)
+            batch["loss_positions"] = loss_positions(batch["loss_mask"], size)
+            got = np.asarray(self._fn(params, batch))
+            n = min(self.batch_size, len(rows) - s)
+            scores[s: s + n] = got[:n]
+        out: list[list[float]] = [[] for _ in records]
+        for (r, _), v in zip(rows, scores):
+            out[r].append(float(v))
+        return [np.asarray(v) for v in out]
+
+    def choose(self, params, records: Sequence[Mapping[str, Any]],
+               elements: Sequence[Mapping[str, np.ndarray]]) -> list[int]:
+        """Per record, the index of its most likely option."""
+        return [int(np.argmax(v)) for v in self.logprobs(params, records, elements)]
 
 
 class Evaluator:

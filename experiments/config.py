@@ -275,6 +275,8 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
         v = c[key.split(".")[0]] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(v, int) or v < 0:
             raise ConfigError(key, f"must be an integer >= 0, got {v!r}")
+    if not isinstance(c.eval.get("test_records", 0), int) or c.eval.get("test_records", 0) < -1:
+        raise ConfigError("eval.test_records", f"must be -1 (all), 0 (none) or a count, got {c.eval.test_records!r}")
     if not isinstance(c.data.cache_mb, (int, float)) or c.data.cache_mb < 0:
         raise ConfigError("data.cache_mb", f"must be a number of MiB >= 0, got {c.data.cache_mb!r}")
     if not isinstance(c.data.max_bad_fraction, (int, float)) or not 0 <= c.data.max_bad_fraction <= 1:

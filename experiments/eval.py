@@ -448,6 +448,41 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
     return report
 
 
+def write_report(run: Run, report: dict, data: str, data_name: str, out: str | None = None) -> Path:
+    """Writes ``report`` (with the run's name, step, data and quantisation) as JSON to ``out``, by default
+    ``<workdir>/eval/<data_name>[_int8][_blind|_shuffled].json``; returns the path."""
+    report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": data,
+              "quantize": run.quantize or None, **report}
+    # an int8 report, or a control's, beside the plain one
+    suffix = (f"_{run.quantize}" if run.quantize else "") + (f"_{report['control']}" if report.get("control") else "")
+    path = Path(out) if out else Path(run.workdir) / "eval" / f"{data_name}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
+def score_test_split(run: Run, limit: int = -1, *, progress: bool = False) -> dict | None:
+    """The synthetic set's test split (its first ``limit`` questions; -1: all) answered by the trained run and
+    scored as ``experiments.eval`` scores it: generated answers, multiple choice by letter and by likelihood, per
+    type, per answer kind and per object count, each beside its chance level. Prints the table, writes
+    ``<workdir>/eval/synthetic_test.json`` and returns the report (None when the set has no test split).
+    ``experiments.train`` calls it at the end of a synthetic run (``eval.test_records``)."""
+    records = synthetic_records(synthetic_paths(run.config), "test")
+    if limit > 0:
+        records = records[:limit]
+    if not records:
+        print("no test split to score (data.synthetic.num_test=0)", flush=True)
+        return None
+    c = run.config
+    print(f"\ntest split: {len(records)} questions", flush=True)
+    report = evaluate(run, records, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                        progress=progress)
+    out = write_report(run, report, "synthetic_test", "synthetic_test")
+    print(table(report))
+    print(f"{report['evaluated']} test questions in {report['seconds']:.0f} s; report {out}", flush=True)
+    return report
+
+
 def main(argv: list[str]) -> int:
     cli.start_checkpoint_command(argv, "workdir")
     if not 0.0 <= FLAGS.max_bad_fraction <= 1.0:
@@ -491,13 +526,7 @@ def main(argv: list[str]) -> int:
                           likelihood=FLAGS.likelihood, control=control)
     except TooManyBadRecords as err:
         cli.fail(str(err))
-    report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": FLAGS.data or data_name,
-              "quantize": run.quantize or None, **report}
-    # an int8 report, or a control's, beside the plain one
-    suffix = (f"_{run.quantize}" if run.quantize else "") + (f"_{control}" if control else "")
-    out = Path(FLAGS.out) if FLAGS.out else Path(run.workdir) / "eval" / f"{data_name}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(run, report, FLAGS.data or data_name, data_name, FLAGS.out)
     print(table(report))
     print(f"{report['evaluated']} evaluated, {report['skipped_unreadable']} unreadable skipped, "
           f"{report['seconds']:.1f} s; report {out}", flush=True)

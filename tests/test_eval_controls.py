@@ -170,3 +170,19 @@ def test_eval_cli_controls_write_their_own_reports(tiny, tmp_path):
     r = subprocess.run(base + ["--blind", "--shuffled"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 2 and "pass one of them" in r.stderr
+
+
+def test_the_test_split_table_at_the_end_of_training(tiny, capsys):
+    """What ``experiments.train`` prints last on a synthetic run: every question of the test split (here 3 clips)
+    scored per type with chance levels, multiple choice by letter and by likelihood, the report written."""
+    d, paths, _ = tiny
+    run = config.load_run(paths["ckpt"], tokenizer=paths["tokenizer"], config=paths["config"])
+    want = eval_cmd.synthetic_records(eval_cmd.synthetic_paths(run.config), "test")
+    assert len({r["video"] for r in want}) == 3 and any(r.get("choices") for r in want)
+    report = eval_cmd.score_test_split(run, -1)
+    out = capsys.readouterr().out
+    assert report["evaluated"] == len(want) == report["accuracy"]["all"]["n"]
+    assert f"test split: {len(want)} questions" in out and "chance" in out and "likelihood" in out
+    saved = json.loads((Path(paths["ckpt"]) / "eval" / "synthetic_test.json").read_text())
+    assert saved["data"] == "synthetic_test" and len(saved["predictions"]) == len(want)
+    assert eval_cmd.score_test_split(run, 2)["evaluated"] == 2  # eval.test_records=2: the first two

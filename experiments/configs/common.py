@@ -94,6 +94,9 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     e.records = 32  # validation records generated with the KV cache at each eval (0: no eval)
     e.batch_size = 8
     e.max_new_tokens = 12
+    # at the end of training: the synthetic set's test split answered and scored as experiments.eval does, its table
+    # printed and its report written to <workdir>/eval/synthetic_test.json (-1: every question, 0: none, N: first N)
+    e.test_records = -1
     tiny_vision(c)
     return c
 

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    # torch.compile takes minutes per model even at tiny size: its contender is tested alone below
     res = bench.run(list(bench.SUITES), size="tiny", out=str(out), repeats=1,
-                    workdir=str(tmp_path_factory.mktemp("bench_work")))
+                    workdir=str(tmp_path_factory.mktemp("bench_work")), torch_compile=False)
     with open(out / "results.json") as f:
         written = json.load(f)
     return res, written, (out / "results.md").read_text()
@@ -44,6 +45,7 @@ def test_matmul_and_train_step_entries(results):
     assert llama["flops"]["flops"] == llama["flops"]["dense_flops"] + llama["flops"]["attention_flops"] > 0
     assert llama["first_loss_abs_diff"] < 1e-4  # the same weights on both sides
     assert llama["compiles_timed"] == 0 and llama["jit_cache_size"] == 1
+    assert llama["torch_compile_status"] == "not run (torch_compile=False)" and "torch_compile" not in llama
 
 
 def test_qwen2_vl_train_step_entries(results):
@@ -126,3 +128,56 @@ def test_unknown_suite_on_the_command_line_exits_2_in_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"error: --suite: unknown suite(s) ['nope']; choose from {list(bench.SUITES)}"], proc.stderr[-3000:]
+
+
+class _TinyLM:
+    """A two-layer torch model with a transformers-like ``model(**inputs).loss``."""
+
+    def __new__(cls):
+        import torch  # noqa: PLC0415
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+
+            def forward(self, x, y):
+                out = type("Out", (), {})()
+                out.loss = ((self.b(torch.tanh(self.a(x))) - y) ** 2).mean()
+                return out
+
+        return Model()
+
+
+def test_torch_compile_contender_trains_the_same_weights_and_reports_a_failure():
+    """The train step's torch.compile contender: a copy of the model, compiled outside the timed rounds, its
+    first loss equal to the eager step's on the same weights (the eager model is not touched); a model that does
+    not compile gives no contender but its error in one line; the reference is the fastest PyTorch contender."""
+    import torch  # noqa: PLC0415
+
+    from experiments.bench import references, suites  # noqa: PLC0415
+
+    model = _TinyLM()
+    inputs = {"x": torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), "y": torch.zeros(4, 1)}
+    before = [p.detach().clone() for p in model.parameters()]
+    step, first, error = references.torch_compiled_adamw_step(model, inputs)
+    assert error is None and step is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained a copy
+    _, eager_first = references.torch_adamw_step(model, inputs)
+    assert abs(first - eager_first) <= 1e-6 * max(1.0, abs(eager_first))
+    assert float(step().detach()) < first  # later steps of the compiled copy train it (the loss falls)
+    contenders = references.torch_contenders(lambda: 1, step)
+    assert set(contenders) == {"torch", "torch_1t", "torch_compile"}
+    assert set(references.torch_contenders(lambda: 1)) == {"torch", "torch_1t"}
+
+    class Broken(torch.nn.Module):
+        def forward(self, **kw):
+            raise RuntimeError("no kernel for this op\nsecond line")
+
+    step, first, error = references.torch_compiled_adamw_step(Broken(), inputs)
+    assert step is None and first is None and error.startswith("RuntimeError: no kernel for this op")
+    assert "\n" not in error
+    assert suites._reference({"vjax": [1.0], "torch": [3.0], "torch_1t": [2.0], "torch_compile": [1.5]}) == \
+        "torch_compile"
+    assert suites._reference({"vjax": [1.0], "torch": [3.0], "torch_1t": [2.0]}) == "torch_1t"

@@ -7,8 +7,9 @@ writes ``results.json`` (raw figures, machine description) and ``results.md`` (o
 in ``--out``. Every comparison is measured side by side in the same process, the two contenders
 interleaved round by round (A B, B A, A B ...), and reported as a ratio of medians, because the
 machines this runs on are shared and noisy (the host's load average is recorded per suite).
-PyTorch runs at its default intra-op thread count and at one thread; speedups are against the
-faster of the two (on a loaded host OpenMP's per-op barriers make the default much slower).
+PyTorch runs at its default intra-op thread count and at one thread, and the train step also under
+``torch.compile`` (``--notorch_compile`` to skip its minutes of compilation); speedups are against the
+fastest of them (on a loaded host OpenMP's per-op barriers make the default much slower).
 ``--size=tiny`` shrinks every suite to seconds (tests).
 
 The package: ``sizes`` (dimensions per ``--size``, targets), ``harness`` (timing, compile counting,
@@ -64,9 +65,10 @@ __all__ = ["DATA_MODEL", "SIZES", "SUITES", "SUITE_NAMES", "TARGETS", "TRAIN_MOD
 
 
 def run(suites: list[str], size: str = "small", out: str = "./bench_out", repeats: int | None = None,
-        workdir: str | None = None) -> dict[str, Any]:
+        workdir: str | None = None, torch_compile: bool = True) -> dict[str, Any]:
     """Run ``suites`` and write ``results.json`` / ``results.md`` under ``out``; returns the results
-    (``results["errors"]`` maps a failed suite to its traceback)."""
+    (``results["errors"]`` maps a failed suite to its traceback). ``torch_compile``: the train step's
+    PyTorch side is also timed under ``torch.compile`` (a contender only where it compiles)."""
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
@@ -78,7 +80,7 @@ def run(suites: list[str], size: str = "small", out: str = "./bench_out", repeat
                                "shared_machine_note": "wall-clock on a machine possibly shared with other jobs"}
     with contextlib.ExitStack() as stack:
         wd = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="vjax_bench_"))
-        ctx = Context(size, SIZES[size], repeats, results["suites"], [], wd)
+        ctx = Context(size, SIZES[size], repeats, results["suites"], [], wd, torch_compile)
         for name in suites:
             t0 = time.perf_counter()
             load0 = loadavg()

@@ -15,6 +15,8 @@ from experiments.bench import SUITE_NAMES, SUITES, run
 _SUITE = flags.DEFINE_string("suite", "all", f"'all' or a comma-separated subset of {SUITE_NAMES}")
 _OUT = flags.DEFINE_string("out", "./bench_out", "directory for results.json and results.md")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small"], "tiny: seconds (tests); small: real figures")
+_COMPILE = flags.DEFINE_bool("torch_compile", True, "train_step: also time transformers under torch.compile "
+                             "(a contender where it compiles; about 2-3 minutes of compilation per model on a CPU)")
 _REPEATS = flags.DEFINE_integer("repeats", None, "timed repeats per measurement (default: 5 small, 2 tiny)")
 
 
@@ -27,7 +29,7 @@ def main(argv):
     unknown = [s for s in suites if s not in SUITES]
     if unknown:  # a usage error: exit 2 (experiments.cli); a suite that fails below is an internal error: 1
         cli.fail(f"--suite: unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    results = run(suites, _SIZE.value, _OUT.value, _REPEATS.value)
+    results = run(suites, _SIZE.value, _OUT.value, _REPEATS.value, torch_compile=_COMPILE.value)
     with open(os.path.join(_OUT.value, "results.md")) as f:
         print(f.read())
     if results["errors"]:

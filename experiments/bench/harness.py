@@ -175,6 +175,7 @@ class Context:
     results: dict[str, Any]  # suite name -> its JSON entry (suites may read earlier ones)
     rows: list[Row]
     workdir: str
+    torch_compile: bool = True  # train_step: also time transformers under torch.compile (minutes to compile)
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -194,11 +194,30 @@ def qwen2_vl_train_flops(module, params, v: VLSize) -> dict[str, Any]:
                        "+ P/4 * 6 N_merger"}
 
 
-def torch_contenders(fn: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+def torch_compiled_adamw_step(hf, inputs: dict[str, Any]):
+    """:func:`torch_adamw_step` on a copy of ``hf`` whose forward runs under ``torch.compile`` (inductor; the
+    backward is compiled with it). Returns ``(step, first loss, error)``: ``step`` None and ``error`` the
+    exception's one line where it does not compile on this machine (no C++ compiler, an unsupported op)."""
+    import copy
+
+    import torch
+    model = copy.deepcopy(hf)
+    try:
+        model.forward = torch.compile(model.forward)
+        step, first = torch_adamw_step(model, inputs)  # compiles here, outside the timed rounds
+        step()  # and a second time if the first call's inputs specialised differently
+    except Exception as err:  # noqa: BLE001 — a contender "where it runs"
+        return None, None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return step, first, None
+
+
+def torch_contenders(fn: Callable[[], Any], compiled: Callable[[], Any] | None = None
+                     ) -> dict[str, Callable[[], Any]]:
     """``fn`` under PyTorch's default intra-op thread count (``torch``) and under one thread
-    (``torch_1t``). On a loaded host, OpenMP's barrier after every op stalls whenever one of its
-    threads is descheduled, and one thread can be several times faster; the faster configuration
-    (by median) is the reference every speedup is computed against."""
+    (``torch_1t``), and ``compiled`` (``torch_compile``, the same step under ``torch.compile``) when given.
+    On a loaded host, OpenMP's barrier after every op stalls whenever one of its threads is
+    descheduled, and one thread can be several times faster; the fastest configuration (by median) is
+    the reference every speedup is computed against."""
     import torch
     default = torch.get_num_threads()
 
@@ -209,4 +228,4 @@ def torch_contenders(fn: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
         finally:
             torch.set_num_threads(default)
 
-    return {"torch": fn, "torch_1t": one_thread}
+    return {"torch": fn, "torch_1t": one_thread, **({"torch_compile": compiled} if compiled is not None else {})}

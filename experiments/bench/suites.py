@@ -19,7 +19,8 @@ from absl import flags, logging
 from experiments.bench.harness import (Context, Row, block, compiled_memory, compiles, gflop, interleaved, mib,
                                       stats)
 from experiments.bench.references import (decoder_train_flops, llama_pair, qwen2_vl_batch, qwen2_vl_pair,
-                                         qwen2_vl_train_flops, torch_adamw_step, torch_contenders, vl_special_ids)
+                                         qwen2_vl_train_flops, torch_adamw_step, torch_compiled_adamw_step,
+                                         torch_contenders, vl_special_ids)
 from experiments.bench.sizes import OPTIM, TARGETS, Size
 
 
@@ -73,6 +74,7 @@ class TrainContender:
     first_losses: dict[str, float]
     flops: dict[str, Any]
     info: dict[str, Any]
+    torch_compiled: Callable[[], Any] | None = None  # the PyTorch step under torch.compile, where it compiles
 
 
 LOSS_POSITION_BUCKETS = (16, 64, 256, 1024)  # experiments/configs/common.py's default
@@ -138,6 +140,22 @@ def _bare_optax_step(module, params, batch, cfg):
     return step
 
 
+def _torch_compiled(ctx: Context, hf, inputs: dict, info: dict, losses: dict) -> Callable[[], Any] | None:
+    """The ``torch.compile`` contender of a train step (``ctx.torch_compile``), on a copy of the pristine ``hf``
+    (call before the eager step trains it): its compile seconds and outcome go to ``info``, its first loss to
+    ``losses``; None where it was not asked for or does not compile."""
+    if not ctx.torch_compile:
+        info["torch_compile_status"] = "not run (torch_compile=False)"
+        return None
+    t0 = time.perf_counter()
+    step, first, error = torch_compiled_adamw_step(hf, inputs)
+    info["torch_compile_seconds"] = round(time.perf_counter() - t0, 1)
+    info["torch_compile_status"] = error or "compiled"
+    if step is not None:
+        losses["torch_compile"] = first
+    return step
+
+
 def train_llama(ctx: Context) -> TrainContender:
     """LLaMA decoder (``ctx.size``): transformers ``LlamaForCausalLM`` (its default attention
     implementation) + ``torch.optim.AdamW`` vs vjax ``CausalLM`` + ``Trainer`` (optax AdamW)."""
@@ -152,11 +170,13 @@ def train_llama(ctx: Context) -> TrainContender:
     vstep, vloss = _vjax_trainer_step(module, params, batch, info)
     import torch
     ids_t = torch.as_tensor(ids, dtype=torch.long)
-    tstep, tloss = torch_adamw_step(hf, {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
-                                          "labels": ids_t})
+    inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "labels": ids_t}
+    losses = {"vjax": vloss}
+    compiled = _torch_compiled(ctx, hf, inputs, info, losses)
+    tstep, losses["torch"] = torch_adamw_step(hf, inputs)
     shape = f"{s.layers}x{s.hidden}, vocab {s.vocab}, {s.batch}x{s.seq} tokens"
-    return TrainContender("llama", vstep, tstep, {"vjax": vloss, "torch": tloss},
-                          decoder_train_flops(module, params, s.batch, s.seq), {**info, "shape": shape})
+    return TrainContender("llama", vstep, tstep, losses, decoder_train_flops(module, params, s.batch, s.seq),
+                          {**info, "shape": shape}, compiled)
 
 
 def train_qwen2_vl(ctx: Context) -> TrainContender:
@@ -182,13 +202,14 @@ def train_qwen2_vl(ctx: Context) -> TrainContender:
               "pixel_values_videos": torch.as_tensor(pix),
               "video_grid_thw": torch.as_tensor([list(v.grid)] * v.batch, dtype=torch.long),
               "mm_token_type_ids": (ids == vl_special_ids(v)["video"]).long() * 2}
-    tstep, tloss = torch_adamw_step(hf, inputs)
+    losses = {"vjax": vloss}
+    compiled = _torch_compiled(ctx, hf, inputs, info, losses)
+    tstep, losses["torch"] = torch_adamw_step(hf, inputs)
     t, h, w = v.grid
     info["shape"] = (f"{v.layers}x{v.hidden}, vocab {v.vocab}; ViT {v.vision_depth}x{v.vision_width}; "
                      f"{v.batch}x({v.frames}f {v.image_size}px = {t}x{h}x{w} patches -> {v.visual_tokens} tok; "
                      f"L {v.seq})")
-    return TrainContender("qwen2_vl", vstep, tstep, {"vjax": vloss, "torch": tloss},
-                          qwen2_vl_train_flops(module, params, v), info)
+    return TrainContender("qwen2_vl", vstep, tstep, losses, qwen2_vl_train_flops(module, params, v), info, compiled)
 
 
 # One builder per model (each returns a TrainContender on the same weights on both sides).
@@ -199,7 +220,8 @@ TRAIN_MODELS: dict[str, Callable[[Context], TrainContender]] = {
 
 
 def _reference(times: dict[str, list[float]]) -> str:
-    return min(("torch", "torch_1t"), key=lambda k: statistics.median(times[k]))
+    """The fastest PyTorch contender by median (``torch``, ``torch_1t``, ``torch_compile`` where it ran)."""
+    return min((k for k in times if k.startswith("torch")), key=lambda k: statistics.median(times[k]))
 
 
 def suite_train_step(ctx: Context) -> dict:
@@ -228,8 +250,8 @@ def suite_train_step(ctx: Context) -> dict:
         bare = c.info.pop("bare_step")
         cpu: dict[str, list[float]] = {}
         with counter.span(rec, "compiles_timed"):
-            times = interleaved({"vjax": c.vjax_step, "vjax_bare_optax": bare, **torch_contenders(c.torch_step)},
-                                ctx.repeats, warmup=1, cpu=cpu)
+            times = interleaved({"vjax": c.vjax_step, "vjax_bare_optax": bare,
+                                 **torch_contenders(c.torch_step, c.torch_compiled)}, ctx.repeats, warmup=1, cpu=cpu)
         trainer = c.info.pop("trainer", None)
         bare_st = stats(times.pop("vjax_bare_optax"))
         cpu_st = {k: stats(v) for k, v in cpu.items()}
@@ -252,16 +274,22 @@ def suite_train_step(ctx: Context) -> dict:
         shape = rec.pop("shape")
         sps = rec["steps_per_s"]
         loss_tol = FIRST_LOSS_TOL * max(1.0, abs(c.first_losses["torch"]))
-        rec["first_loss_agree"] = agree = rec["first_loss_abs_diff"] <= loss_tol
+        # every PyTorch contender's first loss against vjax's (torch.compile runs the same weights)
+        diffs = {k: abs(c.first_losses["vjax"] - v) for k, v in c.first_losses.items() if k != "vjax"}
+        rec["first_loss_agree"] = agree = max(diffs.values()) <= loss_tol
         if not agree:
-            failures[name] = (f"first losses differ: vjax {c.first_losses['vjax']:.6f} vs torch "
-                              f"{c.first_losses['torch']:.6f} (|diff| {rec['first_loss_abs_diff']:.2e} "
-                              f"> {loss_tol:.1e})")
+            failures[name] = (f"first losses differ: vjax {c.first_losses['vjax']:.6f} vs " + ", ".join(
+                f"{k} {c.first_losses[k]:.6f}" for k in diffs) + f" (|diff| {max(diffs.values()):.2e} > {loss_tol:.1e})")
+        compiled = (f" / {sps['torch_compile']:.3f}" if "torch_compile" in sps else
+                    f" / - ({rec.get('torch_compile_status', 'not run')})")
         ctx.rows += [
-            Row("train_step", f"{name} ({shape}) steps/s vjax / torch / torch 1 thread",
-                f"{sps['vjax']:.3f} / {sps['torch']:.3f} / {sps['torch_1t']:.3f}",
+            Row("train_step", f"{name} ({shape}) steps/s vjax / torch / torch 1 thread / torch.compile",
+                f"{sps['vjax']:.3f} / {sps['torch']:.3f} / {sps['torch_1t']:.3f}{compiled}",
                 f"first loss |diff| <= {loss_tol:.1e}", agree,
-                note=f"first loss vjax {c.first_losses['vjax']:.5f}, torch {c.first_losses['torch']:.5f}"),
+                note=f"first loss vjax {c.first_losses['vjax']:.5f}, " + ", ".join(
+                    f"{k} {v:.5f}" for k, v in c.first_losses.items() if k != "vjax")
+                + (f"; torch.compile took {rec['torch_compile_seconds']:.0f} s" if "torch_compile_seconds" in rec
+                   else "")),
             Row("train_step", f"{name} speedup vjax vs faster torch ({ref})", f"{rec['speedup']:.2f}x",
                 f">= {TARGETS['train_speedup']}x", rec["speedup"] >= TARGETS["train_speedup"],
                 note=f"ratio of best times {rec['speedup_best']:.2f}x; CPU-seconds per step vjax "

@@ -24,7 +24,7 @@ def get_config(variant: str = "tiny"):
     c.model_overrides.temporal_ratio = 0.5
     c.model_overrides.spatial_ratios = (5, 3)
     c.model_overrides.spatial_ks = (5, 3)
-    c.data.sampler_kwargs.sample_fps = 2.0  # 2-4 s synthetic clips: >= 4 frames (the release: 1 fps)
+    c.data.sampler_kwargs.sample_fps = 2.0  # 2-5.5 s synthetic clips: >= 4 frames (the release: 1 fps)
     if variant == "tiny":
         return c
     common_args = dict(frames=64, image_size=224, tokenizer="~/models/vicuna-7b-v1.5",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from decord import VideoReader, cpu
 
-from vjax.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+from vjax.data.synthetic import SyntheticConfig, caption, ensure_synthetic_dataset
 
 HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
 WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4}
@@ -263,3 +263,81 @@ def test_texture_std_sets_the_background_and_keeps_old_hashes():
     assert background.std() < 4 < 12 < grey.std()  # per-frame noise (std 3) only vs + the texture (std 18)
     with pytest.raises(ValueError, match="texture_std must be >= 0, got -1"):
         SyntheticConfig(texture_std=-1)
+
+
+def test_appearance_times_are_spread_and_shown():
+    """The appearance-time questions of the default set have no good constant answer: over 600 clips per split
+    (no rendering), no time is within 0.5 s (inclusive) of more than 40 % of the true times of a split, nor of
+    more than 35 % of all of them (the generator of version 1 put 80 % within 0.5 s of "at 1 second"). Each
+    asked object shows from its appearance time, on frames, for at least 1 s of the clip; each multiple-choice
+    answer is among its options, which are times of the clip on the same 0.25 s grid."""
+    from vjax.data.synthetic import SPLITS, _sample_scene
+    from vjax.data.synthetic.questions import _make_records
+
+    cfg = SyntheticConfig(show_progress=False)
+
+    def most_within(times):  # the largest share of times within 0.5 s of any one of them
+        t = np.asarray(times)
+        return max(np.mean(np.abs(t - c) <= 0.5 + 1e-9) for c in t)
+
+    every = []
+    for split in SPLITS:
+        times = []
+        for i in range(600):
+            scene = _sample_scene(cfg, split, i)
+            fps, n = scene["fps"], scene["num_frames"]
+            frame_times = np.arange(n) / fps
+            for rec in _make_records(scene, cfg, "v.mp4", None):
+                if rec["question_type"] != "appear_time":
+                    continue
+                seconds = float(re.fullmatch(r"at ([\d.]+) seconds?", rec["answer"]).group(1))
+                obj = [o for o in scene["objects"] if f"the {o['colour']} {o['shape']} " in rec["question"]]
+                assert len(obj) == 1 and obj[0]["appear_s"] == seconds > 0, (rec, scene)
+                assert seconds * 4 == round(seconds * 4) and seconds < n / fps, (rec, scene)
+                end = obj[0]["vanish_s"] if obj[0]["vanish_s"] is not None else n / fps
+                shown = frame_times[(frame_times >= seconds - 1e-9) & (frame_times < end - 1e-9)]
+                assert shown.size >= fps and shown[0] == pytest.approx(seconds), (rec, scene)
+                if "choices" in rec:
+                    assert rec["choices"][rec["answer_index"]] == rec["answer"], rec
+                    for choice in rec["choices"]:
+                        t = float(re.fullmatch(r"at ([\d.]+) seconds?", choice).group(1))
+                        assert t * 4 == round(t * 4) and 0 <= t < n / fps, (rec, scene)
+                times.append(seconds)
+        assert len(times) >= 80, (split, len(times))
+        assert most_within(times) <= 0.40, (split, sorted(times))
+        every += times
+    assert most_within(every) <= 0.35
+    assert len(set(every)) >= 16  # the short clips' 0.25-4 s grid, and the long clips' later times
+
+
+def test_seconds_are_written_on_the_quarter_second_grid():
+    from vjax.data.synthetic.questions import _fmt_seconds
+
+    assert [_fmt_seconds(t) for t in (0.25, 0.75, 1.0, 1.25, 3.5, 12.75)] == [
+        "0.25 seconds", "0.75 seconds", "1 second", "1.25 seconds", "3.5 seconds", "12.75 seconds"]
+    scene = {"objects": [{"colour": "red", "shape": "circle", "motion": "none", "appear_s": 0.0},
+                         {"colour": "blue", "shape": "square", "motion": "left", "appear_s": 1.25}]}
+    assert caption(scene) == "A red circle stays still. A blue square appears at 1.25 seconds and moves left."
+
+
+def test_generator_version_enters_the_cache_key(monkeypatch):
+    """A new generator version gives every config a new hash, so sets made by an older generator are regenerated
+    (``default_root`` is named by it)."""
+    import vjax.data.synthetic.config as config
+
+    before = SyntheticConfig().params_hash()
+    monkeypatch.setattr(config, "GENERATOR_VERSION", config.GENERATOR_VERSION + 1)
+    assert SyntheticConfig().params_hash() != before
+
+
+def test_quarter_second_appearance_is_drawn_from_its_frame():
+    """An object that appears at x.25 / x.75 s is first drawn at that frame (8 fps: every 0.25 s is 2 frames)."""
+    from vjax.data.synthetic import _sample_scene, render_frames
+
+    cfg = SyntheticConfig(long_every=0, show_progress=False)
+    scene, obj = next((s, o) for s in (_sample_scene(cfg, "test", i) for i in range(100)) for o in s["objects"]
+                      if (o["appear_s"] * 4) % 2 == 1)
+    hue, sat = hue_of(render_frames(scene, seed=0))
+    dist = np.minimum(np.abs(hue - HUES[obj["colour"]]), 360 - np.abs(hue - HUES[obj["colour"]]))
+    shown = np.nonzero(((sat > 60) & (dist < 30)).sum(axis=(1, 2)) >= 30)[0]
+    assert shown[0] == round(obj["appear_s"] * scene["fps"]) and obj["appear_s"] % 1 in (0.25, 0.75)

@@ -3,10 +3,12 @@
 Everything is generated on the machine, deterministically from a seed, so the default training job
 and the tests need no download. Each clip shows 1-3 objects (distinct shapes among circle / square /
 triangle, distinct colours among six well-separated hues) on a noisy grey background. An object may
-move left / right / up / down or stay, and may appear and vanish at given times. The audio track has
-0-3 beeps, each low (500 Hz) or high (1500 Hz). Some clips get a subtitle track (``.srt`` beside the
-clip) that names one object — a fact that is not visible in the frames. Long clips (100-128 frames)
-show one object only at the start, then others, and ask to recall the start.
+move left / right / up / down or stay, and may appear and vanish at given times. In short clips (2-5.5 s)
+a later object appears at a time drawn uniformly from 0.25-4 s on a 0.25 s grid, and the clip is drawn
+long enough to show it for at least 1.5 s, so that no one time answers many appearance-time questions.
+The audio track has 0-3 beeps, each low (500 Hz) or high (1500 Hz). Some clips get a subtitle track
+(``.srt`` beside the clip) that names one object — a fact that is not visible in the frames. Long clips
+(100-128 frames) show one object only at the start, then others, and ask to recall the start.
 
 Questions (open-ended and multiple-choice) cover colour, shape, motion direction, object count,
 order of appearance, appearance time (seconds), beep count, beep pitch, the subtitle fact and, in

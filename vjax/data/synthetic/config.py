@@ -7,7 +7,7 @@ import hashlib
 import json
 
 
-GENERATOR_VERSION = 1  # bump whenever the generated files change for the same parameters
+GENERATOR_VERSION = 2  # bump whenever the generated files change for the same parameters
 TEXTURE_STD = 18.0  # grey levels of the default background texture
 # Parameters added after sets were generated: left out of the hash at their default, so those sets stay valid.
 _LATER_PARAMS = ("train_captions", "texture_std")
@@ -64,7 +64,7 @@ class SyntheticConfig:
     size: int = 64
     fps: int = 8
     min_seconds: float = 2.0
-    max_seconds: float = 4.0
+    max_seconds: float = 5.5
     long_every: int = 8
     long_min_frames: int = 100
     long_max_frames: int = 128

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from vjax.data.synthetic.config import MOTION_ANSWERS, NAMES, NUMBER_WORDS, PALETTE, SHAPES, SyntheticConfig
-from vjax.data.synthetic.scene import _clip_rng
+from vjax.data.synthetic.scene import _clip_rng, time_step
 
 
 def _fmt_seconds(t: float) -> str:
+    """``1.25`` -> ``"1.25 seconds"``, ``1.0`` -> ``"1 second"``, ``0.5`` -> ``"0.5 seconds"``."""
+    t = round(float(t), 3)
     return f"{t:g} second" + ("" if t == 1 else "s")
 
 
@@ -47,8 +51,12 @@ def _candidates(scene: dict, rng: np.random.Generator) -> list[dict]:
     late = [x for x in objs if x["appear_s"] > 0]
     if late:
         o = late[int(rng.integers(len(late)))]
+        # Options: the times of the appearance grid within the clip (0 s included): none is off the grid of the
+        # answers or past the clip's end.
+        step, duration = time_step(scene["fps"]), scene["num_frames"] / scene["fps"]
         add("appear_time", [f"At what time does {_describe(o)} appear?", f"When does {_describe(o)} first appear?"],
-            f"at {_fmt_seconds(o['appear_s'])}", [f"at {_fmt_seconds(k * 0.5)}" for k in range(0, 9)])
+            f"at {_fmt_seconds(o['appear_s'])}",
+            [f"at {_fmt_seconds(k * step)}" for k in range(math.ceil(duration / step - 1e-9))])
     nb = len(scene["beeps"])
     add("beep_count", ["How many beeps can be heard?", "How many times does it beep?"],
         NUMBER_WORDS[nb], list(NUMBER_WORDS[:4]))

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from vjax.data.synthetic.config import MOTIONS, NAMES, PALETTE, PITCHES, SHAPES, SPLITS, TEXTURE_STD, SyntheticConfig
+
+MIN_VISIBLE_S = 1.5  # a short clip shows a late object for at least this long (at most half of max_seconds)
+
+
+def time_step(fps: float) -> float:
+    """The grid of appearance times: 0.25 s, or 0.5 s / 1 s where 0.25 s is not a whole number of frames
+    (so that an object appears exactly at a frame: at 8 fps every 2 frames)."""
+    return next((s for s in (0.25, 0.5) if abs(s * fps - round(s * fps)) < 1e-9), 1.0)
 
 
 def _clip_rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Generator:
@@ -14,41 +23,43 @@ def _clip_rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Generat
 
 
 def _sample_scene(cfg: SyntheticConfig, split: str, index: int) -> dict[str, Any]:
-    """Ground truth of one clip: frame count, objects (with paths), beeps, subtitle."""
+    """Ground truth of one clip: frame count, objects (with paths; appearance times on the :func:`time_step`
+    grid), beeps, subtitle."""
     rng = _clip_rng(cfg, split, index)
     fps, size = cfg.fps, cfg.size
     long = cfg.long_every > 0 and index % cfg.long_every == cfg.long_every - 1
+    step = time_step(fps)
+    appear: list[float] = []
+    vanish: list[float | None] = []
     if long:
         n_frames = int(rng.integers(cfg.long_min_frames, cfg.long_max_frames + 1))
         n_obj = int(rng.integers(2, 4))
-    else:
-        n_frames = int(rng.integers(round(cfg.min_seconds * fps), round(cfg.max_seconds * fps) + 1))
-        n_obj = int(rng.integers(1, 4))
-    duration = n_frames / fps
-    colours = [str(c) for c in rng.choice(list(PALETTE), n_obj, replace=False)]
-    shapes = [str(s) for s in rng.choice(SHAPES, n_obj, replace=False)]
-
-    # Appearance / vanishing times on a 0.5 s grid (frame = time * fps).
-    half_steps = max(1, int(duration // 0.5))
-    appear = [0.0] * n_obj
-    vanish: list[float | None] = [None] * n_obj
-    if long:
-        vanish[0] = float(rng.choice([1.0, 1.5, 2.0]))
-        slots = np.arange(int(vanish[0] / 0.5) + 1, max(int((duration / 2) / 0.5), int(duration / 0.5) - 2) + 1)
+        duration = n_frames / fps
+        # The first object vanishes early; the others appear one by one after it, until 1 s before the end.
+        first_gone = float(rng.choice([1.0, 1.5, 2.0]))
+        slots = np.arange(math.ceil((first_gone + 0.5) / step - 1e-9), int((duration - 1.0) / step + 1e-9) + 1)
         n_obj = min(n_obj, 1 + len(slots))
-        later = rng.choice(slots, n_obj - 1, replace=False)
-        for i, t in enumerate(sorted(later), start=1):
-            appear[i] = float(t) * 0.5
+        appear = [0.0] + [float(s) * step for s in sorted(rng.choice(slots, n_obj - 1, replace=False))]
+        vanish = [first_gone] + [None] * (n_obj - 1)
     else:
-        slots = [s for s in range(1, max(2, half_steps // 2 + 1))]
-        for i in range(1, n_obj):
-            if rng.random() < 0.7 and slots:
-                s = int(rng.choice(slots))
-                slots.remove(s)
-                appear[i] = s * 0.5
+        n_obj = int(rng.integers(1, 4))
+        # Each later object starts late with probability 0.7, at a time drawn first, uniformly over one range for
+        # every clip (default 0.25-4 s, so that no single time is a good guess), then the clip is drawn long
+        # enough to show it for MIN_VISIBLE_S.
+        late = [rng.random() < 0.7 for _ in range(1, n_obj)]
+        visible = min(MIN_VISIBLE_S, cfg.max_seconds / 2)
+        grid = np.arange(1, int((cfg.max_seconds - visible) / step + 1e-9) + 1)  # in steps
+        times = iter(float(s) * step for s in rng.choice(grid, min(sum(late), len(grid)), replace=False))
+        appear = [0.0] + [next(times, 0.0) if is_late else 0.0 for is_late in late]
+        shortest = max(round(cfg.min_seconds * fps), math.ceil((max(appear) + visible) * fps - 1e-9))
+        n_frames = int(rng.integers(min(shortest, round(cfg.max_seconds * fps)), round(cfg.max_seconds * fps) + 1))
+        duration = n_frames / fps
+        vanish = [None] * n_obj
         for i in range(n_obj):
             if rng.random() < 0.2 and appear[i] + 1.5 <= duration - 0.5:
                 vanish[i] = float(rng.choice(np.arange(appear[i] + 1.5, duration - 0.5 + 1e-9, 0.5)))
+    colours = [str(c) for c in rng.choice(list(PALETTE), n_obj, replace=False)]
+    shapes = [str(s) for s in rng.choice(SHAPES, n_obj, replace=False)]
 
     radius = max(3, round(size * 0.14))
     travel = round(size * 0.35)

@@ -37,7 +37,11 @@ def test_every_suite_ran_without_error(results):
 
 def test_matmul_and_train_step_entries(results):
     suites = results[1]["suites"]
-    assert suites["matmul_peak"]["peak_gflops"] > 0
+    mm = suites["matmul_peak"]
+    assert mm["peak_gflops"] == mm["jax"]["gflops_peak"] > 0 and mm["runs"] == 3 == mm["jax"]["n"]  # tiny: 3 runs
+    lo, hi = mm["jax"]["gflops_spread"]
+    assert lo <= mm["jax"]["gflops_median"] <= hi == mm["peak_gflops"]  # the peak is the fastest run
+    assert "load_at_best" in mm["jax"] and (mm["load_min"] is None or mm["load_min"] <= mm["load_max"])
     llama = suites["train_step"]["models"]["llama"]
     assert all(llama["steps_per_s"][k] > 0 for k in ("vjax", "torch", "torch_1t"))
     assert llama["reference"] in ("torch", "torch_1t")

@@ -223,7 +223,7 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     if main_process and jax.process_count() == 1 and c.eval.test_records and not c.data.train_annotations:
         from experiments import eval as eval_cmd  # noqa: PLC0415
 
-        eval_cmd.score_test_split(config.load_run(workdir), c.eval.test_records, progress=c.progress)
+        eval_cmd.score_test_split(config.load_run(workdir), c.eval.test_records, progress=b.loop.progress)
     return 0
 
 

@@ -24,7 +24,8 @@ def test_qwen2_vl_trains_on_frame_shape_buckets_and_chats_in_its_bucket(tmp_path
             {"from": "human", "value": "<video>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]})
     (tmp_path / "train.json").write_text(json.dumps(records))
     tok = train_tokenizer(["What colour is the circle? red green blue"] * 20, str(tmp_path / "tok"), 1024)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # every compile, however short, in the session's cache (tests/conftest.py): the three runs share them
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     workdir = tmp_path / "run"
     args = ["--config=qwen2_vl", f"--workdir={workdir}", f"--config.data.train_annotations={tmp_path / 'train.json'}",
             f"--config.data.tokenizer={tok}", "--config.data.frame_buckets=((56, 56), (56, 112))",

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# the session's compilation cache (tests/conftest.py) keeps every compile, however short: the three runs share them
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 STEPS, SAVE_EVERY = 12, 2
 
 

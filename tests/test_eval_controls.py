@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,8 +31,9 @@ def _conv(question: str, answer: str) -> list[dict]:
 
 def _mc(rid, video, question, choices, ai, qtype="colour"):
     prompt = question + "\nOptions:\n" + "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+    answer = f"({chr(65 + ai)}) {choices[ai]}"
     return {"id": rid, "video": video, "question_type": qtype, "question": question, "choices": choices,
-            "answer_index": ai, "answer": choices[ai], "conversations": _conv(prompt, f"({chr(65 + ai)}) {choices[ai]}")}
+            "answer_index": ai, "answer": choices[ai], "conversations": _conv(prompt, answer)}
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +68,19 @@ def test_option_likelihoods_equal_log_softmax_of_the_full_logits(tiny):
     got = scorer.logprobs(run.params, recs, prompts)
     assert [len(g) for g in got] == [3, 4]
     full = formats.VideoQAFormat(run.spec, run.tokenizer)
+    width = 256  # every option right-padded to one length (causal: the padding changes no earlier logit): one compile
+    forward = jax.jit(lambda ids, mask, frames, frame_mask: run.module.apply(
+        {"params": run.params}, ids, attention_mask=mask, frames=frames, frame_mask=frame_mask).logits)
     for rec, prompt, scores in zip(recs, prompts, got):
         for i, score in enumerate(scores):
             t = int(prompt["frame_mask"].sum())
             ids, mask = full.text(vjax_eval.with_answer(rec, vjax_eval.option_answer(rec, i)), t)
             assert np.array_equal(ids[: len(prompt["input_ids"])], prompt["input_ids"])  # same prompt tokens
-            visual = {k: prompt[k][None] for k in ("frames", "frame_mask")}
-            logits = np.asarray(run.module.apply({"params": run.params}, ids[None],
-                                                 attention_mask=np.ones_like(ids)[None], **visual).logits,
-                                np.float64)[0]
+            assert len(ids) <= width
+            padded = np.pad(ids, (0, width - len(ids)))[None]
+            mask_in = (np.arange(width) < len(ids)).astype(np.int32)[None]
+            logits = np.asarray(forward(padded, mask_in, prompt["frames"][None], prompt["frame_mask"][None]),
+                                np.float64)[0, : len(ids)]
             logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
                 - logits.max(-1, keepdims=True)
             want = sum(logp[t - 1, ids[t]] for t in range(1, len(ids)) if mask[t])

@@ -307,8 +307,9 @@ def suite_train_step(ctx: Context) -> dict:
         diffs = {k: abs(c.first_losses["vjax"] - v) for k, v in c.first_losses.items() if k != "vjax"}
         rec["first_loss_agree"] = agree = max(diffs.values()) <= loss_tol
         if not agree:
-            failures[name] = (f"first losses differ: vjax {c.first_losses['vjax']:.6f} vs " + ", ".join(
-                f"{k} {c.first_losses[k]:.6f}" for k in diffs) + f" (|diff| {max(diffs.values()):.2e} > {loss_tol:.1e})")
+            others = ", ".join(f"{k} {c.first_losses[k]:.6f}" for k in diffs)
+            failures[name] = (f"first losses differ: vjax {c.first_losses['vjax']:.6f} vs {others} "
+                              f"(|diff| {max(diffs.values()):.2e} > {loss_tol:.1e})")
         compiled = (f" / {sps['torch_compile']:.3f}" if "torch_compile" in sps else
                     f" / - ({rec.get('torch_compile_status', 'not run')})")
         ctx.rows += [

@@ -121,6 +121,7 @@ BAD = [
     (["--config.remat_policy=sometimes"], "remat_policy"),
     (["--config.attention_impl=magic"], "attention_impl"),
     (["--config.optim.mu_dtype=int8"], "optim"),
+    (["--config.eval.test_records=-2"], "eval.test_records"),
 ]
 
 

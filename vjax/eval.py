@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vjax.data import formats
+from vjax.data import annotations, formats
 from vjax.data.formats import FormatSpec
 from vjax.data.pipeline import DropSkipped, LoadAndFormat, loss_positions
 from vjax.data.validate import TooManyBadRecords
 from vjax.generate import generate
-from vjax.models.losses import shifted_targets
+from vjax.models.losses import targets_at
 from vjax.models.video_llm import VISUAL_KEYS as VISUAL_BATCH_KEYS
 
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -63,10 +63,22 @@ def answer_prompts(module, params, prompts: Sequence[Mapping[str, np.ndarray]], 
     return out
 
 
+def right_padded(elements: Sequence[Mapping[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
+    """Training elements stacked into a batch, the text keys (:data:`TEXT_KEYS`) right-padded with 0 to
+    ``length`` as the training pipeline pads them; every other key stacked as is."""
+    batch = {}
+    for k in elements[0]:
+        arrs = [np.asarray(e[k]) for e in elements]
+        if k in TEXT_KEYS:
+            arrs = [np.pad(a, (0, length - a.shape[0])) for a in arrs]
+        batch[k] = np.stack(arrs)
+    return batch
+
+
 def option_answer(record: Mapping[str, Any], index: int) -> str:
-    """The answer a multiple-choice record is trained on, for option ``index``: ``"(B) square"`` (the format of
-    :func:`vjax.data.annotations.load_mvbench` and of the synthetic set)."""
-    return f"({chr(65 + index)}) {record['choices'][index]}"
+    """The answer a multiple-choice record is trained on, for option ``index``: ``"(B) square"``
+    (:func:`vjax.data.annotations.option_answer` of its ``choices``)."""
+    return annotations.option_answer(record["choices"], index)
 
 
 def with_answer(record: Mapping[str, Any], answer: str) -> dict:
@@ -89,9 +101,7 @@ def _answer_logprob(module, params, batch: Mapping[str, jax.Array]) -> jax.Array
     positions = batch["loss_positions"]
     out = module.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_at=positions, **visual)
-    targets, weights = shifted_targets(batch["input_ids"], batch["loss_mask"])
-    targets = jnp.take_along_axis(targets, positions, axis=1)
-    weights = jnp.take_along_axis(weights, positions, axis=1)
+    targets, weights = targets_at(batch["input_ids"], batch["loss_mask"], positions)
     logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return (picked * weights).sum(axis=1)
@@ -139,12 +149,7 @@ class OptionScorer:
         for s in range(0, len(rows), self.batch_size):
             chunk = [e for _, e in rows[s: s + self.batch_size]]
             chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one compiled shape
-            batch = {}
-            for k in chunk[0]:
-                arrs = [np.asarray(e[k]) for e in chunk]
-                if k in TEXT_KEYS:
-                    arrs = [np.pad(a, (0, length - a.shape[0])) for a in arrs]
-                batch[k] = np.stack(arrs)
+            batch = right_padded(chunk, length)
             batch["loss_positions"] = loss_positions(batch["loss_mask"], size)
             got = np.asarray(self._fn(params, batch))
             n = min(self.batch_size, len(rows) - s)
@@ -213,13 +218,7 @@ class Evaluator:
             return None
         losses = []
         for s in range(0, len(self.full) - self.loss_batch + 1, self.loss_batch):
-            chunk = self.full[s: s + self.loss_batch]
-            batch = {}
-            for k in chunk[0]:
-                arrs = [np.asarray(e[k]) for e in chunk]
-                if k in TEXT_KEYS:
-                    arrs = [np.pad(a, (0, self.loss_length - a.shape[0])) for a in arrs]
-                batch[k] = np.stack(arrs)
+            batch = right_padded(self.full[s: s + self.loss_batch], self.loss_length)
             losses.append(float(self.trainer.eval_step(params, batch)["loss"]))
         return float(np.mean(losses))
 

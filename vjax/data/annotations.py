@@ -201,6 +201,11 @@ def load_webvid_csv(
     return out
 
 
+def option_answer(choices: Sequence[str], index: int) -> str:
+    """The answer a multiple-choice record is trained on for option ``index``: ``"(B) square"``."""
+    return f"({chr(65 + index)}) {choices[index]}"
+
+
 def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
     """``"{question}\\nOptions:\\n(A) c0\\n(B) c1 ...\\nAnswer with the option's letter from the given
     choices directly."`` — the MVBench-style prompt the synthetic set also uses."""
@@ -242,7 +247,7 @@ def load_mvbench(
             choices=choices, answer=choices[ai], answer_index=ai, question_type=item.get("question_type", "mc"),
             conversations=[
                 {"from": "human", "value": f"{VIDEO_TOKEN}\n" + format_multiple_choice(item["question"], choices)},
-                {"from": "gpt", "value": f"({chr(65 + ai)}) {choices[ai]}"},
+                {"from": "gpt", "value": option_answer(choices, ai)},
             ],
         )
         log.ok()

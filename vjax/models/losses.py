@@ -28,6 +28,16 @@ def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Arr
     return targets, weights
 
 
+def targets_at(input_ids: jax.Array, loss_mask: jax.Array, positions: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """:func:`shifted_targets`, gathered at ``positions [B, S]`` when the logits were computed there only."""
+    targets, weights = shifted_targets(input_ids, loss_mask)
+    if positions is not None:
+        targets = jnp.take_along_axis(targets, positions, axis=1)
+        weights = jnp.take_along_axis(weights, positions, axis=1)
+    return targets, weights
+
+
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
                     positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """``logits [B, L, V]`` (or ``[B, S, V]`` at ``positions [B, S]``), ``input_ids [B, L]``, ``loss_mask [B, L]``
@@ -36,10 +46,7 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
     Returns the mean loss over supervised targets and metrics (``loss``, ``token_accuracy``: the target's
     logit is the row's maximum — an exact tie counts as right —, ``num_targets``).
     """
-    targets, weights = shifted_targets(input_ids, loss_mask)
-    if positions is not None:
-        targets = jnp.take_along_axis(targets, positions, axis=1)
-        weights = jnp.take_along_axis(weights, positions, axis=1)
+    targets, weights = targets_at(input_ids, loss_mask, positions)
     logits = logits.astype(jnp.float32)
     target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), axis=-1)
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit

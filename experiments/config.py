@@ -292,6 +292,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     stages = getattr(cfg_cls, "STAGES", {"full": None})
     if c.stage not in stages:
         raise ConfigError("stage", f"{c.model} has no stage {c.stage!r}; known: {sorted(stages)}")
+    _check_recipe_stages(c, stages)
     optim = from_config(OptimConfig, c.optim, "optim")
     if not optim.learning_rate > 0:
         raise ConfigError("optim.learning_rate", f"must be > 0, got {optim.learning_rate}")
@@ -322,6 +323,43 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
 
 
 
+def _check_recipe_stages(c, stages: dict) -> None:
+    """``data.train_records``, ``stage0.*`` (pretrained parts) and ``align.*`` (the alignment stage)."""
+    from experiments.pretrain import Recipe, parse_parts  # noqa: PLC0415
+
+    kind = c.data.get("train_records", "questions")
+    if kind not in ("questions", "captions"):
+        raise ConfigError("data.train_records", f"must be 'questions' or 'captions', got {kind!r}")
+    if kind == "captions" and c.data.train_annotations:
+        raise ConfigError("data.train_records", "'captions' are built from the synthetic set's ground truth; "
+                                                "real annotations hold their own records")
+    if "stage0" in c:
+        try:
+            parts = parse_parts(c.stage0.parts)
+        except ValueError as err:
+            raise ConfigError("stage0.parts", str(err)) from None
+        if parts and c.data.train_annotations:
+            raise ConfigError("stage0.parts", "the pretrained parts are built on the synthetic set; a real-data "
+                                              "run starts from init_params")
+        if parts and c.init_params:
+            raise ConfigError("stage0.parts", "give either pretrained parts or init_params, not both")
+        for f in dataclasses.fields(Recipe):
+            v = c.stage0.get(f.name, f.default)
+            if f.name != "text_weight" and f.name != "seed" and not v > 0:
+                raise ConfigError(f"stage0.{f.name}", f"must be > 0, got {v!r}")
+    if "align" in c:
+        a = c.align
+        if not isinstance(a.steps, int) or a.steps < 0:
+            raise ConfigError("align.steps", f"must be an integer >= 0, got {a.steps!r}")
+        if a.steps and a.stage not in stages:
+            raise ConfigError("align.stage", f"{c.model} has no stage {a.stage!r}; known: {sorted(stages)}")
+        if a.steps and not a.learning_rate > 0:
+            raise ConfigError("align.learning_rate", f"must be > 0, got {a.learning_rate!r}")
+        if a.steps and c.data.train_annotations:
+            raise ConfigError("align.steps", "the alignment stage trains on the synthetic set's captions; a "
+                                             "real-data run is one stage (its variants stage1/stage2)")
+
+
 # ----------------------------------------------------------------------------------------- data
 def synthetic_root(c) -> str:
     """``data.root`` or ``~/.cache/vjax/synthetic/<hash of data.synthetic>`` (one directory per set)."""
@@ -343,8 +381,17 @@ def records(c, split: str, paths=None) -> list[dict]:
         if c.data.train_annotations:  # real training data without a validation file
             return []
         raise ValueError("the synthetic set's paths are needed")
-    with open(paths.annotations[split], encoding="utf-8") as f:
-        return pipeline.resolve_records([json.loads(line) for line in f if line.strip()], paths.root)
+    if split == "train" and c.data.get("train_records", "questions") == "captions":
+        from vjax.data.synthetic import caption_records  # noqa: PLC0415
+
+        return pipeline.resolve_records(caption_records(paths, "train"), paths.root)
+    return pipeline.resolve_records(read_jsonl(paths.annotations[split]), paths.root)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def check_lengths(c, fmt: formats.VideoQAFormat, recs: Sequence[dict], limit: int = 4000) -> int:

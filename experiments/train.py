@@ -209,7 +209,8 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
     # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
     # Grain workers are released with this frame before the process exits
     try:
-        run(b.trainer, b.data, workdir, b.loop, eval_fn=b.evaluator, init_params=b.init_params,
+        init_params = earlier_stages(c, plan, b, workdir)
+        run(b.trainer, b.data, workdir, b.loop, eval_fn=b.evaluator, init_params=init_params,
             config_json=b.config_json, on_restore=on_restore, host_metrics=b.data.take)
     except Interrupted as err:
         return _say(f"stopped: {err}", 128 + err.signum)
@@ -225,6 +226,82 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
 
         eval_cmd.score_test_split(config.load_run(workdir), c.eval.test_records, progress=b.loop.progress)
     return 0
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint step (the run then resumes, and no earlier stage runs)."""
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def earlier_stages(c, plan: dict, b, workdir: str):
+    """The parameters the main run starts from: ``init_params`` (``b.init_params``), or, for a run that starts
+    (no checkpoint in ``workdir``), stage 0 (``stage0.parts`` from :mod:`experiments.pretrain`, in a random
+    init of the rest) then stage 1 (``align.steps`` of ``align.stage`` on the captions, in ``<workdir>/align``,
+    resumable like any run)."""
+    import jax  # noqa: PLC0415
+
+    from experiments import pretrain  # noqa: PLC0415
+    from experiments.build import _synthetic_set  # noqa: PLC0415
+
+    parts = pretrain.parse_parts(c.stage0.parts)
+    if has_checkpoint(workdir) or not (parts or c.align.steps):
+        return b.init_params
+    main_process = jax.process_index() == 0
+    params = b.init_params
+    if parts:
+        from vjax.pretrained import init_params  # noqa: PLC0415
+
+        paths = _synthetic_set(c, main_process)
+
+        def ensure(log):
+            return pretrain.ensure_parts(c, plan["model"], b.model_config, b.spec, b.tokenizer, paths,
+                                         progress=b.loop.progress and main_process, log=log)
+
+        if jax.process_count() > 1:  # process 0 builds, the others read its cache
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            if main_process:
+                ensure(print)
+            multihost_utils.sync_global_devices("vjax_stage0")
+        got = ensure(print if main_process else (lambda _: None))
+        params = pretrain.with_parts(init_params(b.module, c.seed) if params is None else params, got)
+    if c.align.steps:
+        params = align(c, params, workdir)
+    return params
+
+
+def align(c, params, workdir: str):
+    """Stage 1: ``align.steps`` steps of ``align.stage`` (the projector, as the papers' first stage) from ``params``
+    on one caption record per training clip, in ``<workdir>/align``; returns the trained parameters."""
+    import jax  # noqa: PLC0415
+    import ml_collections  # noqa: PLC0415
+
+    from experiments.build import build  # noqa: PLC0415
+    from vjax.train.loop import run  # noqa: PLC0415
+
+    a = c.align
+    c1 = ml_collections.ConfigDict(c.copy_and_resolve_references().to_dict())
+    c1.stage, c1.total_steps, c1.save_every, c1.eval_every = a.stage, a.steps, a.steps, 0
+    c1.optim.update(total_steps=a.steps, learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
+    c1.eval.records, c1.eval.test_records = 0, 0
+    c1.data.train_records, c1.stage0.parts, c1.align.steps = "captions", "", 0
+    plan1 = config.validate(c1, num_devices=jax.device_count(), num_processes=jax.process_count())
+    b1 = build(c1, plan1, os.path.join(workdir, "align"))
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"stage 1 (alignment): {a.steps} steps of {a.stage!r} on {len(b1.train_records)} captions, "
+              f"workdir {os.path.join(workdir, 'align')}", flush=True)
+    state = run(b1.trainer, b1.data, os.path.join(workdir, "align"), b1.loop, init_params=params,
+                config_json=b1.config_json, host_metrics=b1.data.take)
+    if main_process:
+        from vjax.train.metrics import read_metrics  # noqa: PLC0415
+
+        rows = [r for r in read_metrics(os.path.join(workdir, "align")) if r["split"] == "train" and "loss" in r]
+        if rows:
+            print(f"stage 1 done: caption loss {rows[0]['loss']:.3f} at step {rows[0]['step']} -> "
+                  f"{rows[-1]['loss']:.3f} at step {rows[-1]['step']}; stage 2 ({c.stage!r}) follows", flush=True)
+    return jax.device_get(state.params)
 
 
 def _say(line: str, code: int) -> int:

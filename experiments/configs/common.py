@@ -8,6 +8,8 @@ Keys of a config (``experiments/train.py`` validates all of them before compilin
                           come from the tokenizer (the model spec's marker tokens), frames and image size from
                           ``data.num_frames`` / ``data.image_size``
   stage                   key of the model's ``STAGES`` (which parameter paths train)
+  stage0.*                pretrained parts ('vision,llm') and their recipe (experiments/pretrain.py)
+  align.*                 the alignment stage before the main run: steps, stage, learning_rate, warmup_steps
   compute_dtype           every module's compute dtype (float32 tiny, bfloat16 published); parameters stay float32
   scan_layers, remat_policy, attention_impl
                           set on every block stack (LLM and towers; docs/scale.md): published recipes scan and
@@ -26,6 +28,7 @@ import dataclasses
 
 import ml_collections
 
+from experiments.pretrain import Recipe
 from vjax.data.synthetic import SyntheticConfig
 from vjax.train.optim import OptimConfig
 
@@ -43,6 +46,11 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     c.model_overrides.llm = llm_overrides()
     c.stage = "full"
     c.init_params = ""
+    # stage 0: parts (vision, llm) initialised from the tiny pretraining recipes (experiments/pretrain.py; built once
+    # per machine and cached); '' = random init. Then stage 1 (align.steps > 0): only align.stage trains, on the
+    # set's captions, in <workdir>/align; then the main run (stage 2: ``stage``) starts from its parameters.
+    c.stage0 = ml_collections.ConfigDict(dict(parts="", **dataclasses.asdict(Recipe())))
+    c.align = ml_collections.ConfigDict(dict(steps=0, stage="", learning_rate=2e-3, warmup_steps=20))
     c.compute_dtype = "float32"  # every module's dtype (parameters stay float32: master weights); bfloat16 at scale
     # every block stack of the model (LLM, towers): one scanned block, the remat policy, the attention kernel
     c.scan_layers = False
@@ -63,6 +71,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticConfig()))
     d.synthetic.num_train = 4000  # 12,000 QA records: a from-scratch tower needs the clips (shape: 1000 -> 0.69 vs 250 -> 0.34 in a probe)
     d.synthetic.num_test = 200  # 600 test questions: per-type accuracy within about +-6 %
+    d.train_records = "questions"  # synthetic: the question records, or "captions" (one per clip: the alignment stage)
     d.train_annotations = ""  # real data: JSON/JSONL conversation records ('' = the synthetic set)
     d.val_annotations = ""
     d.video_root = ""  # relative video paths of real annotations resolve here ('' = the file's folder)

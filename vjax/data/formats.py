@@ -198,11 +198,16 @@ class VideoQAFormat:
         if frames.shape[0] > t_max:
             frames = frames[np.linspace(0, frames.shape[0] - 1, t_max).round().astype(int)]
         t = frames.shape[0]
-        x = (frames.astype(np.float32) / 255.0 - self._mean) / self._std  # [t, H, W, 3]
+        x = self.normalize(frames)  # [t, H, W, 3]
         if t < t_max:
             x = np.concatenate([x, np.repeat(x[-1:], t_max - t, axis=0)])
         mask = np.arange(t_max) < t
         return x, mask, t
+
+    def normalize(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames ``[..., H, W, 3]`` -> ``float32``, scaled to [0, 1] then normalised by the spec's mean and
+        std (the model's pixel input)."""
+        return (np.asarray(frames).astype(np.float32) / 255.0 - self._mean) / self._std
 
     def context(self, record: Mapping[str, Any], t: int) -> templates.VisualContext:
         times = record.get("timestamps")

@@ -16,7 +16,7 @@ from vjax.data.synthetic.config import (
     SyntheticConfig,
     SyntheticPaths,
 )
-from vjax.data.synthetic.questions import _make_records
+from vjax.data.synthetic.questions import _make_records, caption_record
 from vjax.data.synthetic.render import render_audio, render_frames, write_mp4, write_srt
 from vjax.data.synthetic.scene import _clip_rng, _sample_scene
 
@@ -161,6 +161,23 @@ def ensure_synthetic_dataset(root: str | os.PathLike, config: SyntheticConfig | 
         json.dump(man, f, indent=1)
     os.replace(paths.manifest + ".tmp", paths.manifest)
     return paths
+
+
+def read_scenes(paths: SyntheticPaths, split: str) -> list[dict]:
+    """The ground truth of a generated split (``scenes_<split>.jsonl``), one dict per clip in index order."""
+    with open(paths.scenes[split], encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def caption_records(paths: SyntheticPaths, split: str = "train") -> list[dict]:
+    """One ``caption`` record per clip of a generated split, built from its ground truth (the records that
+    ``train_captions`` writes, for a set generated without them): the papers' first-stage video-caption pairs.
+    Video paths are relative to the set's root, as in its annotation files."""
+    out = []
+    for scene in read_scenes(paths, split):
+        base = f"videos/{split}/{scene['index']:06d}"
+        out.append(caption_record(scene, base + ".mp4", base + ".srt" if scene["subtitle"] is not None else None))
+    return out
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:

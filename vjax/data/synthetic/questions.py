@@ -93,6 +93,33 @@ def caption(scene: dict) -> str:
     return " ".join(parts)
 
 
+def caption_record(scene: dict, video_rel: str, srt_rel: str | None = None) -> dict:
+    """The ``caption`` record of a clip: "Describe the video." (or its variant) -> :func:`caption`."""
+    question, answer = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)], caption(scene)
+    rec = {"id": f"{scene['split']}_{scene['index']:06d}_caption", "video": video_rel, "question_type": "caption",
+           "question": question, "answer": answer,
+           "conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]}
+    if srt_rel is not None:
+        rec["subtitles"] = srt_rel
+    return rec
+
+
+def description(scene: dict) -> str:
+    """Everything a clip shows and sounds, as text: :func:`caption`, then its beeps and its subtitle, e.g.
+    ``"A red circle moves left. It beeps two times: high, then low. The subtitle says: The red circle is called
+    Alice."`` (the context of the tiny LLM's text pretraining, ``experiments.pretrain``)."""
+    out = caption(scene)
+    beeps = scene["beeps"]
+    if beeps:
+        pitches = ", then ".join(b["pitch"] for b in beeps)
+        out += f" It beeps {NUMBER_WORDS[len(beeps)]} time{'s' if len(beeps) > 1 else ''}: {pitches}."
+    else:
+        out += " There is no beep."
+    if scene["subtitle"] is not None:
+        out += f" The subtitle says: {scene['subtitle']['text']}"
+    return out
+
+
 def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: str | None) -> list[dict]:
     rng = _clip_rng(cfg, scene["split"], scene["index"]).spawn(1)[0]
     cands = _candidates(scene, rng)
@@ -122,12 +149,5 @@ def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: st
             rec["subtitles"] = srt_rel
         records.append(rec)
     if cfg.train_captions and scene["split"] == "train":  # no rng draws: the questions above are unchanged
-        question, answer = CAPTION_QUESTIONS[scene["index"] % len(CAPTION_QUESTIONS)], caption(scene)
-        rec = {"id": f"{scene['split']}_{scene['index']:06d}_caption", "video": video_rel, "question_type": "caption",
-               "question": question, "answer": answer,
-               "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                 {"from": "gpt", "value": answer}]}
-        if srt_rel is not None:
-            rec["subtitles"] = srt_rel
-        records.append(rec)
+        records.append(caption_record(scene, video_rel, srt_rel))
     return records

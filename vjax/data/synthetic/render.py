@@ -22,23 +22,56 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: 
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render_frames(scene: dict, seed: int) -> np.ndarray:
-    """Frames of a scene -> uint8 ``[T, size, size, 3]``: noisy grey background + objects."""
+def _drawn(scene: dict, t: float, yy: np.ndarray, xx: np.ndarray):
+    """``(object, mask)`` of every object visible at ``t`` seconds, in drawing order (later ones on top)."""
+    duration = scene["num_frames"] / scene["fps"]
+    for obj in scene["objects"]:
+        if _visible(obj, t):
+            cx, cy = _position(obj, t, duration)
+            yield obj, _shape_mask(obj["shape"], cx, cy, obj["radius"], yy, xx)
+
+
+def render_frames(scene: dict, seed: int, indices=None) -> np.ndarray:
+    """Frames of a scene -> uint8 ``[T, size, size, 3]``: noisy grey background + objects. ``indices``: only
+    these frames (each with its own noise draw; the default, every frame, is what the set's videos hold)."""
     rng = np.random.default_rng(seed)
     n, size, fps = scene["num_frames"], scene["size"], scene["fps"]
-    duration = n / fps
+    indices = range(n) if indices is None else [int(f) for f in indices]
     texture = 110.0 + rng.normal(0.0, scene.get("texture_std", TEXTURE_STD), (size, size, 1))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    frames = np.empty((n, size, size, 3), np.uint8)
-    for f in range(n):
-        t = f / fps
+    frames = np.empty((len(indices), size, size, 3), np.uint8)
+    for k, f in enumerate(indices):
         img = np.repeat(texture + rng.normal(0.0, 3.0, (size, size, 1)), 3, axis=2)
-        for obj in scene["objects"]:
-            if _visible(obj, t):
-                cx, cy = _position(obj, t, duration)
-                img[_shape_mask(obj["shape"], cx, cy, obj["radius"], yy, xx)] = PALETTE[obj["colour"]]
-        frames[f] = np.clip(img, 0, 255).astype(np.uint8)
+        for obj, mask in _drawn(scene, f / fps, yy, xx):
+            img[mask] = PALETTE[obj["colour"]]
+        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
     return frames
+
+
+def patch_labels(scene: dict, frame: int, grid: int, min_cover: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """What each cell of a ``grid x grid`` partition of frame ``frame`` shows: ``(colour, shape)`` ``int32
+    [grid, grid]``, 1 + the index in ``PALETTE`` / ``SHAPES`` of the object covering the most of the cell (the one
+    drawn on top where they overlap), 0 (background) where no object covers ``min_cover`` of it. ``size`` must be a
+    multiple of ``grid``: the cells are a resized frame's patches (64 px in 8 x 8 cells = 56 px in 7-px patches)."""
+    size = scene["size"]
+    if size % grid:
+        raise ValueError(f"a {size}-px frame does not split into {grid} x {grid} cells")
+    cell = size // grid
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    owner = np.full((size, size), -1)
+    objs = []
+    for obj, mask in _drawn(scene, frame / scene["fps"], yy, xx):
+        owner[mask] = len(objs)
+        objs.append(obj)
+    colour, shape = np.zeros((grid, grid), np.int32), np.zeros((grid, grid), np.int32)
+    if objs:
+        cover = np.stack([(owner == k) for k in range(len(objs))]).reshape(len(objs), grid, cell, grid, cell)
+        cover = cover.mean(axis=(2, 4))  # [objects, grid, grid]
+        best, top = cover.argmax(0), cover.max(0) >= min_cover
+        colours = np.array([1 + list(PALETTE).index(o["colour"]) for o in objs])
+        shapes = np.array([1 + SHAPES.index(o["shape"]) for o in objs])
+        colour[top], shape[top] = colours[best[top]], shapes[best[top]]
+    return colour, shape
 
 
 def render_audio(scene: dict, sample_rate: int, seed: int) -> np.ndarray:

@@ -1,0 +1,424 @@
+"""Stage 0 of the tiny runs: a vision tower and an LLM pretrained on the synthetic set, as every paper starts
+from a pretrained CLIP/EVA tower and a pretrained LLM.
+
+    python -m experiments.pretrain --config=chat_univi            # build (or find) both parts, print their figures
+    python -m experiments.train --config=chat_univi               # does the same first (``stage0.parts``)
+
+* **tower** (``vision``): the model's own tower (``model.vision``, the tiny config of the run) with two linear heads
+  on the features the model reads (CLIP: the penultimate block's patch tokens), trained to name, for every patch of a
+  frame, the colour and the shape of the object covering it (0 = background; ``vjax.data.synthetic.patch_labels``).
+  Frames are rendered from the training clips' ground truth at random times (so never the same noise twice) and
+  preprocessed as the run's frames (the model's resize, its mean and std). The heads are dropped afterwards.
+* **LLM** (``llm``): the model's own decoder trained on text: each training question of the set with its clip
+  described in words (``vjax.data.synthetic.description``: objects in order of appearance, motion, appearance time,
+  beeps, subtitle) where the video would be, rendered by the model's chat template exactly as in training (visual
+  placeholders left out), plus "Describe the video." -> the caption. It learns to look an attribute up in its
+  context and to answer with an option's letter before it ever sees a video. Loss: the answer tokens (weight 1)
+  and every other token (weight ``text_weight``).
+
+Both are cached once per machine, like the synthetic set: ``~/.cache/vjax/pretrained/<part>-<hash>/`` holds
+``params.safetensors`` and ``manifest.json`` (the recipe, its held-out figures, the seconds it took); the hash
+covers the part's config, the synthetic set, the template, the recipe and ``RECIPE_VERSION``, so a change to any of
+them builds a new one and an unchanged recipe is found again. Why cached rather than shipped: the parts depend on
+the run's config (tower patch size, LLM width, vocabulary, template), which any ``--config.`` override may change;
+a build takes about two minutes on two cores, and a shipped file would fit one config only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+RECIPE_VERSION = 1
+PARTS = ("vision", "llm")  # the attribute names of the tower and the decoder in every model of vjax.models
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Steps, batch and learning rate of each part (``stage0.*`` of an experiment config)."""
+
+    tower_steps: int = 1500
+    tower_batch: int = 64  # frames per step
+    tower_lr: float = 2e-3
+    lm_steps: int = 3000
+    lm_batch: int = 16  # texts per step
+    lm_turns: int = 4  # a clip's questions (and its caption) per text: the description is read once for all
+    lm_lr: float = 2e-3
+    text_weight: float = 0.1  # loss weight of the non-answer tokens of the LLM's texts
+    warmup_steps: int = 100
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, stage0) -> "Recipe":
+        return cls(**{f.name: stage0[f.name] for f in dataclasses.fields(cls) if f.name in stage0})
+
+
+def cache_root() -> str:
+    """``$VJAX_CACHE/pretrained`` (default ``~/.cache/vjax/pretrained``)."""
+    return os.path.join(os.environ.get("VJAX_CACHE", os.path.expanduser("~/.cache/vjax")), "pretrained")
+
+
+def parse_parts(value: str) -> tuple[str, ...]:
+    """``"vision,llm"`` -> ``("vision", "llm")``; ``""`` -> ``()``. Raises ValueError naming an unknown part."""
+    parts = tuple(p.strip() for p in str(value).split(",") if p.strip())
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
+    return parts
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, template: str) -> dict:
+    """What a part's parameters are a function of (hashed into its cache directory)."""
+    sub = dataclasses.asdict(getattr(model_config, part))
+    fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
+        "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns")
+    return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
+            "template": template if part == "llm" else "",
+            "recipe": {k: getattr(recipe, k) for k in fields + ("warmup_steps", "seed")}}
+
+
+def part_dir(key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return os.path.join(cache_root(), f"{key['part']}-{digest}")
+
+
+def load_part(directory: str) -> tuple[dict, dict] | None:
+    """``(params, manifest)`` of a complete cached part, or None (missing, or written only in part)."""
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    from vjax.pytree import unflatten_params  # noqa: PLC0415
+
+    try:
+        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        flat = load_file(os.path.join(directory, "params.safetensors"))
+    except (OSError, ValueError):
+        return None
+    return unflatten_params(flat), manifest
+
+
+def save_part(directory: str, params: dict, manifest: dict) -> None:
+    """Parameters then the manifest, each written to a temporary name and renamed: a crash leaves no manifest, so
+    the part is rebuilt."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    from vjax.pytree import flatten_params  # noqa: PLC0415
+
+    os.makedirs(directory, exist_ok=True)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
+    tmp = os.path.join(directory, "params.safetensors.tmp")
+    save_file(flat, tmp)
+    os.replace(tmp, os.path.join(directory, "params.safetensors"))
+    with open(os.path.join(directory, "manifest.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, default=str)
+    os.replace(os.path.join(directory, "manifest.json.tmp"), os.path.join(directory, "manifest.json"))
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+def fit(loss_fn: Callable, params: dict, batches: Iterator[dict], steps: int, lr: float, warmup: int,
+        desc: str, progress: bool = True) -> tuple[dict, list[float]]:
+    """AdamW (weight decay 0.01, clip 1.0, warmup then cosine to 0) on ``loss_fn(params, batch) -> (loss, aux)`` for
+    ``steps`` steps; returns the parameters and the loss of every 50th step."""
+    import jax  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    curve = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stdout)
+    for i in bar:
+        params, opt, loss = step(params, opt, next(batches))
+        if i % 50 == 0 or i == steps - 1:
+            curve.append(float(loss))
+            bar.set_postfix(loss=f"{curve[-1]:.4f}")
+    bar.close()
+    return jax.device_get(params), curve
+
+
+# ------------------------------------------------------------------------------------------------ tower
+def tower_batches(scenes: list[dict], fmt, frames_fn, grid: int, batch: int, seed: int) -> Iterator[dict]:
+    """Endless batches ``{"frames": float32 [B, S, S, 3], "colour", "shape": int32 [B, grid * grid]}``: a random
+    frame of a random clip, rendered with fresh noise, resized by ``frames_fn`` (the run's frame processor) and
+    normalised by ``fmt`` (the run's format)."""
+    from vjax.data.synthetic import patch_labels, render_frames  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    while True:
+        frames, colour, shape = [], [], []
+        for k in rng.integers(len(scenes), size=batch):
+            scene = scenes[int(k)]
+            f = int(rng.integers(scene["num_frames"]))
+            frames.append(render_frames(scene, int(rng.integers(2**31)), indices=[f])[0])
+            c, s = patch_labels(scene, f, grid)
+            colour.append(c.reshape(-1))
+            shape.append(s.reshape(-1))
+        yield {"frames": fmt.normalize(frames_fn(np.stack(frames))), "colour": np.stack(colour),
+               "shape": np.stack(shape)}
+
+
+def _tower_probe(vision_config, n_colours: int, n_shapes: int):
+    import flax.linen as nn  # noqa: PLC0415
+
+    from vjax.models.encoders import Encoder  # noqa: PLC0415
+
+    class TowerProbe(nn.Module):
+        """The tower (``vision``) and per-patch heads: logits of the colour and the shape under each patch."""
+
+        @nn.compact
+        def __call__(self, frames):
+            feats = Encoder(vision_config, name="vision")(frames).features
+            g = vision_config.grid
+            if feats.shape[1] == g[0] * g[1] + 1:  # towers whose features keep the CLS token
+                feats = feats[:, 1:]
+            return nn.Dense(n_colours, name="colour_head")(feats), nn.Dense(n_shapes, name="shape_head")(feats)
+
+    return TowerProbe()
+
+
+def _cross_entropy(logits, labels, weights):
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict], fmt, frames_fn, recipe: Recipe,
+                   progress: bool = True) -> tuple[dict, dict]:
+    """Train the tower (see the module docstring); returns ``(tower params, figures)``, the figures on frames of
+    the held-out clips: ``colour_accuracy`` / ``shape_accuracy`` over patches an object covers, ``background``
+    (patches correctly called empty), the loss curve."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.data.synthetic import PALETTE, SHAPES  # noqa: PLC0415
+
+    g = vision_config.grid
+    if g[0] != g[1] or train_scenes[0]["size"] % g[0]:
+        raise ValueError(f"the tower's patch grid {g} does not tile the synthetic set's {train_scenes[0]['size']}-px "
+                         f"frames: pretraining needs a square grid that divides the frame size")
+    probe = _tower_probe(vision_config, 1 + len(PALETTE), 1 + len(SHAPES))
+    batches = tower_batches(train_scenes, fmt, frames_fn, g[0], recipe.tower_batch, recipe.seed)
+    first = next(batches)
+    params = probe.init(jax.random.key(recipe.seed), first["frames"][:1])["params"]
+
+    def loss_fn(p, b):
+        colour, shape = probe.apply({"params": p}, b["frames"])
+        w = jnp.where(b["colour"] > 0, 1.0, 0.2)  # objects cover ~5 % of the patches
+        return _cross_entropy(colour, b["colour"], w) + _cross_entropy(shape, b["shape"], w), None
+
+    params, curve = fit(loss_fn, params, batches, recipe.tower_steps, recipe.tower_lr, recipe.warmup_steps,
+                        "stage 0: tower", progress)
+    predict = jax.jit(lambda p, x: tuple(jnp.argmax(o, -1) for o in probe.apply({"params": p}, x)))
+    held = tower_batches(held_out, fmt, frames_fn, g[0], 128, recipe.seed + 1)
+    hits = np.zeros(3)
+    counts = np.zeros(3)
+    for _ in range(4):
+        b = next(held)
+        colour, shape = (np.asarray(x) for x in predict(params, b["frames"]))
+        obj = b["colour"] > 0
+        hits += [(colour == b["colour"])[obj].sum(), (shape == b["shape"])[obj].sum(), (colour == 0)[~obj].sum()]
+        counts += [obj.sum(), obj.sum(), (~obj).sum()]
+    acc = hits / np.maximum(counts, 1)
+    figures = {"colour_accuracy": float(acc[0]), "shape_accuracy": float(acc[1]), "background": float(acc[2]),
+               "held_out_frames": 512, "loss_curve": curve}
+    return params["vision"], figures
+
+
+# ------------------------------------------------------------------------------------------------ LLM
+def described(record: dict, scene: dict) -> dict:
+    """``record`` with its ``<video>`` marker replaced by the clip's :func:`~vjax.data.synthetic.description`."""
+    from vjax.data.synthetic import description  # noqa: PLC0415
+
+    text = description(scene)
+    conv = [dict(t, value=t["value"].replace("<video>", text)) if t.get("from") == "human" else t
+            for t in record["conversations"]]
+    return {**record, "conversations": conv}
+
+
+def lm_texts(records: list[dict], scenes: list[dict], fmt) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every record described and tokenized by ``fmt`` (the run's template) with no frames; visual placeholders
+    dropped. ``records`` name their clip by ``video`` (``videos/<split>/<index>.mp4``)."""
+    placeholders = {pid for _, pid, _ in fmt.spec.visual}
+    out = []
+    for r in records:
+        index = int(os.path.splitext(os.path.basename(r["video"]))[0])
+        ids, mask = fmt.text(described(r, scenes[index]), 0)
+        keep = ~np.isin(ids, list(placeholders))
+        out.append((ids[keep], mask[keep]))
+    return out
+
+
+def padded(texts: list[tuple[np.ndarray, np.ndarray]], length: int, text_weight: float = 0.0) -> dict:
+    """Right-padded ``{"input_ids", "answer", "weights": [len(texts), length]}``: ``answer`` the template's loss
+    mask, ``weights`` 1 on answer tokens, ``text_weight`` on the other real tokens, 0 on padding."""
+    ids = np.zeros((len(texts), length), np.int32)
+    answer = np.zeros((len(texts), length), np.float32)
+    weights = np.zeros((len(texts), length), np.float32)
+    for row, (t, m) in enumerate(texts):
+        n = min(len(t), length)
+        ids[row, :n], answer[row, :n] = t[:n], m[:n]
+        weights[row, :n] = np.where(m[:n] > 0, 1.0, text_weight)
+    return {"input_ids": ids, "answer": answer, "weights": weights}
+
+
+def lm_batches(texts: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: int, text_weight: float,
+               multiple: int = 64) -> Iterator[dict]:
+    """Endless :func:`padded` batches of random texts, each padded to its longest text rounded up to ``multiple``
+    (a few shapes, so a few compilations)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        chosen = [texts[int(k)] for k in rng.integers(len(texts), size=batch)]
+        yield padded(chosen, -(-max(len(t) for t, _ in chosen) // multiple) * multiple, text_weight)
+
+
+def pretrain_lm(llm_config, train: list[tuple[np.ndarray, np.ndarray]], held_out: list[tuple[np.ndarray, np.ndarray]],
+                recipe: Recipe, progress: bool = True) -> tuple[dict, dict]:
+    """Train the decoder on the described texts (module docstring); returns ``(decoder params, figures)``, the
+    figures on held-out texts: ``answer_exact`` (every answer token is the argmax under teacher forcing),
+    ``answer_token_accuracy``, the loss curve."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.models.decoder import CausalLM  # noqa: PLC0415
+    from vjax.models.losses import next_token_loss, shifted_targets  # noqa: PLC0415
+    from vjax.pretrained import init_params  # noqa: PLC0415
+
+    lm = CausalLM(llm_config)
+    params = init_params(lm, recipe.seed)
+
+    def loss_fn(p, b):
+        logits = lm.apply({"params": p}, b["input_ids"]).logits
+        return next_token_loss(logits, b["input_ids"], b["weights"])
+
+    batches = lm_batches(train, recipe.lm_batch, recipe.seed, recipe.text_weight)
+    params, curve = fit(loss_fn, params, batches, recipe.lm_steps, recipe.lm_lr, recipe.warmup_steps,
+                        "stage 0: LLM", progress)
+
+    @jax.jit
+    def right(p, ids, answer):
+        logits = lm.apply({"params": p}, ids).logits
+        targets, w = shifted_targets(ids, answer)
+        ok = (jnp.argmax(logits, -1) == targets) | (w == 0)
+        return ok.all(axis=1), ((jnp.argmax(logits, -1) == targets) * w).sum(), w.sum()
+
+    exact, tok, n = [], 0.0, 0.0
+    length = -(-max(len(t) for t, _ in held_out) // 64) * 64
+    for start in range(0, len(held_out), 64):
+        b = padded(held_out[start:start + 64], length)
+        e, t, m = right(params, b["input_ids"], b["answer"])
+        exact.extend(np.asarray(e).tolist())
+        tok, n = tok + float(t), n + float(m)
+    figures = {"answer_exact": float(np.mean(exact)), "answer_token_accuracy": tok / max(n, 1.0),
+               "held_out_texts": len(held_out), "loss_curve": curve}
+    return params, figures
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict[str, dict]:
+    """The stage-0 parameters ``{part: params}`` of ``stage0.parts`` for run config ``c`` (its model spec, resolved
+    model config, format spec and tokenizer; ``paths`` of its synthetic set): read from the cache, or built and
+    cached (module docstring). ``log`` gets one line per part: where it is, its held-out figures."""
+    from experiments import config as cfg  # noqa: PLC0415
+    from vjax.data import formats  # noqa: PLC0415
+    from vjax.data.annotations import merge_turns  # noqa: PLC0415
+    from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
+    from vjax.data.synthetic import SyntheticConfig, caption_records, read_scenes  # noqa: PLC0415
+
+    recipe = Recipe.from_config(c.stage0)
+    syn_hash = SyntheticConfig(**c.data.synthetic.to_dict()).params_hash()
+    template = json.dumps([spec.template, spec.template_variant, sorted(dict(spec.template_options).items())])
+    fmt = formats.VideoQAFormat(spec, tokenizer)
+    out = {}
+    for part in parse_parts(c.stage0.parts):
+        key = part_key(part, model_config, recipe, syn_hash, template)
+        directory = part_dir(key)
+        cached = load_part(directory)
+        if cached is None:
+            t0 = time.perf_counter()
+            scenes = {s: read_scenes(paths, s) for s in ("train", "val")}
+            if part == "vision":
+                frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
+                params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
+                                                 recipe, progress)
+            else:
+                train = merge_turns(cfg.read_jsonl(paths.annotations["train"]) + caption_records(paths, "train"),
+                                    recipe.lm_turns, seed=recipe.seed)
+                texts = {"train": lm_texts(train, scenes["train"], fmt),
+                         "val": lm_texts(cfg.read_jsonl(paths.annotations["val"]), scenes["val"], fmt)}
+                params, figures = pretrain_lm(model_config.llm, texts["train"], texts["val"], recipe, progress)
+            save_part(directory, params, {"key": key, "figures": figures, "seconds": time.perf_counter() - t0,
+                                          "built": time.strftime("%Y-%m-%d %H:%M:%S")})
+            cached = load_part(directory)
+        params, manifest = cached
+        shown = {k: round(v, 3) for k, v in manifest["figures"].items() if isinstance(v, float)}
+        log(f"stage 0 {part}: {directory} (built in {manifest['seconds']:.0f} s; held out: {shown})")
+        out[part] = params
+    return out
+
+
+def with_parts(params: dict, parts: dict[str, dict]) -> dict:
+    """``params`` (a whole model's) with each ``parts[name]`` in place of ``params[name]``; a part whose tree or
+    shapes differ is a ValueError naming the first differing path."""
+    from vjax.pytree import flatten_params  # noqa: PLC0415
+
+    out = dict(params)
+    for name, sub in parts.items():
+        want = {k: np.shape(v) for k, v in flatten_params(params[name]).items()}
+        got = {k: np.shape(v) for k, v in flatten_params(sub).items()}
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+            raise ValueError(f"pretrained part {name!r} does not fit the model at {name}/{diff[0]} "
+                             f"(model {want.get(diff[0])}, part {got.get(diff[0])})")
+        out[name] = sub
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """``python -m experiments.pretrain --config=<name>[:variant] [--config.a.b=v]``: build (or find) the run's
+    stage-0 parts and print where they are and their held-out figures."""
+    from experiments import build as build_lib  # noqa: PLC0415
+    from experiments import cli, config, train  # noqa: PLC0415
+
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}")
+    c = train._CONFIG.value
+    if not c.stage0.parts:
+        cli.fail(f"config key 'stage0.parts': {c.model} uses no pretrained parts; set --config.stage0.parts=vision,llm")
+    try:
+        plan = config.validate(c)
+    except config.ConfigError as err:
+        cli.fail(str(err))
+    from vjax.data import formats  # noqa: PLC0415
+
+    paths = build_lib._synthetic_set(c, True)
+    tokenizer = formats.TextTokenizer(paths.tokenizer_dir)
+    model = plan["model"]
+    mcfg = config.resolve_markers(model, plan["model_config"], tokenizer)
+    ensure_parts(c, model, mcfg, config.data_format(model, mcfg, c), tokenizer, paths)
+    return 0
+
+
+if __name__ == "__main__":
+    from experiments import cli, train
+
+    cli.run(main, flags_parser=train.parse_flags)

@@ -292,7 +292,6 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     stages = getattr(cfg_cls, "STAGES", {"full": None})
     if c.stage not in stages:
         raise ConfigError("stage", f"{c.model} has no stage {c.stage!r}; known: {sorted(stages)}")
-    _check_recipe_stages(c, stages)
     optim = from_config(OptimConfig, c.optim, "optim")
     if not optim.learning_rate > 0:
         raise ConfigError("optim.learning_rate", f"must be > 0, got {optim.learning_rate}")
@@ -304,6 +303,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
         value = (c[section] if section else c)[leaf]
         if value and not os.path.exists(_expand(value)):
             raise ConfigError(key, f"path {value!r} does not exist ({_expand(value)})")
+    _check_recipe_stages(c, stages)
     if c.data.train_annotations and not c.data.tokenizer:
         raise ConfigError("data.tokenizer", "real annotations need a tokenizer directory")
     if c.model_preset != "tiny" and not c.data.train_annotations:

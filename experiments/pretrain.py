@@ -47,9 +47,10 @@ class Recipe:
     tower_steps: int = 1500
     tower_batch: int = 64  # frames per step
     tower_lr: float = 2e-3
-    lm_steps: int = 3000
-    lm_batch: int = 16  # texts per step
-    lm_turns: int = 4  # a clip's questions (and its caption) per text: the description is read once for all
+    lm_steps: int = 1200
+    lm_batch: int = 8  # texts per step
+    lm_turns: int = 4  # questions (and the caption) about one description per text: it is read once for all
+    lm_scenes: int = 6000  # fresh scenes described (beyond the set's training clips, from the same seed stream)
     lm_lr: float = 2e-3
     text_weight: float = 0.1  # loss weight of the non-answer tokens of the LLM's texts
     warmup_steps: int = 100
@@ -79,7 +80,7 @@ def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, 
     """What a part's parameters are a function of (hashed into its cache directory)."""
     sub = dataclasses.asdict(getattr(model_config, part))
     fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
-        "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns")
+        "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
     return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
             "template": template if part == "llm" else "",
             "recipe": {k: getattr(recipe, k) for k in fields + ("warmup_steps", "seed")}}
@@ -254,9 +255,26 @@ def described(record: dict, scene: dict) -> dict:
     return {**record, "conversations": conv}
 
 
-def lm_texts(records: list[dict], scenes: list[dict], fmt) -> list[tuple[np.ndarray, np.ndarray]]:
+def text_scenes(syn_config, count: int, seed: int, turns: int) -> tuple[list[dict], dict[int, dict]]:
+    """``count`` fresh training scenes (indices after the set's ``num_train`` clips: never a held-out clip) and
+    every question each answers (:func:`~vjax.data.synthetic.every_question`), joined into conversations of up to
+    ``turns`` questions about one clip. Returns ``(records, {index: scene})``; no frame is rendered."""
+    from vjax.data.annotations import merge_turns  # noqa: PLC0415
+    from vjax.data.synthetic import _sample_scene, every_question  # noqa: PLC0415
+
+    records, scenes = [], {}
+    for index in range(syn_config.num_train, syn_config.num_train + count):
+        scene = _sample_scene(syn_config, "train", index)
+        scenes[index] = scene
+        records.extend(every_question(scene, syn_config, np.random.default_rng([seed, index]),
+                                      f"videos/train/{index:06d}.mp4"))
+    return merge_turns(records, turns, seed=seed), scenes
+
+
+def lm_texts(records: list[dict], scenes, fmt) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every record described and tokenized by ``fmt`` (the run's template) with no frames; visual placeholders
-    dropped. ``records`` name their clip by ``video`` (``videos/<split>/<index>.mp4``)."""
+    dropped. ``records`` name their clip by ``video`` (``videos/<split>/<index>.mp4``), ``scenes[index]`` is its
+    ground truth (a list in index order or a dict)."""
     placeholders = {pid for _, pid, _ in fmt.spec.visual}
     out = []
     for r in records:
@@ -291,10 +309,10 @@ def lm_batches(texts: list[tuple[np.ndarray, np.ndarray]], batch: int, seed: int
 
 
 def pretrain_lm(llm_config, train: list[tuple[np.ndarray, np.ndarray]], held_out: list[tuple[np.ndarray, np.ndarray]],
-                recipe: Recipe, progress: bool = True) -> tuple[dict, dict]:
+                recipe: Recipe, progress: bool = True, held_out_kinds: list[str] | None = None) -> tuple[dict, dict]:
     """Train the decoder on the described texts (module docstring); returns ``(decoder params, figures)``, the
-    figures on held-out texts: ``answer_exact`` (every answer token is the argmax under teacher forcing),
-    ``answer_token_accuracy``, the loss curve."""
+    figures on held-out texts: ``answer_exact`` (every answer token is the argmax under teacher forcing), the same
+    per kind (``held_out_kinds``, one per text: ``exact/<kind>``), ``answer_token_accuracy``, the loss curve."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -329,6 +347,9 @@ def pretrain_lm(llm_config, train: list[tuple[np.ndarray, np.ndarray]], held_out
         tok, n = tok + float(t), n + float(m)
     figures = {"answer_exact": float(np.mean(exact)), "answer_token_accuracy": tok / max(n, 1.0),
                "held_out_texts": len(held_out), "loss_curve": curve}
+    for kind in sorted(set(held_out_kinds or ())):
+        hits = [e for e, k in zip(exact, held_out_kinds) if k == kind]
+        figures[f"exact/{kind}"] = float(np.mean(hits))
     return params, figures
 
 
@@ -340,9 +361,8 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
     cached (module docstring). ``log`` gets one line per part: where it is, its held-out figures."""
     from experiments import config as cfg  # noqa: PLC0415
     from vjax.data import formats  # noqa: PLC0415
-    from vjax.data.annotations import merge_turns  # noqa: PLC0415
     from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
-    from vjax.data.synthetic import SyntheticConfig, caption_records, read_scenes  # noqa: PLC0415
+    from vjax.data.synthetic import SyntheticConfig, read_scenes  # noqa: PLC0415
 
     recipe = Recipe.from_config(c.stage0)
     syn_hash = SyntheticConfig(**c.data.synthetic.to_dict()).params_hash()
@@ -361,16 +381,17 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
                 params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
                                                  recipe, progress)
             else:
-                train = merge_turns(cfg.read_jsonl(paths.annotations["train"]) + caption_records(paths, "train"),
-                                    recipe.lm_turns, seed=recipe.seed)
-                texts = {"train": lm_texts(train, scenes["train"], fmt),
-                         "val": lm_texts(cfg.read_jsonl(paths.annotations["val"]), scenes["val"], fmt)}
-                params, figures = pretrain_lm(model_config.llm, texts["train"], texts["val"], recipe, progress)
+                syn = SyntheticConfig(**c.data.synthetic.to_dict())
+                train, fresh = text_scenes(syn, recipe.lm_scenes, recipe.seed, recipe.lm_turns)
+                val = cfg.read_jsonl(paths.annotations["val"])
+                kinds = [f"{r['question_type']}/{'choice' if r.get('choices') else 'open'}" for r in val]
+                params, figures = pretrain_lm(model_config.llm, lm_texts(train, fresh, fmt),
+                                              lm_texts(val, scenes["val"], fmt), recipe, progress, kinds)
             save_part(directory, params, {"key": key, "figures": figures, "seconds": time.perf_counter() - t0,
                                           "built": time.strftime("%Y-%m-%d %H:%M:%S")})
             cached = load_part(directory)
         params, manifest = cached
-        shown = {k: round(v, 3) for k, v in manifest["figures"].items() if isinstance(v, float)}
+        shown = {k: round(v, 3) for k, v in manifest["figures"].items() if isinstance(v, float) and "/" not in k}
         log(f"stage 0 {part}: {directory} (built in {manifest['seconds']:.0f} s; held out: {shown})")
         out[part] = params
     return out

@@ -218,6 +218,8 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         return _say(f"error: {err}", cli.USER_ERROR)
     except TooManyBadRecords as err:
         return _say(f"error: training records: {err}", cli.USER_ERROR)
+    except config.ConfigError as err:
+        return _say(f"error: {err}", cli.USER_ERROR)
     if main_process:
         report(workdir, b.evaluator, b.visual_tokens, b.spec, time.perf_counter() - t0, b.model_config,
                plan["model"])
@@ -265,7 +267,10 @@ def earlier_stages(c, plan: dict, b, workdir: str):
                 ensure(print)
             multihost_utils.sync_global_devices("vjax_stage0")
         got = ensure(print if main_process else (lambda _: None))
-        params = pretrain.with_parts(init_params(b.module, c.seed) if params is None else params, got)
+        try:
+            params = pretrain.with_parts(init_params(b.module, c.seed) if params is None else params, got)
+        except ValueError as err:
+            raise config.ConfigError("stage0.parts", str(err)) from None
     if c.align.steps:
         params = align(c, params, workdir)
     return params

@@ -3,7 +3,10 @@ r"""Chat-UniVi on the synthetic video-QA set (tiny, CPU) or its published recipe
 COMMAND: python -m experiments.train --config=chat_univi[:tiny|stage1|stage2|13b] [--workdir=DIR] [--config.a.b=value]
 
 Variants:
-  tiny     2-layer 128-wide LLM, CLIP-style tower at 56 px (8 x 8 patches of 7 px), 4 frames -> 2 events x (5+3)
+  tiny     stage 0: a tower and an LLM pretrained on the synthetic set (experiments/pretrain.py, built once per
+           machine); stage 1: 400 steps of the projector on captions; stage 2: 3000 steps of the projector and the
+           LLM on the questions (the tower frozen). 2-layer 128-wide LLM, CLIP-style tower at 56 px (8 x 8 patches
+           of 7 px), 4 frames -> 2 events x (5+3)
            = 16 visual tokens, 4.25x fewer than Video-ChatGPT's pooling of the same features (4 + 64 = 68).
            Two events (temporal ratio 1/2) keep the order of the clip's halves: within one event the merged
            tokens do not depend on frame order, so one event could not tell left from right.
@@ -26,6 +29,12 @@ def get_config(variant: str = "tiny"):
     c.model_overrides.spatial_ks = (5, 3)
     c.data.sampler_kwargs.sample_fps = 2.0  # 2-5.5 s synthetic clips: >= 4 frames (the release: 1 fps)
     if variant == "tiny":
+        # the paper's recipe at tiny size: stage 0 a pretrained tower and LLM (experiments/pretrain.py, cached),
+        # stage 1 the projector on captions, stage 2 the projector and the LLM on the questions (tower frozen)
+        c.stage0.parts = "vision,llm"
+        c.align.update(steps=400, stage="pretrain", learning_rate=2e-3, warmup_steps=20)
+        c.stage = "finetune"
+        c.optim.learning_rate = 5e-4
         return c
     common_args = dict(frames=64, image_size=224, tokenizer="~/models/vicuna-7b-v1.5",
                        init_params="~/models/Chat-UniVi")

@@ -28,7 +28,7 @@ TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num
              "--config.data.synthetic.num_test=0", "--config.data.synthetic.long_every=0",
              "--config.data.synthetic.show_progress=False", "--config.data.batch_size=2",
              "--config.data.text_buckets=(256,)", "--config.log_every=1", "--config.save_every=100",
-             "--config.eval.records=0"]
+             "--config.stage0.parts=", "--config.align.steps=0", "--config.eval.records=0"]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,9 @@ BAD = [
     (["--config.attention_impl=magic"], "attention_impl"),
     (["--config.optim.mu_dtype=int8"], "optim"),
     (["--config.eval.test_records=-2"], "eval.test_records"),
+    (["--config.stage0.parts=vision,tower"], "stage0.parts"),
+    (["--config.align.steps=5", "--config.align.stage=everything"], "align.stage"),
+    (["--config.data.train_records=subtitles"], "data.train_records"),
 ]
 
 

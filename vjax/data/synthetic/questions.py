@@ -120,6 +120,40 @@ def description(scene: dict) -> str:
     return out
 
 
+def _record(c: dict, rec_id: str, cfg: SyntheticConfig, rng: np.random.Generator, video_rel: str,
+            srt_rel: str | None) -> dict:
+    """One candidate question as a record: multiple choice (3 distractors from its pool, shuffled) with probability
+    ``cfg.multiple_choice_fraction``, else open."""
+    rec = {"id": rec_id, "video": video_rel, "question_type": c["type"], "question": c["question"],
+           "answer": c["answer"]}
+    if rng.random() < cfg.multiple_choice_fraction and c["pool"]:
+        n_distract = min(3, len(c["pool"]))
+        choices = [c["answer"]] + [str(x) for x in rng.choice(c["pool"], n_distract, replace=False)]
+        choices = [choices[i] for i in rng.permutation(len(choices))]
+        ai = choices.index(c["answer"])
+        letters = "ABCD"
+        opts = "\n".join(f"({letters[i]}) {x}" for i, x in enumerate(choices))
+        human = (f"<video>\n{c['question']}\nOptions:\n{opts}\n"
+                 "Answer with the option's letter from the given choices directly.")
+        gpt = f"({letters[ai]}) {c['answer']}"
+        rec.update(choices=choices, answer_index=ai)
+    else:
+        human, gpt = f"<video>\n{c['question']}", c["answer"]
+    rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    if srt_rel is not None:
+        rec["subtitles"] = srt_rel
+    return rec
+
+
+def every_question(scene: dict, cfg: SyntheticConfig, rng: np.random.Generator, video_rel: str = "") -> list[dict]:
+    """Every question a scene answers unambiguously (not only the ``questions_per_clip`` a clip's records keep), each
+    a record, open or multiple choice as :func:`_make_records` draws them, then the caption record: the text
+    pretraining of ``experiments.pretrain`` asks all of them about one description."""
+    stem = f"{scene['split']}_{scene['index']:06d}"
+    out = [_record(c, f"{stem}_all{j}", cfg, rng, video_rel, None) for j, c in enumerate(_candidates(scene, rng))]
+    return out + [caption_record(scene, video_rel)]
+
+
 def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: str | None) -> list[dict]:
     rng = _clip_rng(cfg, scene["split"], scene["index"]).spawn(1)[0]
     cands = _candidates(scene, rng)
@@ -127,27 +161,8 @@ def _make_records(scene: dict, cfg: SyntheticConfig, video_rel: str, srt_rel: st
     rest = [c for c in cands if c["type"] not in ("subtitle", "recall")]
     k = max(0, cfg.questions_per_clip - len(must))
     chosen = must + [rest[i] for i in sorted(rng.choice(len(rest), min(k, len(rest)), replace=False))]
-    records = []
-    for j, c in enumerate(chosen):
-        rec = {"id": f"{scene['split']}_{scene['index']:06d}_q{j}", "video": video_rel,
-               "question_type": c["type"], "question": c["question"], "answer": c["answer"]}
-        if rng.random() < cfg.multiple_choice_fraction and c["pool"]:
-            n_distract = min(3, len(c["pool"]))
-            choices = [c["answer"]] + [str(x) for x in rng.choice(c["pool"], n_distract, replace=False)]
-            choices = [choices[i] for i in rng.permutation(len(choices))]
-            ai = choices.index(c["answer"])
-            letters = "ABCD"
-            opts = "\n".join(f"({letters[i]}) {x}" for i, x in enumerate(choices))
-            human = (f"<video>\n{c['question']}\nOptions:\n{opts}\n"
-                     "Answer with the option's letter from the given choices directly.")
-            gpt = f"({letters[ai]}) {c['answer']}"
-            rec.update(choices=choices, answer_index=ai)
-        else:
-            human, gpt = f"<video>\n{c['question']}", c["answer"]
-        rec["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
-        if srt_rel is not None:
-            rec["subtitles"] = srt_rel
-        records.append(rec)
+    records = [_record(c, f"{scene['split']}_{scene['index']:06d}_q{j}", cfg, rng, video_rel, srt_rel)
+               for j, c in enumerate(chosen)]
     if cfg.train_captions and scene["split"] == "train":  # no rng draws: the questions above are unchanged
         records.append(caption_record(scene, video_rel, srt_rel))
     return records

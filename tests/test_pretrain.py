@@ -1,0 +1,219 @@
+"""Stage 0 and stage 1 of the tiny runs (``experiments.pretrain``, ``align.*``): the per-patch labels and the texts
+they learn from, the cache of the pretrained parts, and a staged training command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import config as cfg
+from experiments import pretrain
+from experiments.configs import chat_univi
+from vjax.data import formats
+from vjax.data.synthetic import (
+    PALETTE,
+    SHAPES,
+    SyntheticConfig,
+    _sample_scene,
+    caption,
+    caption_records,
+    description,
+    ensure_synthetic_dataset,
+    every_question,
+    patch_labels,
+    render_frames,
+)
+from vjax.data.synthetic.questions import _candidates
+from vjax.data.synthetic.scene import _clip_rng
+from vjax.pytree import flatten_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SET = dict(num_train=4, num_val=2, num_test=0, long_every=0, show_progress=False)
+RUN_SET = dict(TINY_SET, num_train=40, num_val=4)  # the tower sees every colour and shape in 40 clips
+
+
+def _scene_with_objects(n: int) -> dict:
+    cfg_ = SyntheticConfig(texture_std=0.0)
+    for i in range(200):
+        s = _sample_scene(cfg_, "train", i)
+        if len(s["objects"]) == n and all(o["appear_s"] == 0 and o["vanish_s"] is None for o in s["objects"]):
+            return s
+    raise AssertionError(f"no scene with {n} objects from the start")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_patch_labels_name_the_colour_and_shape_seen_in_the_rendered_cell(n):
+    """Reference: the rendered frame's pixels. A cell whose pixels are an object's palette colour for >= 40 % of it
+    is labelled with that colour and shape; a cell with no such pixel is background."""
+    scene = _scene_with_objects(n)
+    frame = render_frames(scene, 7, indices=[0])[0].astype(int)  # [64, 64, 3]
+    colour, shape = patch_labels(scene, 0, 8)
+    by_colour = {name: o for o in scene["objects"] for name in [o["colour"]]}
+    checked = 0
+    for i in range(8):
+        for j in range(8):
+            cell = frame[8 * i:8 * i + 8, 8 * j:8 * j + 8].reshape(-1, 3)
+            shares = {name: np.mean(np.all(cell == rgb, axis=1)) for name, rgb in PALETTE.items()}
+            best = max(shares, key=shares.get)
+            if shares[best] >= 0.4:
+                assert colour[i, j] == 1 + list(PALETTE).index(best)
+                assert shape[i, j] == 1 + SHAPES.index(by_colour[best]["shape"])
+                checked += 1
+            elif shares[best] == 0:
+                assert colour[i, j] == 0 and shape[i, j] == 0
+    assert checked >= n  # every object covers at least one cell
+
+
+def test_render_frames_of_chosen_indices_start_as_the_whole_clip():
+    scene = _sample_scene(SyntheticConfig(), "train", 3)
+    whole = render_frames(scene, 11)
+    assert np.array_equal(render_frames(scene, 11, indices=[0])[0], whole[0])
+    assert render_frames(scene, 11, indices=[5, 9]).shape == (2,) + whole.shape[1:]
+
+
+def test_every_question_asks_every_candidate_and_the_caption():
+    syn = SyntheticConfig()
+    scene = _sample_scene(syn, "train", 12)
+    want = [c["type"] for c in _candidates(scene, _clip_rng(syn, "train", 12))]
+    recs = every_question(scene, syn, np.random.default_rng(0), "videos/train/000012.mp4")
+    assert [r["question_type"] for r in recs] == want + ["caption"]
+    assert recs[-1]["answer"] == caption(scene)
+    for r in recs:
+        answer = r["conversations"][1]["value"]
+        assert answer == r["answer"] or answer.endswith(f") {r['answer']}")  # open, or "(B) red"
+
+
+def test_description_states_caption_beeps_and_subtitle():
+    syn = SyntheticConfig(subtitle_fraction=1.0)
+    scene = next(s for s in (_sample_scene(syn, "train", i) for i in range(50)) if len(s["beeps"]) == 2)
+    text = description(scene)
+    assert text.startswith(caption(scene))
+    assert f"It beeps two times: {scene['beeps'][0]['pitch']}, then {scene['beeps'][1]['pitch']}." in text
+    assert scene["subtitle"]["text"] in text
+
+
+def test_caption_records_equal_the_ones_the_generator_writes(tmp_path):
+    """Reference: a set generated with ``train_captions=True`` holds the caption records in its annotations."""
+    with_captions = ensure_synthetic_dataset(tmp_path / "a", SyntheticConfig(train_captions=True, **TINY_SET))
+    plain = ensure_synthetic_dataset(tmp_path / "b", SyntheticConfig(**TINY_SET))
+    written = [r for r in cfg.read_jsonl(with_captions.annotations["train"]) if r["question_type"] == "caption"]
+    assert len(written) == 4 and caption_records(plain, "train") == written
+
+
+# --------------------------------------------------------------------------------------------- the parts
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A chat_univi config on a tiny set with a short stage-0 recipe, and what ``ensure_parts`` needs."""
+    d = tmp_path_factory.mktemp("pretrain")
+    c = chat_univi.get_config()
+    c.data.root = str(d / "synthetic")
+    c.data.synthetic.update(RUN_SET)
+    c.stage0.update(parts="vision,llm", tower_steps=100, tower_batch=64, lm_steps=40, lm_batch=4, lm_scenes=40,
+                    lm_turns=3, warmup_steps=10)
+    plan = cfg.validate(c)
+    paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
+    tok = formats.TextTokenizer(paths.tokenizer_dir)
+    model = plan["model"]
+    mcfg = cfg.resolve_markers(model, plan["model_config"], tok)
+    return d, c, (model, mcfg, cfg.data_format(model, mcfg, c), tok, paths)
+
+
+def test_parts_are_built_once_then_read_from_the_cache(tiny_run, monkeypatch):
+    d, c, args = tiny_run
+    monkeypatch.setenv("VJAX_CACHE", str(d / "cache"))
+    lines = []
+    first = pretrain.ensure_parts(c, *args, progress=False, log=lines.append)
+    assert sorted(first) == ["llm", "vision"] and len(lines) == 2
+    manifests = sorted((d / "cache" / "pretrained").glob("*/manifest.json"))
+    assert [m.parent.name.split("-")[0] for m in manifests] == ["llm", "vision"]
+    vision = json.loads(manifests[1].read_text())["figures"]
+    # the tower learns in 100 steps: colour of the patches objects cover (chance 1/7), empty patches called empty
+    assert vision["colour_accuracy"] > 0.75 and vision["background"] > 0.9, vision
+    llm = json.loads(manifests[0].read_text())["figures"]
+    assert llm["loss_curve"][-1] < 0.5 * llm["loss_curve"][0], llm
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached part was trained again")
+
+    monkeypatch.setattr(pretrain, "pretrain_tower", no_training)
+    monkeypatch.setattr(pretrain, "pretrain_lm", no_training)
+    again = pretrain.ensure_parts(c, *args, progress=False, log=lambda _: None)
+    for part in first:
+        a, b = flatten_params(first[part]), flatten_params(again[part])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # a manifest missing (a build that crashed before the end) is rebuilt; another recipe is another directory
+    os.remove(manifests[1])
+    c2 = c.copy_and_resolve_references()
+    c2.stage0.parts = "vision"
+    with pytest.raises(AssertionError, match="trained again"):
+        pretrain.ensure_parts(c2, *args, progress=False, log=lambda _: None)
+    key = pretrain.part_key("vision", args[1], pretrain.Recipe.from_config(c.stage0), "h", "")
+    other = pretrain.part_key("vision", args[1], pretrain.Recipe(tower_steps=61), "h", "")
+    assert pretrain.part_dir(key) != pretrain.part_dir(other)
+
+
+def test_with_parts_replaces_subtrees_and_names_a_misfit():
+    params = {"vision": {"w": np.zeros((2, 3))}, "llm": {"w": np.zeros(4)}, "proj": {"b": np.zeros(1)}}
+    out = pretrain.with_parts(params, {"vision": {"w": np.ones((2, 3))}})
+    assert out["vision"]["w"].sum() == 6 and out["llm"] is params["llm"] and params["vision"]["w"].sum() == 0
+    with pytest.raises(ValueError, match=r"'vision' does not fit the model at vision/w \(model \(2, 3\), part \(3,"):
+        pretrain.with_parts(params, {"vision": {"w": np.ones((3, 2))}})
+
+
+def test_parse_parts_names_an_unknown_part():
+    assert pretrain.parse_parts(" vision , llm") == ("vision", "llm") and pretrain.parse_parts("") == ()
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]; known: vision, llm"):
+        pretrain.parse_parts("vision,tower")
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def _flat_params(workdir: Path) -> dict:
+    from vjax.pretrained import load_run  # noqa: PLC0415
+
+    return flatten_params(load_run(workdir).params)
+
+
+@pytest.mark.slow
+def test_staged_training_command(tiny_run, tmp_path):
+    """stage 0 (cached parts), stage 1 (the projector on captions), stage 2 (projector and LLM on the questions):
+    the tower is the pretrained one throughout, the LLM leaves stage 1 as stage 0 made it, stage 2 changes it; the
+    rerun resumes stage 2 without running stage 1 again."""
+    d, c, _ = tiny_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VJAX_CACHE": str(d / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    s0 = c.stage0
+    args = ["--config=chat_univi", f"--workdir={tmp_path / 'run'}", f"--config.data.root={c.data.root}",
+            *[f"--config.data.synthetic.{k}={v}" for k, v in RUN_SET.items()],
+            *[f"--config.stage0.{k}={s0[k]}" for k in ("parts", "tower_steps", "tower_batch", "lm_steps", "lm_batch",
+                                                        "lm_scenes", "lm_turns", "warmup_steps")],
+            "--config.align.steps=2", "--config.align.stage=pretrain", "--config.stage=finetune",
+            "--config.data.batch_size=2", "--config.data.text_buckets=(256,)", "--config.log_every=1",
+            "--config.eval.records=0", "--config.eval.test_records=0", "--config.total_steps=2"]
+    r = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stage 0 vision: " in r.stdout and "stage 0 llm: " in r.stdout
+    assert "stage 1 (alignment): 2 steps of 'pretrain' on 40 captions" in r.stdout
+
+    cache = d / "cache" / "pretrained"
+    parts = {p.name.split("-")[0]: pretrain.load_part(str(p))[0] for p in cache.iterdir()}
+    stage0 = {f"{name}/{k}": v for name, tree in parts.items() for k, v in flatten_params(tree).items()}
+    aligned, final = _flat_params(tmp_path / "run" / "align"), _flat_params(tmp_path / "run")
+    for k, v in stage0.items():
+        assert np.array_equal(aligned[k], v), k  # neither part trains in the alignment stage
+        if k.startswith("vision/"):
+            assert np.array_equal(final[k], v), k  # the tower stays frozen in stage 2
+    assert any(not np.array_equal(aligned[k], final[k]) for k in stage0 if k.startswith("llm/"))
+    projector = [k for k in final if k.startswith("mm_projector/")]
+    assert projector and all(k not in stage0 for k in projector)
+
+    r = subprocess.run([sys.executable, "-m", "experiments.train", *args[:-1], "--config.total_steps=3"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step 2" in r.stdout and "stage 1" not in r.stdout and "stage 0" not in r.stdout

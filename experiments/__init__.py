@@ -1,4 +1,4 @@
-"""The command-line entry points (train, chat, eval, convert, bench, demo); ``config`` (configuration) and
+"""The command-line entry points (train, pretrain, chat, eval, convert, bench, demo); ``config`` (configuration) and
 ``build`` (a training run from a config) are what they share, ``cli`` their exit-code convention.
 
 Importing the package keeps every command offline by default: nothing loads from a model hub unless

@@ -213,6 +213,13 @@ def test_staged_training_command(tiny_run, tmp_path):
     projector = [k for k in final if k.startswith("mm_projector/")]
     assert projector and all(k not in stage0 for k in projector)
 
+    # the pretrain command finds the same parts in the cache (nothing is trained again)
+    r = subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    found = sorted(line.split(" (built")[0] for line in r.stdout.splitlines() if line.startswith("stage 0 "))
+    assert found == sorted(f"stage 0 {p.name.split('-')[0]}: {p}" for p in cache.iterdir()), r.stdout
+
     r = subprocess.run([sys.executable, "-m", "experiments.train", *args[:-1], "--config.total_steps=3"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

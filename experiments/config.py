@@ -303,7 +303,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
         value = (c[section] if section else c)[leaf]
         if value and not os.path.exists(_expand(value)):
             raise ConfigError(key, f"path {value!r} does not exist ({_expand(value)})")
-    _check_recipe_stages(c, stages)
+    _check_recipe_stages(c, stages, mcfg)
     if c.data.train_annotations and not c.data.tokenizer:
         raise ConfigError("data.tokenizer", "real annotations need a tokenizer directory")
     if c.model_preset != "tiny" and not c.data.train_annotations:
@@ -323,9 +323,10 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
 
 
 
-def _check_recipe_stages(c, stages: dict) -> None:
-    """``data.train_records``, ``stage0.*`` (pretrained parts) and ``align.*`` (the alignment stage)."""
-    from experiments.pretrain import Recipe, parse_parts  # noqa: PLC0415
+def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
+    """``data.train_records``, ``stage0.*`` (pretrained parts of model config ``mcfg``) and ``align.*`` (the
+    alignment stage)."""
+    from experiments.pretrain import TOWERS, Recipe, parse_parts  # noqa: PLC0415
 
     kind = c.data.get("train_records", "questions")
     if kind not in ("questions", "captions"):
@@ -343,10 +344,17 @@ def _check_recipe_stages(c, stages: dict) -> None:
                                               "run starts from init_params")
         if parts and c.init_params:
             raise ConfigError("stage0.parts", "give either pretrained parts or init_params, not both")
+        if "vision" in parts and mcfg.vision.tower not in TOWERS:
+            raise ConfigError("stage0.parts", f"the tower recipe takes frames as images: {c.model}'s tower "
+                                              f"{mcfg.vision.tower!r} is not one of {TOWERS}")
+        if "llm" in parts and getattr(mcfg.llm, "visual_experts", False):
+            raise ConfigError("stage0.parts", f"{c.model}'s LLM has visual experts in every layer: the text "
+                                              f"recipe would leave them untrained")
         for f in dataclasses.fields(Recipe):
             v = c.stage0.get(f.name, f.default)
-            if f.name != "text_weight" and f.name != "seed" and not v > 0:
-                raise ConfigError(f"stage0.{f.name}", f"must be > 0, got {v!r}")
+            low = 0 if f.name in ("text_weight", "seed") else 1e-12
+            if not isinstance(v, (int, float)) or v < low:
+                raise ConfigError(f"stage0.{f.name}", f"must be {'>= 0' if low == 0 else '> 0'}, got {v!r}")
     if "align" in c:
         a = c.align
         if not isinstance(a.steps, int) or a.steps < 0:

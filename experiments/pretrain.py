@@ -38,6 +38,8 @@ import numpy as np
 
 RECIPE_VERSION = 1
 PARTS = ("vision", "llm")  # the attribute names of the tower and the decoder in every model of vjax.models
+TOWERS = ("clip", "eva", "eva2")  # towers the tower recipe trains (frames in as images; not Qwen2-VL's packed patches)
+HELD_OUT = 32  # held-out scenes: the first clips of the val seed stream (the set's val clips, however many it has)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,10 +361,9 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
     """The stage-0 parameters ``{part: params}`` of ``stage0.parts`` for run config ``c`` (its model spec, resolved
     model config, format spec and tokenizer; ``paths`` of its synthetic set): read from the cache, or built and
     cached (module docstring). ``log`` gets one line per part: where it is, its held-out figures."""
-    from experiments import config as cfg  # noqa: PLC0415
     from vjax.data import formats  # noqa: PLC0415
     from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
-    from vjax.data.synthetic import SyntheticConfig, read_scenes  # noqa: PLC0415
+    from vjax.data.synthetic import SyntheticConfig, _sample_scene, every_question, read_scenes  # noqa: PLC0415
 
     recipe = Recipe.from_config(c.stage0)
     syn_hash = SyntheticConfig(**c.data.synthetic.to_dict()).params_hash()
@@ -375,15 +376,20 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
         cached = load_part(directory)
         if cached is None:
             t0 = time.perf_counter()
-            scenes = {s: read_scenes(paths, s) for s in ("train", "val")}
+            syn = SyntheticConfig(**c.data.synthetic.to_dict())
+            scenes = {"train": read_scenes(paths, "train"),
+                      "val": [_sample_scene(syn, "val", i) for i in range(HELD_OUT)]}
+            if not scenes["train"]:
+                raise ValueError("the tower recipe renders the set's training scenes: data.synthetic.num_train is 0")
             if part == "vision":
                 frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
                 params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
                                                  recipe, progress)
             else:
-                syn = SyntheticConfig(**c.data.synthetic.to_dict())
                 train, fresh = text_scenes(syn, recipe.lm_scenes, recipe.seed, recipe.lm_turns)
-                val = cfg.read_jsonl(paths.annotations["val"])
+                rng = np.random.default_rng([recipe.seed, 1])
+                val = [r for s in scenes["val"]
+                       for r in every_question(s, syn, rng, f"videos/val/{s['index']:06d}.mp4")]
                 kinds = [f"{r['question_type']}/{'choice' if r.get('choices') else 'open'}" for r in val]
                 params, figures = pretrain_lm(model_config.llm, lm_texts(train, fresh, fmt),
                                               lm_texts(val, scenes["val"], fmt), recipe, progress, kinds)

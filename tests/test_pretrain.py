@@ -172,6 +172,27 @@ def test_parse_parts_names_an_unknown_part():
         pretrain.parse_parts("vision,tower")
 
 
+@pytest.mark.parametrize("model,parts,needle", [
+    ("qwen2_vl", "vision", "tower 'qwen2_vl' is not one of"),
+    ("cogvlm2_video", "llm", "visual experts in every layer"),
+])
+def test_parts_a_recipe_cannot_build_are_refused_naming_the_key(model, parts, needle):
+    c = cfg.config_from_file(cfg.config_path(model)[0], "tiny")
+    with c.unlocked():
+        c.stage0.parts = parts
+    with pytest.raises(cfg.ConfigError, match=needle) as err:
+        cfg.validate(c)
+    assert err.value.key == "stage0.parts"
+
+
+def test_negative_recipe_values_are_refused_naming_the_key():
+    c = chat_univi.get_config()
+    c.stage0.text_weight = -0.1
+    with pytest.raises(cfg.ConfigError, match="must be >= 0") as err:
+        cfg.validate(c)
+    assert err.value.key == "stage0.text_weight"
+
+
 # --------------------------------------------------------------------------------------------- end to end
 def _flat_params(workdir: Path) -> dict:
     from vjax.pretrained import load_run  # noqa: PLC0415

@@ -260,13 +260,13 @@ def earlier_stages(c, plan: dict, b, workdir: str):
             return pretrain.ensure_parts(c, plan["model"], b.model_config, b.spec, b.tokenizer, paths,
                                          progress=b.loop.progress and main_process, log=log)
 
-        if jax.process_count() > 1:  # process 0 builds, the others read its cache
+        got = ensure(print) if main_process else None
+        if jax.process_count() > 1:  # process 0 builds, the others then read its cache
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
-            if main_process:
-                ensure(print)
             multihost_utils.sync_global_devices("vjax_stage0")
-        got = ensure(print if main_process else (lambda _: None))
+            if not main_process:
+                got = ensure(lambda _: None)
         try:
             params = pretrain.with_parts(init_params(b.module, c.seed) if params is None else params, got)
         except ValueError as err:

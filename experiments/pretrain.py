@@ -196,11 +196,11 @@ def _tower_probe(vision_config, n_colours: int, n_shapes: int):
 
 
 def _cross_entropy(logits, labels, weights):
-    import jax  # noqa: PLC0415
+    """Weighted mean of optax's integer-label softmax cross-entropy."""
     import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
 
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
@@ -231,10 +231,11 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     params, curve = fit(loss_fn, params, batches, recipe.tower_steps, recipe.tower_lr, recipe.warmup_steps,
                         "stage 0: tower", progress)
     predict = jax.jit(lambda p, x: tuple(jnp.argmax(o, -1) for o in probe.apply({"params": p}, x)))
-    held = tower_batches(held_out, fmt, frames_fn, g[0], 128, recipe.seed + 1)
+    held_batch, held_batches = 128, 4
+    held = tower_batches(held_out, fmt, frames_fn, g[0], held_batch, recipe.seed + 1)
     hits = np.zeros(3)
     counts = np.zeros(3)
-    for _ in range(4):
+    for _ in range(held_batches):
         b = next(held)
         colour, shape = (np.asarray(x) for x in predict(params, b["frames"]))
         obj = b["colour"] > 0
@@ -242,7 +243,7 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
         counts += [obj.sum(), obj.sum(), (~obj).sum()]
     acc = hits / np.maximum(counts, 1)
     figures = {"colour_accuracy": float(acc[0]), "shape_accuracy": float(acc[1]), "background": float(acc[2]),
-               "held_out_frames": 512, "loss_curve": curve}
+               "held_out_frames": held_batch * held_batches, "loss_curve": curve}
     return params["vision"], figures
 
 
@@ -335,10 +336,9 @@ def pretrain_lm(llm_config, train: list[tuple[np.ndarray, np.ndarray]], held_out
 
     @jax.jit
     def right(p, ids, answer):
-        logits = lm.apply({"params": p}, ids).logits
         targets, w = shifted_targets(ids, answer)
-        ok = (jnp.argmax(logits, -1) == targets) | (w == 0)
-        return ok.all(axis=1), ((jnp.argmax(logits, -1) == targets) * w).sum(), w.sum()
+        hit = jnp.argmax(lm.apply({"params": p}, ids).logits, -1) == targets
+        return (hit | (w == 0)).all(axis=1), (hit * w).sum(), w.sum()
 
     exact, tok, n = [], 0.0, 0.0
     length = -(-max(len(t) for t, _ in held_out) // 64) * 64
@@ -393,9 +393,10 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
                 kinds = [f"{r['question_type']}/{'choice' if r.get('choices') else 'open'}" for r in val]
                 params, figures = pretrain_lm(model_config.llm, lm_texts(train, fresh, fmt),
                                               lm_texts(val, scenes["val"], fmt), recipe, progress, kinds)
-            save_part(directory, params, {"key": key, "figures": figures, "seconds": time.perf_counter() - t0,
-                                          "built": time.strftime("%Y-%m-%d %H:%M:%S")})
-            cached = load_part(directory)
+            manifest = {"key": key, "figures": figures, "seconds": time.perf_counter() - t0,
+                        "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+            save_part(directory, params, manifest)
+            cached = params, manifest  # host arrays already: no need to read back what was just written
         params, manifest = cached
         shown = {k: round(v, 3) for k, v in manifest["figures"].items() if isinstance(v, float) and "/" not in k}
         log(f"stage 0 {part}: {directory} (built in {manifest['seconds']:.0f} s; held out: {shown})")

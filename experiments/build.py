@@ -108,9 +108,11 @@ def build(c, plan: dict, workdir: str) -> Built:
             weights.append(len(recs))
             print(f"frame bucket {shape[1]}x{shape[0]}: {len(recs)} records, {spec_b.tokens_per_clip()} visual "
                   f"tokens", flush=True)
-        data = pipeline.SkipCounts(pipeline.BucketedBatches(loaders, weights, seed=c.seed))
+        batches = pipeline.BucketedBatches(loaders, weights, seed=c.seed)
     else:
-        data = pipeline.SkipCounts(iter(loader(train_records, fmt, spec, frames)))
+        batches = iter(loader(train_records, fmt, spec, frames))
+    # decoding the next batches overlaps the step (the state a checkpoint saves stays that of the batches used)
+    data = pipeline.SkipCounts(pipeline.Prefetch(batches, c.data.prefetch) if c.data.prefetch else batches)
 
     config_json = cfg.config_json(c, c.model, mcfg)
     if main_process:

@@ -271,7 +271,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
     _check_positive(c, ("total_steps", "log_every", "save_every", "keep_checkpoints", "max_nonfinite_in_a_row",
                         "data.num_frames", "data.image_size", "data.batch_size", "data.turns_per_record",
                         "eval.batch_size", "eval.max_new_tokens"))
-    for key in ("eval_every", "eval.records", "data.worker_count"):
+    for key in ("eval_every", "eval.records", "data.worker_count", "data.prefetch"):
         v = c[key.split(".")[0]] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(v, int) or v < 0:
             raise ConfigError(key, f"must be an integer >= 0, got {v!r}")

@@ -220,6 +220,8 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         return _say(f"error: training records: {err}", cli.USER_ERROR)
     except config.ConfigError as err:
         return _say(f"error: {err}", cli.USER_ERROR)
+    finally:
+        b.data.close()  # the read-ahead thread stops reading (the evaluation below needs the cores)
     if main_process:
         report(workdir, b.evaluator, b.visual_tokens, b.spec, time.perf_counter() - t0, b.model_config,
                plan["model"])

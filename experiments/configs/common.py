@@ -89,6 +89,7 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.loss_position_buckets = (16, 64, 256, 1024)
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
     d.worker_count = 0  # Grain worker processes (0: decode in the training process)
+    d.prefetch = 2  # batches read ahead by a background thread while the step runs (0: read when needed)
     d.load_audio = False
     d.turns_per_record = 1  # >1: a clip's training questions joined into multi-turn records (annotations.merge_turns)
     d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~150 MB)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import time
 
 import grain
 import numpy as np
@@ -132,6 +133,48 @@ def test_bad_files_are_counted_per_kind_and_decoded_once(records, tmp_path, monk
     # each bad file is tried once, then remembered; each good one is decoded at each of its draws (no cache)
     assert calls.count(str(bad)) == 1 and calls.count(str(tmp_path / "gone.mp4")) == 1
     assert len(calls) == 2 + 16
+
+
+def test_prefetch_reads_ahead_and_checkpoints_the_batches_handed_out(records):
+    """The read-ahead thread does not change the stream; its state is that of the last batch consumed (the thread
+    has read further), so a loader restored from it continues with the first batch not consumed; after
+    ``set_state`` the thread restarts from the restored position; the end and errors reach the consumer."""
+    cfg = config()
+    plain = list(pipeline.make_loader(records, ByteFormat(), cfg, sampler=HEADTAIL))
+    inner = iter(pipeline.make_loader(records, ByteFormat(), cfg, sampler=HEADTAIL))
+    it = pipeline.Prefetch(inner, size=3)
+    first = [next(it) for _ in range(4)]
+    state = it.get_state()
+    deadline = time.time() + 30
+    while it._queue.qsize() < 3 and time.time() < deadline:  # the thread has read ahead of the consumer
+        time.sleep(0.01)
+    assert inner.get_state() != state
+    rest = list(it)  # StopIteration at the end of the two epochs reaches the consumer
+    assert_batches_equal(first + rest, plain)
+    with pytest.raises(StopIteration):
+        next(it)  # and again
+
+    fresh = iter(pipeline.make_loader(records, ByteFormat(), cfg, sampler=HEADTAIL))
+    fresh.set_state(state)
+    assert_batches_equal(list(fresh), rest)
+    again = pipeline.Prefetch(iter(pipeline.make_loader(records, ByteFormat(), cfg, sampler=HEADTAIL)))
+    next(again)
+    again.set_state(state)
+    assert_batches_equal(list(again), rest)
+    again.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(again)
+
+    def broken():
+        yield {"x": np.zeros(2)}
+        raise OSError("disk gone at batch 2")
+
+    failing = pipeline.Prefetch(broken())
+    assert next(failing)["x"].shape == (2,)
+    with pytest.raises(OSError, match="batch 2"):
+        next(failing)
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        pipeline.Prefetch(iter([]), size=0)
 
 
 @pytest.mark.timeout(120)

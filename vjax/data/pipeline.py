@@ -29,7 +29,8 @@ Stages (all module-level, picklable; Grain workers are fresh processes that unpi
    element of the batch, so a jitted step compiles once per bucket.
 
 The iterator state (``get_state``/``set_state``) is Grain's; it covers the sampler position and each
-worker's progress, with 0 or more workers.
+worker's progress, with 0 or more workers. :class:`Prefetch` reads a loader's iterator ahead in a thread (the
+training command's default, ``data.prefetch``) and keeps its state exact.
 
 Notes: skip counts live in each worker process (the limit is checked per worker, once it has seen
 ``min_records_for_check`` records; use ``prevalidate=True`` for small sets or a global count).
@@ -44,6 +45,8 @@ import functools
 import inspect
 import json
 import os
+import queue
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -253,7 +256,101 @@ class SkipCounts:
     def set_state(self, state) -> None:
         self.iterator.set_state(state)
 
+    def close(self) -> None:
+        """Close the wrapped iterator where it can be (a :class:`Prefetch` stops its thread)."""
+        if callable(getattr(self.iterator, "close", None)):
+            self.iterator.close()
+
     def __getattr__(self, name):
+        return getattr(self.iterator, name)
+
+
+class Prefetch:
+    """Reads ``iterator`` ahead in a background thread, so that decoding the next batches overlaps the training
+    step (Grain's ``worker_count=0`` loader decodes in the caller's thread otherwise; decord, resizing and numpy
+    release the GIL for most of that work).
+
+    Holds at most ``size`` batches. Checkpoints stay exact: the thread records ``iterator.get_state()`` right after
+    each batch it reads, and :meth:`get_state` returns the state of the last batch handed out, not of the ones
+    waiting in the queue, so a run restored from it continues with the first batch it had not consumed.
+    :meth:`set_state` stops the thread, drops what it had read, restores ``iterator`` and starts again. An error
+    in ``iterator`` (``StopIteration`` included) is raised by the ``next`` that reaches it. :meth:`close` stops the
+    thread (also on garbage collection; the thread is a daemon)."""
+
+    _END = object()
+
+    def __init__(self, iterator, size: int = 2):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self.iterator, self.size = iterator, int(size)
+        self._state = iterator.get_state() if hasattr(iterator, "get_state") else None
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(self.size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
+                                        name="vjax-prefetch")
+        self._thread.start()
+
+    def _fill(self, out: queue.Queue, stop: threading.Event) -> None:
+        stateful = hasattr(self.iterator, "get_state")
+        while not stop.is_set():
+            try:
+                item = (next(self.iterator), self.iterator.get_state() if stateful else None, None)
+            except BaseException as err:  # noqa: BLE001 -- handed to the consumer, which raises it
+                item = (self._END, None, err)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] is self._END:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            raise RuntimeError("Prefetch was closed")
+        batch, state, err = self._queue.get()
+        if batch is self._END:
+            self._queue.put((batch, state, err))  # every later next() raises it again
+            raise err
+        self._state = state
+        return batch
+
+    def close(self) -> None:
+        """Stop the reading thread (the batches it read ahead are dropped)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def get_state(self):
+        if self._state is None:
+            raise AttributeError(f"{type(self.iterator).__name__} has no get_state")
+        return self._state
+
+    def set_state(self, state) -> None:
+        self.close()
+        self.iterator.set_state(state)
+        self._state = state
+        self._start()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown
+            pass
+
+    def __getattr__(self, name):
+        if name == "iterator":  # during __init__ or after a failed one
+            raise AttributeError(name)
         return getattr(self.iterator, name)
 
 

@@ -108,6 +108,9 @@ def test_data_entries(results):
     assert set(data["pipelines"]) == {str(w) for w in tiny.data_workers}
     for p in data["pipelines"].values():
         assert p["clips_per_s"] > 0 and p["end_to_end"]["clips_per_s"] > 0 and p["end_to_end"]["compiles"] == 0
+        assert 0 <= p["end_to_end"]["wait_fraction"] <= 1
+    ahead = data["pipelines"]["0"]["end_to_end_prefetch"]  # with the training command's read-ahead thread
+    assert ahead["clips_per_s"] > 0 and ahead["compiles"] == 0 and 0 <= ahead["wait_fraction"] <= 1
 
 
 def test_cli_writes_results(tmp_path):

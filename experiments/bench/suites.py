@@ -550,6 +550,25 @@ def _data_setup(ctx: Context):
     return c, plan, fmt, lib.records(c, "train", paths), gen_s
 
 
+def _end_to_end(trainer, params0, it, steps: int, clips: int) -> dict:
+    """``for batch in it: train_step(batch)`` for ``steps`` steps from a fresh copy of ``params0``: seconds,
+    clips/s, the host's seconds inside ``next(it)`` and the compiles (must be 0: one bucket)."""
+    state = trainer.init_state(params=params0)
+    e2e: dict[str, Any] = {"wait_s": 0.0}
+    with compiles().span(e2e, "compiles"):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t_next = time.perf_counter()
+            batch = next(it)
+            e2e["wait_s"] += time.perf_counter() - t_next
+            state, m = trainer.train_step(state, batch)
+        block((state, m))
+        e2e["seconds"] = time.perf_counter() - t0
+    e2e["clips_per_s"] = clips / e2e["seconds"]
+    e2e["wait_fraction"] = e2e["wait_s"] / e2e["seconds"]
+    return e2e
+
+
 def suite_data(ctx: Context) -> dict:
     """Clips/s of the Grain + decord pipeline (``make_loader``; ``data_frames`` frames sampled by the
     model's sampler, decoded and preprocessed to ``data_frame_size`` as ``experiments.train`` does (the
@@ -632,19 +651,16 @@ def suite_data(ctx: Context) -> dict:
         else:  # back-to-back pulls after a warm-up round that drains the prefetch buffers
             times = interleaved({"pipeline": pull}, max(1, ctx.repeats // 2), warmup=1)
         p = stats(times["pipeline"])
-        # end to end: the loader feeds the step (compiles counted: must be 0, one bucket)
-        holder = {"state": trainer.init_state(params=params0)}
-        e2e: dict[str, Any] = {}
-        with compiles().span(e2e, "compiles"):
-            t0 = time.perf_counter()
-            for _ in range(s.data_batches):
-                holder["state"], m = trainer.train_step(holder["state"], next(it))
-            block((holder["state"], m))
-            e2e["seconds"] = time.perf_counter() - t0
-        e2e["clips_per_s"] = clips / e2e["seconds"]
+        e2e = _end_to_end(trainer, params0, it, s.data_batches, clips)
         rec["pipelines"][str(workers)] = {
             "worker_count": workers, "startup_s": startup, **p, "clips_per_s": clips / p["median_s"],
             "headroom": step_stats["median_s"] / p["median_s"], "end_to_end": e2e}
+        if workers == 0:  # the same, with experiments.train's read-ahead thread (data.prefetch=2) around the loader
+            ahead = pipeline.Prefetch(it, 2)
+            next(ahead)  # started, its first batch read
+            rec["pipelines"]["0"]["end_to_end_prefetch"] = _end_to_end(trainer, params0, ahead, s.data_batches,
+                                                                       clips)
+            ahead.close()
         it = it0 = None  # lets Grain stop this loader's worker processes
         gc.collect()
     p0 = rec["pipelines"]["0"]
@@ -667,8 +683,16 @@ def suite_data(ctx: Context) -> dict:
                 f">= {TARGETS['data_headroom']}x", pr["headroom"] >= TARGETS["data_headroom"]),
             Row("data", f"end to end, {w} workers: loader -> train step", f"{e['clips_per_s']:.1f} clips/s",
                 "0 compiles", e["compiles"] == 0,
-                note=f"{e['clips_per_s'] / st['clips_per_s']:.2f}x the step alone"),
+                note=f"{e['clips_per_s'] / st['clips_per_s']:.2f}x the step alone; data wait "
+                f"{100 * e['wait_fraction']:.0f} %"),
         ]
+        if "end_to_end_prefetch" in pr:
+            e = pr["end_to_end_prefetch"]
+            ctx.rows.append(Row(
+                "data", f"end to end, {w} workers + read-ahead thread", f"{e['clips_per_s']:.1f} clips/s",
+                "0 compiles", e["compiles"] == 0,
+                note=f"{e['clips_per_s'] / pr['end_to_end']['clips_per_s']:.2f}x without it; data wait "
+                f"{100 * e['wait_fraction']:.0f} %"))
     return rec
 
 

@@ -111,7 +111,7 @@ def build(c, plan: dict, workdir: str) -> Built:
         batches = pipeline.BucketedBatches(loaders, weights, seed=c.seed)
     else:
         batches = iter(loader(train_records, fmt, spec, frames))
-    # decoding the next batches overlaps the step (the state a checkpoint saves stays that of the batches used)
+    # data.prefetch: a thread reads batches ahead (the state a checkpoint saves stays that of the batches used)
     data = pipeline.SkipCounts(pipeline.Prefetch(batches, c.data.prefetch) if c.data.prefetch else batches)
 
     config_json = cfg.config_json(c, c.model, mcfg)

@@ -88,8 +88,12 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     # the LM head runs on the supervised (answer) positions only, padded to one of these counts; () = everywhere
     d.loss_position_buckets = (16, 64, 256, 1024)
     d.batch_size = 16  # global batch (split over processes, then over data x fsdp devices)
-    d.worker_count = 0  # Grain worker processes (0: decode in the training process)
-    d.prefetch = 2  # batches read ahead by a background thread while the step runs (0: read when needed)
+    # Grain worker processes decoding the next batches while the step runs (0: decode in the training process). One
+    # worker: the tiny chat_univi run 1.36x faster over 700 steps on 2 cores, no data wait after the first batches
+    d.worker_count = 1
+    # batches read ahead by a thread of the training process (0: none); on 2 CPU cores it slowed the tiny run (the
+    # decoding holds the GIL the step's dispatch needs): the worker process is the default overlap
+    d.prefetch = 0
     d.load_audio = False
     d.turns_per_record = 1  # >1: a clip's training questions joined into multi-turn records (annotations.merge_turns)
     d.cache_mb = 1024  # decoded clips kept in memory per process: the synthetic set decodes once (~150 MB)

@@ -19,11 +19,13 @@ NATIVE_LOG = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(cc|h):\d+: |^\[[\w,.-]+ @ 0x
 
 def tiny_args(root: Path, **overrides) -> list[str]:
     """``experiments.train`` flags of a 6-step tiny chat_univi run on a 4-clip synthetic set in ``root``,
-    one text bucket (one compiled step), checkpoints every 2 steps, no evaluation, no stage 0 or 1 (random init)."""
+    one text bucket (one compiled step), checkpoints every 2 steps, no evaluation, no stage 0 or 1 (random init),
+    decoding in the training process (no worker to start)."""
     keys = {"data.root": root / "synthetic", "data.synthetic.num_train": 4, "data.synthetic.num_val": 2,
             "data.synthetic.num_test": 0, "data.synthetic.long_every": 0, "data.synthetic.show_progress": False,
             "data.batch_size": 2, "data.text_buckets": "(256,)", "log_every": 1, "eval.records": 0,
-            "save_every": 2, "total_steps": 6, "stage0.parts": "", "align.steps": 0, **overrides}
+            "save_every": 2, "total_steps": 6, "stage0.parts": "", "align.steps": 0, "data.worker_count": 0,
+            **overrides}
     return ["--config=chat_univi", *(f"--config.{k}={v}" for k, v in keys.items())]
 
 

@@ -41,8 +41,12 @@ def reference(tmp_path_factory):
 
 def test_signals_save_a_checkpoint_the_rerun_resumes_bitwise_equal_and_a_second_training_is_refused(reference):
     """SIGTERM after step 3 (while it runs, a second training on the same workdir is refused), SIGINT after
-    step 4 of the rerun, then a last run to the end: its parameters equal the uninterrupted run's, bit for bit."""
-    d, env, args, (ref_step, ref_params) = reference
+    step 4 of the rerun, then a last run to the end: its parameters equal the uninterrupted run's, bit for bit.
+    These runs decode in a Grain worker process (the configs' default) and read batches ahead in a thread too
+    (``data.prefetch=2``); the reference decodes in the training process when a batch is needed: a checkpoint taken
+    with batches read ahead still resumes at the first batch not trained on."""
+    d, env, (ref_step, ref_params) = reference[0], reference[1], reference[3]
+    args = [*reference[2], "--config.data.worker_count=1", "--config.data.prefetch=2"]
     w = d / "signals"
     second = [sys.executable, "-m", "experiments.train", *args, f"--workdir={w}"]
     r = command("train", [*args, f"--workdir={w}"], env, faults={"after_step": {

@@ -267,15 +267,17 @@ class SkipCounts:
 
 class Prefetch:
     """Reads ``iterator`` ahead in a background thread, so that decoding the next batches overlaps the training
-    step (Grain's ``worker_count=0`` loader decodes in the caller's thread otherwise; decord, resizing and numpy
-    release the GIL for most of that work).
+    step where the step leaves the host idle (Grain's ``worker_count=0`` loader decodes in the caller's thread).
 
     Holds at most ``size`` batches. Checkpoints stay exact: the thread records ``iterator.get_state()`` right after
     each batch it reads, and :meth:`get_state` returns the state of the last batch handed out, not of the ones
     waiting in the queue, so a run restored from it continues with the first batch it had not consumed.
     :meth:`set_state` stops the thread, drops what it had read, restores ``iterator`` and starts again. An error
     in ``iterator`` (``StopIteration`` included) is raised by the ``next`` that reaches it. :meth:`close` stops the
-    thread (also on garbage collection; the thread is a daemon)."""
+    thread (a daemon: it does not keep the interpreter alive).
+
+    Measured on 2 CPU cores (docs/results.md) this slowed a tiny training run down: the decoding holds the GIL that
+    the step's dispatch needs. Grain worker processes (``worker_count``) overlap without that."""
 
     _END = object()
 
@@ -341,12 +343,6 @@ class Prefetch:
         self.iterator.set_state(state)
         self._state = state
         self._start()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 -- interpreter shutdown
-            pass
 
     def __getattr__(self, name):
         if name == "iterator":  # during __init__ or after a failed one

@@ -30,7 +30,7 @@ Stages (all module-level, picklable; Grain workers are fresh processes that unpi
 
 The iterator state (``get_state``/``set_state``) is Grain's; it covers the sampler position and each
 worker's progress, with 0 or more workers. :class:`Prefetch` reads a loader's iterator ahead in a thread (the
-training command's default, ``data.prefetch``) and keeps its state exact.
+training command's ``data.prefetch``, off by default) and keeps its state exact.
 
 Notes: skip counts live in each worker process (the limit is checked per worker, once it has seen
 ``min_records_for_check`` records; use ``prevalidate=True`` for small sets or a global count).

@@ -27,12 +27,12 @@ TOL = 1e-5
 H, K, DH = 4, 2, 8  # GQA: 2 query heads per kv head
 
 
-def qkv(b, l, s, h=H, kh=K, seed=0):
+def qkv(b, l, s, h=H, kh=K, seed=0, dh=DH):
     r = np.random.default_rng(seed)
-    q = r.normal(size=(b, l, h, DH)).astype(np.float32)
-    k = r.normal(size=(b, s, kh, DH)).astype(np.float32)
-    v = r.normal(size=(b, s, kh, DH)).astype(np.float32)
-    w = r.normal(size=(b, l, h, DH)).astype(np.float32)  # weights of the scalar loss
+    q = r.normal(size=(b, l, h, dh)).astype(np.float32)
+    k = r.normal(size=(b, s, kh, dh)).astype(np.float32)
+    v = r.normal(size=(b, s, kh, dh)).astype(np.float32)
+    w = r.normal(size=(b, l, h, dh)).astype(np.float32)  # weights of the scalar loss
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(w)
 
 
@@ -108,6 +108,65 @@ def test_impl_equals_reference_forward_and_gradient(impl, case):
         assert not rows[0].any() and rows[1].any()  # the case has what it claims
         assert_close(out[0], jnp.broadcast_to(jnp.repeat(qkv(2, 9, 9)[2][0], 2, axis=1).mean(0), out[0].shape),
                      "a row with nothing to attend is the mean of v")
+
+
+HALF_TOL = 1e-2  # relative, in norm: bfloat16 rounding of the softmax and of both products (8 bits of mantissa)
+
+
+HALF_CASES = ["causal_left_padding", "sliding_window", "segments_with_padding", "mha_no_mask"]
+
+
+def check_half(case):
+    """``impl="cudnn"`` on bfloat16 inputs at head dim 64 against the float32 reference on the same rounded
+    inputs: ``|got - ref| / |ref| <= HALF_TOL`` (norms over the rows that attend) for the output and the
+    gradients of a weighted sum of the rows that attend. Every case has an odd ``L`` or ``S``."""
+    (b, l, s, h, kh), spec = CASES[case]
+    q, k, v, w = (x.astype(jnp.bfloat16) for x in qkv(b, l, s, h, kh, dh=64))
+    rows = np.ones((b, l), bool) if spec is None else np.asarray(spec.dense(l, s, b)[:, 0].any(-1))
+    w = w * rows[:, :, None, None]  # a row that attends nothing is unspecified under cuDNN: no gradient from it
+
+    def loss(q, k, v, impl):
+        out = attention(q, k, v, spec, impl=impl)
+        return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32)), out
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = jax.jit(fn, static_argnums=3)(q, k, v, "cudnn")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, ref), ref_grads = jax.jit(fn, static_argnums=3)(*f32, "xla")
+    assert out.dtype == jnp.bfloat16 and out.shape == (b, l, h, 64)
+    for name, got, want in [("output", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        if name in ("output", "dq"):  # [B, L, ...]: the rows that attend
+            got, want = got[rows], want[rows]
+        assert np.isfinite(got).all(), f"{case}: {name} not finite"
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err <= HALF_TOL, f"{case}: {name} relative error {err:.2e} > {HALF_TOL}"
+
+
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_cudnn_in_bfloat16_is_the_float32_reference_within_rounding(case):
+    """On a GPU this runs cuDNN's fused kernel (odd lengths padded to even); on a CPU ``jax.nn``'s XLA path."""
+    check_half(case)
+
+
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_cudnn_pads_odd_lengths_to_even_hidden_slots(case, monkeypatch):
+    """The GPU mapping, run on this CPU: the target platform reads "gpu" and ``jax.nn.dot_product_attention``
+    records what it is given and runs its XLA path. cuDNN (jax 0.10-0.11) refuses odd training lengths
+    ("Unsupported sequence length Q 21, KV 21", seen on an H200): every call must get even ``L`` and ``S``, and
+    the padding slots must change nothing (the same reference check as on a GPU)."""
+    real = jax.nn.dot_product_attention
+    seen = []
+
+    def recording(q, k, v, *args, implementation=None, **kw):
+        seen.append((q.shape[1], k.shape[1], implementation))
+        return real(q, k, v, *args, implementation=None, **kw)
+
+    monkeypatch.setattr(attention_lib, "target_platform", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    check_half(case)
+    cudnn_calls = [(l, s) for l, s, impl in seen if impl == "cudnn"]
+    assert cudnn_calls and all(l % 2 == 0 and s % 2 == 0 for l, s in cudnn_calls), seen
 
 
 @pytest.mark.parametrize("case", ["causal_left_padding", "segments_with_padding", "decode_chunk_per_row_offset"])

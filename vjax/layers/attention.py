@@ -154,13 +154,15 @@ def cudnn_attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention`` with ``implementation="cudnn"`` on a GPU and ``None`` (its XLA path)
-    on any other backend, so the same mapping runs and is tested on a CPU. Shapes as :func:`attention`.
+    """``jax.nn.dot_product_attention`` with ``implementation="cudnn"`` on a GPU for float16/bfloat16 inputs and
+    ``None`` (its XLA path) otherwise (float32, any other backend), so the same mapping runs and is tested on a
+    CPU. Shapes as :func:`attention`.
 
     Structure maps to its arguments where it fits: ``causal`` with a static zero offset and ``L == S`` ->
     ``is_causal``, plus a sliding window ``W`` -> ``local_window_size=(W - 1, 0)``; padding and segments
     (and any other case) go in as a dense ``[B, 1, L, S]`` mask, which cuDNN also takes. A row with nothing
     to attend is the mean of ``v`` on the XLA path (as the reference); cuDNN's value there is unspecified.
+    cuDNN trains on even lengths only: an odd ``L`` or ``S`` gets one hidden padding slot (:func:`_pad_to_even`).
     """
     b, l, h, dh = q.shape
     s = k.shape[1]
@@ -181,10 +183,35 @@ def cudnn_attention(
     if bias is not None:
         bias = jnp.asarray(bias)
         bias = jnp.broadcast_to(bias.reshape((1,) * (4 - bias.ndim) + bias.shape), (b, h, l, s))
-    implementation = "cudnn" if target_platform() in ("gpu", "cuda") else None
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, mask, scale=scale,
-                                        is_causal=is_causal, local_window_size=window,
-                                        implementation=implementation)
+    # cuDNN's fused kernel takes float16/bfloat16 only: float32 on a GPU goes to jax.nn's XLA path (None)
+    half = jnp.dtype(q.dtype) in (jnp.float16, jnp.bfloat16)
+    implementation = "cudnn" if half and target_platform() in ("gpu", "cuda") else None
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if implementation == "cudnn" and (l % 2 or s % 2):
+        q, k, v, mask, bias = _pad_to_even(q, k, v, mask, bias, hidden=not (is_causal and l == s))
+    out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal,
+                                       local_window_size=window, implementation=implementation)
+    return out[:, :l]
+
+
+def _pad_to_even(q, k, v, mask, bias, hidden: bool):
+    """One padding query and/or key slot so that ``L`` and ``S`` are even (cuDNN refuses to train on odd lengths,
+    e.g. the 257 tokens of a CLIP ViT-L/14). The padding key is hidden from every query by the mask (``hidden``;
+    unnecessary under a causal mask with ``L == S``, where it comes after every real query); the padding query
+    attends the real keys (so its row is finite) and its output is sliced off by the caller."""
+    b, l, h, _ = q.shape
+    s = k.shape[1]
+    pl, ps = l % 2, s % 2
+    q = jnp.pad(q, ((0, 0), (0, pl), (0, 0), (0, 0)))
+    k, v = (jnp.pad(x, ((0, 0), (0, ps), (0, 0), (0, 0))) for x in (k, v))
+    if mask is None and hidden:
+        mask = jnp.ones((b, 1, l, s), bool)
+    if mask is not None:  # padding query rows attend every real key; padding key columns are hidden
+        mask = jnp.pad(jnp.pad(mask, ((0, 0), (0, 0), (0, pl), (0, 0)), constant_values=True),
+                       ((0, 0), (0, 0), (0, 0), (0, ps)), constant_values=False)
+    if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pl), (0, ps)))
+    return q, k, v, mask, bias
 
 
 def attention(

@@ -14,6 +14,11 @@ libtpu for them. Nothing runs; XLA's own accounting of the compiled program give
     FLOPs                                  compiled FLOPs per step (all chips) vs the model FLOPs: the same
                                            step lowered without rematerialisation (what autodiff needs)
 
+``--topology=local`` compiles for this host's own accelerators instead and RUNS the step on random weights and a
+random batch of the same shapes: ``--steps`` timed steps after two warm-up steps, their median wall time, tokens
+per second, the device's peak memory, and the model FLOPs utilisation (MFU: model FLOPs per second over the
+chips' dense peak, ``--peak_tflops`` or a table of known chips), as MaxText reports it.
+
 ``--config=decoder:<preset>`` plans a bare LLM (a ``DecoderConfig`` preset such as ``llama2_7b``).
 ``--decode`` compiles one greedy decode step of the LLM over a KV cache of ``--tokens`` slots too.
 libtpu is an optional extra (``pip install -e '.[plan]'``); without it the command says so (exit 2).
@@ -51,6 +56,9 @@ _OVERRIDES = flags.DEFINE_multi_string("set", [], "model config field, e.g. --se
                                                   "(a dotted path into the model config; repeatable)")
 _DECODE = flags.DEFINE_boolean("decode", False, "also compile one decode step over a cache of --tokens slots")
 _OUT = flags.DEFINE_string("out", None, "write the plan as JSON here")
+_STEPS = flags.DEFINE_integer("steps", 5, "--topology=local: timed steps (after 2 warm-up steps)")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "--topology=local: dense peak TFLOP/s of one chip in the compute "
+                                                "dtype (default: from the device kind; see PEAK_TFLOPS)")
 
 GIB = 1024**3
 
@@ -74,6 +82,32 @@ _SHAPES_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
+# Dense bf16 peak of one chip (TFLOP/s, the vendors' datasheets), matched by substring of ``device_kind``: the
+# denominator of the MFU that --topology=local prints (MaxText's convention: model FLOPs over this peak).
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "B200": 2250.0, "A100": 312.0,
+               "L40S": 362.0, "L4": 121.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v6": 918.0, "TPU v4": 275.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """The dense bf16 peak of ``device_kind`` from :data:`PEAK_TFLOPS` (longest matching name), else None.
+
+    >>> peak_tflops("NVIDIA H200"), peak_tflops("NVIDIA GH200 480GB"), peak_tflops("cpu")
+    (989.4, 989.4, None)
+    """
+    names = [n for n in PEAK_TFLOPS if n.lower() in device_kind.lower()]
+    return PEAK_TFLOPS[max(names, key=len)] if names else None
+
+
+def local_slice() -> Slice:
+    """This host's accelerators (``jax.devices()``) as a slice: HBM per chip from the device's memory stats
+    (0 where the backend reports none, as the CPU)."""
+    import jax  # noqa: PLC0415
+
+    devices = jax.devices()
+    stats = devices[0].memory_stats() or {}
+    return Slice("local", devices[0].device_kind, len(devices), int(stats.get("bytes_limit", 0)))
+
+
 def parse_slice(name: str) -> Slice:
     """``"v5p-8"`` -> ``Slice("v5p-8", "v5p:2x2x1", 4 chips, 95 GiB)``; a ValueError names a bad slice.
 
@@ -82,7 +116,7 @@ def parse_slice(name: str) -> Slice:
     """
     m = re.fullmatch(r"(v5p|v5e|v6e)-(\d+)", name.strip())
     if not m:
-        raise ValueError(f"--topology={name!r}: expected v5p-N, v5e-N or v6e-N (e.g. v5p-8)")
+        raise ValueError(f"--topology={name!r}: expected v5p-N, v5e-N or v6e-N (e.g. v5p-8), or local")
     gen, n = m.group(1), int(m.group(2))
     platform, hbm, cores = _GENERATIONS[gen]
     chips = n // cores
@@ -213,31 +247,55 @@ def _count(tree: Any) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def lower_train(c, model, cfg, mesh, global_batch: int, tokens: int, batch: dict | None = None):
+    """``(trainer, state, batch, lowered)``: the recipe's ``Trainer`` for model config ``cfg`` on ``mesh``, its
+    state and batch as sharded ``ShapeDtypeStruct``s (``batch``: concrete arrays to use instead) and its train
+    step lowered for them."""
+    import jax  # noqa: PLC0415
+
+    from vjax.train.optim import OptimConfig  # noqa: PLC0415
+    from vjax.train.sharding import batch_sharding  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    stages = getattr(model.config, "STAGES", {"full": None})
+    trainer = Trainer(model.module(cfg), config.from_config(OptimConfig, c.optim, "optim"), mesh, stages[c.stage])
+    state = _with_shardings(trainer.abstract_state, trainer.state_shardings)
+    if batch is None:
+        batch = abstract_batch(trainer.module, global_batch, tokens, loss_position_count(c))
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
+                 for k, v in batch.items()}
+    with trainer.scope():
+        lowered = trainer._train_step.lower(state, batch)
+    return trainer, state, batch, lowered
+
+
+def loss_position_count(c) -> int:
+    """The recipe's largest ``data.loss_position_buckets`` (0: the LM head runs on every position)."""
+    return max(tuple(c.data.get("loss_position_buckets") or ()), default=0)
+
+
+def count_model_flops(c, model, cfg, global_batch: int, tokens: int) -> float:
+    """XLA's FLOP count of the whole train step of ``cfg`` (pass :func:`reference_config`: no recompute, layers
+    unrolled), lowered unsharded for one CPU device and counted on the unoptimised program (no compile)."""
+    import jax  # noqa: PLC0415
+
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+
+    cpu = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+    return _flops(lower_train(c, model, cfg, cpu, global_batch, tokens)[3].cost_analysis())
+
+
 def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, tokens: int,
                mesh_shape: tuple[int, int, int], reference_cfg: Any = None) -> dict[str, Any]:
     """Compile the recipe's train step for ``devices`` and return its memory and FLOP figures (see the module
     docstring). ``reference_cfg``: the same model without rematerialisation or scanned layers, lowered (not
     compiled) for the model FLOPs; default ``mcfg`` as it is."""
-    import jax  # noqa: PLC0415
-
-    from vjax.train.optim import OptimConfig  # noqa: PLC0415
-    from vjax.train.sharding import batch_sharding, make_mesh  # noqa: PLC0415
-    from vjax.train.step import Trainer  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
 
     mesh = make_mesh(mesh_shape, devices)
-    stages = getattr(model.config, "STAGES", {"full": None})
-    optim = config.from_config(OptimConfig, c.optim, "optim")
 
     def build(cfg, mesh):
-        trainer = Trainer(model.module(cfg), optim, mesh, stages[c.stage])
-        state = _with_shardings(trainer.abstract_state, trainer.state_shardings)
-        batch = abstract_batch(trainer.module, global_batch, tokens,
-                               max(tuple(c.data.get("loss_position_buckets") or ()), default=0))
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
-                 for k, v in batch.items()}
-        with trainer.scope():
-            lowered = trainer._train_step.lower(state, batch)
-        return trainer, state, batch, lowered
+        return lower_train(c, model, cfg, mesh, global_batch, tokens)
 
     _progress(f"train step: tracing for {sl.name}")
     t0 = time.perf_counter()
@@ -246,10 +304,7 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
     _progress(f"train step: compiling for {len(devices)} {devices[0].device_kind} chips (minutes at 7 B)")
     compiled, mem, t_compile = compile_for_memory(lowered)
     _progress("train step: counting the model FLOPs (the step unsharded, unrolled, without recompute)")
-    # model FLOPs: the whole step, unsharded, unrolled and without recompute, lowered for one CPU device and
-    # counted by XLA on the unoptimised program (no compile)
-    cpu = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
-    model_flops = _flops(build(reference_cfg or mcfg, cpu)[3].cost_analysis())
+    model_flops = count_model_flops(c, model, reference_cfg or mcfg, global_batch, tokens)
     compiled_flops = _flops(compiled.cost_analysis()) * len(devices) if compiled is not None else float("nan")
     flops_basis = "whole step"
     if compiled is not None and _has_scan(mcfg):
@@ -263,7 +318,7 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
             compiled_flops = float("nan")
             flops_basis = "not measured: the 2-block slice with dense attention does not fit a chip at this length"
         else:
-            small_model = _flops(build(reference_config(small), cpu)[3].cost_analysis())
+            small_model = count_model_flops(c, model, reference_config(small), global_batch, tokens)
             compiled_flops = _flops(small_compiled.cost_analysis()) * len(devices) / small_model * model_flops
             flops_basis = "2-block unrolled slice, dense attention (XLA counts a scanned loop body once)"
     params_b = _per_chip_bytes(state.params, trainer.state_shardings.params)
@@ -282,6 +337,105 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
         "compiled_flops": compiled_flops, "model_flops": model_flops, "flops_basis": flops_basis,
         "flops_ratio": compiled_flops / model_flops if model_flops else float("nan"),
         "lower_seconds": t_lower, "compile_seconds": t_compile,
+    }
+
+
+def random_batch(module, abstract: Mapping[str, Any], vocab_size: int, seed: int = 0) -> dict:
+    """Concrete host arrays of ``abstract``'s shapes (:func:`abstract_batch`) for a timed run: the model's own
+    example batch (its visual placeholders, in the right count) with the text stretched by random token ids
+    (none of the ids the example uses, so no extra placeholder appears), every appended token attended and
+    supervised (the last ``P`` of them when the batch has ``loss_positions [B, P]``; the example's own answer
+    when nothing is appended), and uniform random
+    frames in ``[0, 1)`` (zeros can run faster than real data on some chips)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    b = next(iter(abstract.values())).shape[0]
+    example = jax.tree_util.tree_map(np.asarray, module.example_batch(b))
+    length = example["input_ids"].shape[1]
+    tokens = abstract["input_ids"].shape[1]
+    extra = tokens - length
+    used = np.unique(example["input_ids"])
+    free = np.setdiff1d(np.arange(3, min(vocab_size, 32000)), used)
+    out = {}
+    for k, v in example.items():
+        if k == "input_ids":
+            v = np.concatenate([v, rng.choice(free, (b, extra)).astype(v.dtype)], axis=1)
+        elif k == "attention_mask":
+            v = np.concatenate([v, np.ones((b, extra), v.dtype)], axis=1)
+        elif k == "loss_mask" and extra:
+            supervised = min(extra, abstract["loss_positions"].shape[1]) if "loss_positions" in abstract else extra
+            tail = np.zeros((b, extra), v.dtype)
+            tail[:, extra - supervised:] = 1
+            v = np.concatenate([np.zeros_like(v), tail], axis=1)
+        elif v.ndim >= 2 and v.shape[1] == length:  # any other text-aligned key: its last value repeated
+            v = np.concatenate([v, np.repeat(v[:, -1:], extra, axis=1)], axis=1)
+        if np.issubdtype(v.dtype, np.floating):
+            v = rng.random(v.shape, dtype=np.float32).astype(v.dtype)
+        out[k] = v
+    if "loss_positions" in abstract:
+        size = abstract["loss_positions"].shape[1]
+        supervised = np.flatnonzero(out["loss_mask"][0, 1:])[-size:]  # every row alike
+        pos = np.full((b, size), tokens - 1, np.int32)
+        pos[:, : len(supervised)] = supervised
+        out["loss_positions"] = pos
+    for k, a in abstract.items():
+        if out[k].shape != tuple(a.shape):
+            raise ValueError(f"random batch: {k} has shape {out[k].shape}, the plan's {tuple(a.shape)}")
+        out[k] = out[k].astype(a.dtype)
+    return out
+
+
+def measure_train(c, model, mcfg, sl: Slice, *, global_batch: int, tokens: int, mesh_shape: tuple[int, int, int],
+                  steps: int, peak: float | None, reference_cfg: Any = None) -> dict[str, Any]:
+    """Compile the recipe's train step for this host's devices and run it: random weights (the recipe's stage
+    and optimizer), :func:`random_batch`, two warm-up steps then ``steps`` timed ones (each waited for).
+    Returns the compile time, the median step time and its spread, tokens per second, the first and last loss,
+    the compiled memory and the device's peak memory in use, the model FLOPs (:func:`count_model_flops`) and
+    the MFU against ``peak`` TFLOP/s per chip."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+
+    devices = jax.devices()
+    mesh = make_mesh(mesh_shape, devices)
+    trainer, _, abstract, _ = lower_train(c, model, mcfg, mesh, global_batch, tokens)
+    vocab = getattr(getattr(mcfg, "llm", mcfg), "vocab_size")  # the LLM's (a Q-Former has its own)
+    batch = trainer.put_batch(random_batch(trainer.module, abstract, int(vocab)))
+    _progress(f"train step: random weights on {len(devices)} {devices[0].device_kind}")
+    state = trainer.init_state(0)
+    _progress("train step: compiling")
+    t0 = time.perf_counter()
+    with trainer.scope():
+        compiled = trainer._train_step.lower(state, batch).compile()
+    t_compile = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    times, losses = [], []
+    for i in range(2 + steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        losses.append(float(jax.block_until_ready(metrics)["loss"]))
+        times.append(time.perf_counter() - t0)
+        _progress(f"train step {i + 1}/{2 + steps}: {times[-1]:.3f} s, loss {losses[-1]:.4f}"
+                  + (" (warm-up)" if i < 2 else ""))
+    timed = np.asarray(times[2:])
+    median = float(np.median(timed))
+    _progress("train step: counting the model FLOPs (the step unsharded, unrolled, without recompute)")
+    model_flops = count_model_flops(c, model, reference_cfg or mcfg, global_batch, tokens)
+    stats = devices[0].memory_stats() or {}
+    achieved = model_flops / median / len(devices)
+    return {
+        "step": "train (run)", "parameters": _count(state.params),
+        "trainable_parameters": _count(optim_split(trainer, state.params)),
+        "per_chip": {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+                     "peak_in_use": int(stats.get("peak_bytes_in_use", 0))},
+        "hbm_per_chip": sl.hbm, "compile_seconds": t_compile, "step_seconds": median,
+        "step_seconds_min_max": [float(timed.min()), float(timed.max())], "steps": steps,
+        "tokens_per_second": global_batch * tokens / median, "losses": losses,
+        "model_flops": model_flops, "model_tflops_per_chip": achieved / 1e12,
+        "peak_tflops_per_chip": peak, "mfu": achieved / (peak * 1e12) if peak else float("nan"),
     }
 
 
@@ -403,6 +557,17 @@ def report(info: Mapping[str, Any]) -> str:
         lines.append(f"[{plan['step']} step] per chip:")
         for k, v in pc.items():
             lines.append(f"  {k:<16} {_gib(v)}")
+        if plan["step"] == "train (run)":
+            mfu = plan["mfu"]
+            lines.append(f"  step {plan['step_seconds']:.3f} s (median of {plan['steps']}; "
+                         f"{plan['step_seconds_min_max'][0]:.3f}-{plan['step_seconds_min_max'][1]:.3f}), "
+                         f"{plan['tokens_per_second']:,.0f} tokens/s, compile {plan['compile_seconds']:.0f} s")
+            lines.append(f"  model FLOPs {plan['model_flops']:.3e} per step: {plan['model_tflops_per_chip']:.1f} "
+                         f"TFLOP/s per chip, MFU " + (f"{100 * mfu:.1f} % of {plan['peak_tflops_per_chip']:g} TFLOP/s"
+                                                      if mfu == mfu else "unknown (no --peak_tflops)"))
+            lines.append(f"  loss {plan['losses'][0]:.4f} -> {plan['losses'][-1]:.4f}; parameters "
+                         f"{_count_str(plan['parameters'])} ({_count_str(plan['trainable_parameters'])} train)")
+            continue
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines.append(f"  -> {verdict}: {100 * plan['fraction_of_hbm']:.1f} % of HBM")
         if plan.get("compiler_error"):
@@ -422,24 +587,39 @@ def report(info: Mapping[str, Any]) -> str:
 
 def make_plan(spec: str, topology: str, *, global_batch: int | None = None, frames: int | None = None,
               tokens: int | None = None, mesh: tuple[int, int, int] | None = None, dtype: str | None = None,
-              assignments: list[str] = (), decode: bool = False) -> dict[str, Any]:
-    """The whole plan as a dict (what ``--out`` writes). Raises ``config.ConfigError`` / ``ValueError`` on bad
-    input (the command turns them into exit 2)."""
-    sl = parse_slice(topology)
+              assignments: list[str] = (), decode: bool = False, steps: int = 5,
+              peak: float | None = None) -> dict[str, Any]:
+    """The whole plan as a dict (what ``--out`` writes). ``topology="local"``: this host's devices, the step run
+    ``steps`` times (``peak``: TFLOP/s per chip for the MFU; default :func:`peak_tflops` of the device kind).
+    Raises ``config.ConfigError`` / ``ValueError`` on bad input (the command turns them into exit 2)."""
+    local = topology == "local"
+    sl = local_slice() if local else parse_slice(topology)
     c, model, mcfg = recipe(spec, frames, dtype, list(assignments))
-    devices = tpu_devices(sl)
+    if local:
+        import jax  # noqa: PLC0415
+
+        devices = jax.devices()
+    else:
+        devices = tpu_devices(sl)
     global_batch = global_batch or sl.chips
     tokens = tokens or default_tokens(c, model, mcfg)
     shape = config.check_mesh(tuple(mesh or c.mesh), len(devices))
     if global_batch % (shape[0] * shape[1]):
         raise config.ConfigError("global_batch", f"{global_batch} does not divide over data x fsdp = "
                                                  f"{shape[0] * shape[1]} chips")
-    plans = [plan_train(c, model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
-                        reference_cfg=reference_config(mcfg))]
+    if local:
+        if steps < 1:
+            raise config.ConfigError("steps", f"{steps}: at least one timed step")
+        peak = peak if peak is not None else peak_tflops(sl.topology)
+        plans = [measure_train(c, model, mcfg, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
+                               steps=steps, peak=peak, reference_cfg=reference_config(mcfg))]
+    else:
+        plans = [plan_train(c, model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
+                            reference_cfg=reference_config(mcfg))]
     if decode:
         plans.append(plan_decode(model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape))
     recipe_batch = int(c.data.batch_size)
-    return {"config": spec, "topology": sl.name, "chips": sl.chips, "hbm_per_chip": sl.hbm, "mesh": list(shape),
+    return {"config": spec, "topology": f"local: {sl.topology}" if local else sl.name, "chips": sl.chips, "hbm_per_chip": sl.hbm, "mesh": list(shape),
             "global_batch": global_batch, "tokens": tokens, "frames": int(c.data.num_frames),
             "dtype": c.compute_dtype,
             "recipe_batch": recipe_batch, "grad_accum": max(1, math.ceil(recipe_batch / global_batch)),
@@ -486,7 +666,7 @@ def main(argv: list[str]) -> int:
     try:
         info = make_plan(_CONFIG.value, _TOPOLOGY.value, global_batch=_BATCH.value, frames=_FRAMES.value,
                          tokens=_TOKENS.value, mesh=mesh, dtype=_DTYPE.value, assignments=_OVERRIDES.value,
-                         decode=_DECODE.value)
+                         decode=_DECODE.value, steps=_STEPS.value, peak=_PEAK.value)
     except (config.ConfigError, ValueError, TypeError) as err:
         cli.fail(str(err).splitlines()[0])
     print(report(info), flush=True)

@@ -67,7 +67,8 @@ def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
 def test_bad_input_is_one_line_and_exit_2():
     for args, key in ((["--config=video_chatgpt:tiny", "--topology=v5p-6"], "v5p-6"),
                       (["--config=nope:7b"], "nope"),
-                      (["--config=video_chatgpt:tiny", "--global_batch=3"], "global_batch")):
+                      (["--config=video_chatgpt:tiny", "--global_batch=3"], "global_batch"),
+                      (["--config=video_chatgpt:tiny", "--topology=local", "--steps=0"], "steps")):
         proc = run_plan(*args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert key in proc.stderr.strip().splitlines()[-1]
@@ -137,3 +138,56 @@ def test_published_recipes_scan_and_rematerialise_every_block_stack():
             assert (sub.scan_layers, sub.remat_policy, sub.attention_impl) == (True, "full", "auto"), (name, part)
     _, tiny = config.model_config(config.experiment_config("qwen2_vl", "tiny"))
     assert (tiny.llm.scan_layers, tiny.llm.remat_policy) == (False, "none")
+
+
+def test_peak_of_known_chips():
+    assert plan.peak_tflops("NVIDIA H100 80GB HBM3") == plan.peak_tflops("NVIDIA H200") == 989.4
+    assert plan.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and plan.peak_tflops("TPU v5p") == 459.0
+    assert plan.peak_tflops("cpu") is None
+
+
+def test_random_batch_keeps_the_visual_placeholders_and_supervises_the_appended_text():
+    """The timed run's batch: the example's placeholders in the same count (no random id is a placeholder), the
+    appended tokens attended and supervised, ``loss_positions`` as the data pipeline computes them from the mask
+    (:func:`vjax.data.pipeline.loss_positions`, an independent implementation), random frames."""
+    import numpy as np  # noqa: PLC0415
+
+    from vjax.data.pipeline import loss_positions  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+
+    c, model, mcfg = plan.recipe("qwen2_vl:tiny")
+    tokens = plan.default_tokens(c, model, mcfg) + 40
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer, _, abstract, _ = plan.lower_train(c, model, mcfg, mesh, 3, tokens)
+    batch = plan.random_batch(trainer.module, abstract, mcfg.llm.vocab_size)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (a.shape, a.dtype) for k, a in abstract.items()}
+    example = trainer.module.example_batch(3)
+    n = int((np.asarray(example["input_ids"]) == mcfg.video_token_id).sum(1)[0])
+    assert n == mcfg.num_visual_tokens and ((batch["input_ids"] == mcfg.video_token_id).sum(1) == n).all()
+    assert batch["input_ids"].max() < mcfg.llm.vocab_size and batch["attention_mask"].all()
+    appended = tokens - example["input_ids"].shape[1]
+    p = abstract["loss_positions"].shape[1]
+    assert (batch["loss_mask"].sum(1) == min(p, appended)).all() and batch["loss_mask"][:, -1].all()
+    np.testing.assert_array_equal(batch["loss_positions"], loss_positions(batch["loss_mask"], p))
+    assert 0.4 < batch["frames"].mean() < 0.6
+
+
+def test_local_run_times_a_real_step_and_its_mfu(tmp_path):
+    """``--topology=local`` on this CPU: the tiny recipe's step compiled and run, its figures consistent (MFU =
+    model FLOPs / median step / peak), the loss finite and falling once the warm-up's zero learning rate is past,
+    and the model FLOPs above the forward matmuls of its parameters alone (2 N tokens)."""
+    out = tmp_path / "local.json"
+    proc = run_plan("--config=qwen2_vl:tiny", "--topology=local", "--steps=3", "--global_batch=2",
+                    "--peak_tflops=0.5", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(out.read_text())
+    run = info["plans"][0]
+    assert run["step"] == "train (run)" and info["topology"].startswith("local") and "MFU" in proc.stdout
+    assert len(run["losses"]) == 5 and all(math.isfinite(x) for x in run["losses"])
+    assert run["losses"][-1] < run["losses"][2]
+    assert run["step_seconds_min_max"][0] <= run["step_seconds"] <= run["step_seconds_min_max"][1]
+    tokens = info["global_batch"] * info["tokens"]
+    assert run["tokens_per_second"] == pytest.approx(tokens / run["step_seconds"])
+    assert run["model_flops"] > 2 * run["parameters"] * tokens
+    assert run["mfu"] == pytest.approx(run["model_flops"] / run["step_seconds"] / 0.5e12)
+    assert run["per_chip"]["temporaries"] > 0

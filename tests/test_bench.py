@@ -95,6 +95,19 @@ def test_token_merge_and_memory_bank_entries(results):
     assert bank["growth"] <= 1.1  # the streaming state does not grow with the frame count
 
 
+def test_attention_entries(results):
+    """Each implementation that runs on a CPU at each length: a time, its ratio to the reference and its compiled
+    memory; the chunked kernel's memory below the reference's ``[L, L]`` float32 scores."""
+    att = results[1]["suites"]["attention"]
+    assert att["platform"] == "cpu" and att["dtype"] == "float32"
+    assert [p["length"] for p in att["points"]] == list(bench.SIZES["tiny"].attn_lengths)
+    for p in att["points"]:
+        assert set(p["impls"]) == {"xla", "chunked", "cudnn"}
+        assert p["impls"]["xla"]["speedup_vs_xla"] == 1.0
+        assert all(r["median_s"] > 0 and r["memory"]["total"] > 0 for r in p["impls"].values())
+        assert p["impls"]["chunked"]["memory"]["temp_size"] < p["impls"]["xla"]["memory"]["temp_size"]
+
+
 def test_data_entries(results):
     """The consumer is a real tiny video model's train step on the pipeline's own batches."""
     data = results[1]["suites"]["data"]

@@ -97,6 +97,11 @@ class Size:
     data_workers: tuple[int, ...]  # Grain worker counts measured (0: in-process)
     # qwen2_vl train step
     vl: VLSize
+    # attention: causal self-attention forward + backward per implementation, at each length
+    attn_lengths: tuple[int, ...] = (256,)
+    attn_heads: int = 4
+    attn_kv_heads: int = 2
+    attn_head_dim: int = 64
 
 
 SIZES = {
@@ -110,7 +115,9 @@ SIZES = {
         # grid (4, 16, 16) = 1024 patches per clip -> 256 video tokens; seq 6 + 258 + 24 + 32 = 320.
         vl=VLSize(vocab=32000, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2,
                   mrope_section=(8, 12, 12), vision_depth=6, vision_width=384, vision_heads=6,
-                  vision_mlp_ratio=4, frames=8, image_size=224, batch=2, prompt=6, question=24, answer=32)),
+                  vision_mlp_ratio=4, frames=8, image_size=224, batch=2, prompt=6, question=24, answer=32),
+        # an accelerator takes these lengths x 4 (see suite_attention)
+        attn_lengths=(1024, 4096), attn_heads=8, attn_kv_heads=2, attn_head_dim=64),
     "tiny": Size(
         matmul_n=256, vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
         seq=64, batch=2, prompt_len=8, new_tokens=8,

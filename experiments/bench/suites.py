@@ -457,6 +457,55 @@ def suite_token_merge(ctx: Context) -> dict:
     return rec
 
 
+# ------------------------------------------------------------------------------------------ attention
+def suite_attention(ctx: Context) -> dict:
+    """Causal self-attention ``[1, L, H, 64]`` (GQA), forward and backward of ``sum(out * w)``, under each
+    implementation of :func:`vjax.layers.attention.attention` that runs on this backend: ``xla`` (the einsum
+    reference: ``[L, L]`` float32 scores), ``chunked`` (online softmax, ``O(L x block)``), ``cudnn`` (cuDNN's
+    fused kernel on a GPU, ``jax.nn``'s XLA path elsewhere) and, on a TPU, ``splash``. Per length: compiled
+    memory and median wall time of each, its ratio to the reference, and the attention TFLOP/s it reaches
+    (``2 x 2 x L^2/2 x H x Dh`` forward, 2.5 times that backward: causal, no recompute counted). On a CPU
+    in float32 at the size's lengths; on an accelerator in bfloat16 at 4 times those lengths."""
+    from vjax.layers.attention import attention
+    from vjax.layers.masks import StructuredMask
+
+    s = ctx.size
+    platform = jax.devices()[0].platform
+    accel = platform != "cpu"
+    dtype = jnp.bfloat16 if accel else jnp.float32
+    impls = ["xla", "chunked", "cudnn"] + (["splash"] if platform == "tpu" else [])
+    mask = StructuredMask(causal=True)
+    h, kh, dh = s.attn_heads, s.attn_kv_heads, s.attn_head_dim
+    rec: dict[str, Any] = {"heads": h, "kv_heads": kh, "head_dim": dh, "dtype": jnp.dtype(dtype).name,
+                           "platform": platform, "points": []}
+    for length in (4 * n if accel else n for n in s.attn_lengths):
+        keys = jax.random.split(jax.random.key(length), 4)
+        q = jax.random.normal(keys[0], (1, length, h, dh), dtype)
+        k, v = (jax.random.normal(key, (1, length, kh, dh), dtype) for key in keys[1:3])
+        w = jax.random.normal(keys[3], (1, length, h, dh), jnp.float32)
+        flops = 3.5 * 2 * 2 * (length * length / 2) * h * dh
+        fns, pt = {}, {"length": length, "impls": {}}
+        for impl in impls:
+            def loss(q, k, v, impl=impl):
+                return jnp.sum(attention(q, k, v, mask, impl=impl).astype(jnp.float32) * w)
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+            pt["impls"][impl] = {"memory": compiled_memory(compiled)}
+            fns[impl] = (lambda c=compiled: block(c(q, k, v)))
+        times = interleaved(fns, ctx.repeats)
+        ref = statistics.median(times["xla"])
+        for impl in impls:
+            r = pt["impls"][impl]
+            r.update(stats(times[impl]))
+            r["speedup_vs_xla"] = ref / r["median_s"]
+            r["tflops"] = flops / r["median_s"] / 1e12
+            ctx.rows.append(Row("attention", f"{impl} causal fwd+bwd L={length}, H={h}/{kh}, Dh={dh}, "
+                                             f"{rec['dtype']}",
+                                f"{1e3 * r['median_s']:.1f} ms ({r['speedup_vs_xla']:.2f}x xla); "
+                                f"{r['tflops']:.2f} TFLOP/s; {mib(r['memory']['total'])}"))
+        rec["points"].append(pt)
+    return rec
+
+
 # ------------------------------------------------------------------------------------------ memory_bank
 def _bank_stream(frames: int, s: Size):
     """A scan over ``frames`` steps: make frame t (a stand-in for a per-frame encoder, so the input
@@ -701,6 +750,7 @@ SUITES: dict[str, Callable[[Context], dict]] = {
     "train_step": suite_train_step,
     "generate": suite_generate,
     "token_merge": suite_token_merge,
+    "attention": suite_attention,
     "memory_bank": suite_memory_bank,
     "data": suite_data,
 }

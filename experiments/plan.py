@@ -247,10 +247,9 @@ def _count(tree: Any) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def lower_train(c, model, cfg, mesh, global_batch: int, tokens: int, batch: dict | None = None):
-    """``(trainer, state, batch, lowered)``: the recipe's ``Trainer`` for model config ``cfg`` on ``mesh``, its
-    state and batch as sharded ``ShapeDtypeStruct``s (``batch``: concrete arrays to use instead) and its train
-    step lowered for them."""
+def train_setup(c, model, cfg, mesh, global_batch: int, tokens: int):
+    """``(trainer, state, batch)``: the recipe's ``Trainer`` for model config ``cfg`` on ``mesh``, its state and
+    batch as sharded ``ShapeDtypeStruct``s (nothing traced yet)."""
     import jax  # noqa: PLC0415
 
     from vjax.train.optim import OptimConfig  # noqa: PLC0415
@@ -260,10 +259,15 @@ def lower_train(c, model, cfg, mesh, global_batch: int, tokens: int, batch: dict
     stages = getattr(model.config, "STAGES", {"full": None})
     trainer = Trainer(model.module(cfg), config.from_config(OptimConfig, c.optim, "optim"), mesh, stages[c.stage])
     state = _with_shardings(trainer.abstract_state, trainer.state_shardings)
-    if batch is None:
-        batch = abstract_batch(trainer.module, global_batch, tokens, loss_position_count(c))
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
-                 for k, v in batch.items()}
+    batch = abstract_batch(trainer.module, global_batch, tokens, loss_position_count(c))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh, len(v.shape)))
+             for k, v in batch.items()}
+    return trainer, state, batch
+
+
+def lower_train(c, model, cfg, mesh, global_batch: int, tokens: int):
+    """``(trainer, state, batch, lowered)``: :func:`train_setup` and the train step lowered for its shapes."""
+    trainer, state, batch = train_setup(c, model, cfg, mesh, global_batch, tokens)
     with trainer.scope():
         lowered = trainer._train_step.lower(state, batch)
     return trainer, state, batch, lowered
@@ -401,7 +405,7 @@ def measure_train(c, model, mcfg, sl: Slice, *, global_batch: int, tokens: int, 
 
     devices = jax.devices()
     mesh = make_mesh(mesh_shape, devices)
-    trainer, _, abstract, _ = lower_train(c, model, mcfg, mesh, global_batch, tokens)
+    trainer, _, abstract = train_setup(c, model, mcfg, mesh, global_batch, tokens)
     vocab = getattr(getattr(mcfg, "llm", mcfg), "vocab_size")  # the LLM's (a Q-Former has its own)
     batch = trainer.put_batch(random_batch(trainer.module, abstract, int(vocab)))
     _progress(f"train step: random weights on {len(devices)} {devices[0].device_kind}")

@@ -158,7 +158,7 @@ def test_random_batch_keeps_the_visual_placeholders_and_supervises_the_appended_
     c, model, mcfg = plan.recipe("qwen2_vl:tiny")
     tokens = plan.default_tokens(c, model, mcfg) + 40
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer, _, abstract, _ = plan.lower_train(c, model, mcfg, mesh, 3, tokens)
+    trainer, _, abstract = plan.train_setup(c, model, mcfg, mesh, 3, tokens)
     batch = plan.random_batch(trainer.module, abstract, mcfg.llm.vocab_size)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (a.shape, a.dtype) for k, a in abstract.items()}
     example = trainer.module.example_batch(3)

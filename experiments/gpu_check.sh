@@ -10,8 +10,8 @@
 #
 #   experiments/gpu_check.sh [OUT_DIR] [RECIPE]        (from the repository root; needs jax with CUDA)
 #
-# Every part runs under its own time limit (PLAN_SECONDS, TEST_SECONDS, BENCH_SECONDS) and the script goes on after a failure; it exits 1 if any part
-# failed. Logs and JSON land in OUT_DIR (default gpu_check_out).
+# Every part runs under its own time limit (PLAN_SECONDS, TEST_SECONDS, BENCH_SECONDS) and the script goes on
+# after a failure; it exits 1 if any part failed. Logs and JSON land in OUT_DIR (default gpu_check_out).
 set -uo pipefail
 OUT=${1:-gpu_check_out}
 RECIPE=${2:-qwen2_vl:2b}

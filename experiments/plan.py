@@ -98,12 +98,17 @@ def peak_tflops(device_kind: str) -> float | None:
     return PEAK_TFLOPS[max(names, key=len)] if names else None
 
 
-def local_slice() -> Slice:
-    """This host's accelerators (``jax.devices()``) as a slice: HBM per chip from the device's memory stats
-    (0 where the backend reports none, as the CPU)."""
+def local_devices() -> list:
+    """This host's devices of the default backend (what ``--topology=local`` compiles for and runs on)."""
     import jax  # noqa: PLC0415
 
-    devices = jax.devices()
+    return jax.devices()
+
+
+def local_slice() -> Slice:
+    """:func:`local_devices` as a slice: HBM per chip from the device's memory stats (0 where the backend reports
+    none, as the CPU)."""
+    devices = local_devices()
     stats = devices[0].memory_stats() or {}
     return Slice("local", devices[0].device_kind, len(devices), int(stats.get("bytes_limit", 0)))
 
@@ -349,8 +354,8 @@ def random_batch(module, abstract: Mapping[str, Any], vocab_size: int, seed: int
     example batch (its visual placeholders, in the right count) with the text stretched by random token ids
     (none of the ids the example uses, so no extra placeholder appears), every appended token attended and
     supervised (the last ``P`` of them when the batch has ``loss_positions [B, P]``; the example's own answer
-    when nothing is appended), and uniform random
-    frames in ``[0, 1)`` (zeros can run faster than real data on some chips)."""
+    when nothing is appended), and uniform random frames in ``[0, 1)`` (zeros can run faster than real data on
+    some chips)."""
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -373,7 +378,8 @@ def random_batch(module, abstract: Mapping[str, Any], vocab_size: int, seed: int
             tail = np.zeros((b, extra), v.dtype)
             tail[:, extra - supervised:] = 1
             v = np.concatenate([np.zeros_like(v), tail], axis=1)
-        elif v.ndim >= 2 and v.shape[1] == length:  # any other text-aligned key: its last value repeated
+        elif v.ndim >= 2 and v.shape[1] == length and not np.issubdtype(v.dtype, np.floating):
+            # any other text-aligned key (ids or masks; not frames, whose T may equal L): its last value repeated
             v = np.concatenate([v, np.repeat(v[:, -1:], extra, axis=1)], axis=1)
         if np.issubdtype(v.dtype, np.floating):
             v = rng.random(v.shape, dtype=np.float32).astype(v.dtype)
@@ -391,8 +397,9 @@ def random_batch(module, abstract: Mapping[str, Any], vocab_size: int, seed: int
     return out
 
 
-def measure_train(c, model, mcfg, sl: Slice, *, global_batch: int, tokens: int, mesh_shape: tuple[int, int, int],
-                  steps: int, peak: float | None, reference_cfg: Any = None) -> dict[str, Any]:
+def measure_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, tokens: int,
+                  mesh_shape: tuple[int, int, int], steps: int, peak: float | None,
+                  reference_cfg: Any = None) -> dict[str, Any]:
     """Compile the recipe's train step for this host's devices and run it: random weights (the recipe's stage
     and optimizer), :func:`random_batch`, two warm-up steps then ``steps`` timed ones (each waited for).
     Returns the compile time, the median step time and its spread, tokens per second, the first and last loss,
@@ -403,7 +410,6 @@ def measure_train(c, model, mcfg, sl: Slice, *, global_batch: int, tokens: int, 
 
     from vjax.train.sharding import make_mesh  # noqa: PLC0415
 
-    devices = jax.devices()
     mesh = make_mesh(mesh_shape, devices)
     trainer, _, abstract = train_setup(c, model, mcfg, mesh, global_batch, tokens)
     vocab = getattr(getattr(mcfg, "llm", mcfg), "vocab_size")  # the LLM's (a Q-Former has its own)
@@ -597,14 +603,11 @@ def make_plan(spec: str, topology: str, *, global_batch: int | None = None, fram
     ``steps`` times (``peak``: TFLOP/s per chip for the MFU; default :func:`peak_tflops` of the device kind).
     Raises ``config.ConfigError`` / ``ValueError`` on bad input (the command turns them into exit 2)."""
     local = topology == "local"
+    if local and steps < 1:
+        raise config.ConfigError("steps", f"{steps}: at least one timed step")
     sl = local_slice() if local else parse_slice(topology)
     c, model, mcfg = recipe(spec, frames, dtype, list(assignments))
-    if local:
-        import jax  # noqa: PLC0415
-
-        devices = jax.devices()
-    else:
-        devices = tpu_devices(sl)
+    devices = local_devices() if local else tpu_devices(sl)
     global_batch = global_batch or sl.chips
     tokens = tokens or default_tokens(c, model, mcfg)
     shape = config.check_mesh(tuple(mesh or c.mesh), len(devices))
@@ -612,10 +615,8 @@ def make_plan(spec: str, topology: str, *, global_batch: int | None = None, fram
         raise config.ConfigError("global_batch", f"{global_batch} does not divide over data x fsdp = "
                                                  f"{shape[0] * shape[1]} chips")
     if local:
-        if steps < 1:
-            raise config.ConfigError("steps", f"{steps}: at least one timed step")
         peak = peak if peak is not None else peak_tflops(sl.topology)
-        plans = [measure_train(c, model, mcfg, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
+        plans = [measure_train(c, model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
                                steps=steps, peak=peak, reference_cfg=reference_config(mcfg))]
     else:
         plans = [plan_train(c, model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape,
@@ -623,7 +624,8 @@ def make_plan(spec: str, topology: str, *, global_batch: int | None = None, fram
     if decode:
         plans.append(plan_decode(model, mcfg, devices, sl, global_batch=global_batch, tokens=tokens, mesh_shape=shape))
     recipe_batch = int(c.data.batch_size)
-    return {"config": spec, "topology": f"local: {sl.topology}" if local else sl.name, "chips": sl.chips, "hbm_per_chip": sl.hbm, "mesh": list(shape),
+    return {"config": spec, "topology": f"local: {sl.topology}" if local else sl.name, "chips": sl.chips,
+            "hbm_per_chip": sl.hbm, "mesh": list(shape),
             "global_batch": global_batch, "tokens": tokens, "frames": int(c.data.num_frames),
             "dtype": c.compute_dtype,
             "recipe_batch": recipe_batch, "grad_accum": max(1, math.ceil(recipe_batch / global_batch)),

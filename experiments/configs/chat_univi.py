@@ -6,8 +6,8 @@ Variants:
   tiny     stage 0: a tower and an LLM pretrained on the synthetic set (experiments/pretrain.py, built once per
            machine); stage 1: 1200 steps of the projector on captions; stage 2: 9000 steps of the projector and the
            LLM on the questions (the tower frozen; three times the 3000 of 2026-12-03: all test questions 0.342 ->
-           0.412, 15 min 33 s with the parts cached on 2026-12-04's machine, docs/results.md). 2-layer 128-wide LLM, CLIP-style tower at 56 px (8 x 8 patches
-           of 7 px), 4 frames -> 2 events x (5+3)
+           0.412, 15 min 33 s with the parts cached on 2026-12-04's machine, docs/results.md). 2-layer 128-wide
+           LLM, CLIP-style tower at 56 px (8 x 8 patches of 7 px), 4 frames -> 2 events x (5+3)
            = 16 visual tokens, 4.25x fewer than Video-ChatGPT's pooling of the same features (4 + 64 = 68).
            Two events (temporal ratio 1/2) keep the order of the clip's halves: within one event the merged
            tokens do not depend on frame order, so one event could not tell left from right.

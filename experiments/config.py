@@ -352,7 +352,7 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
                                               f"recipe would leave them untrained")
         for f in dataclasses.fields(Recipe):
             v = c.stage0.get(f.name, f.default)
-            low = 0 if f.name in ("text_weight", "seed") else 1e-12
+            low = 0 if f.name in ("text_weight", "tower_position_weight", "seed") else 1e-12
             if not isinstance(v, (int, float)) or v < low:
                 raise ConfigError(f"stage0.{f.name}", f"must be {'>= 0' if low == 0 else '> 0'}, got {v!r}")
     if "align" in c:

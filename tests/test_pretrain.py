@@ -114,8 +114,8 @@ def tiny_run(tmp_path_factory):
     c = chat_univi.get_config()
     c.data.root = str(d / "synthetic")
     c.data.synthetic.update(RUN_SET)
-    c.stage0.update(parts="vision,llm", tower_steps=100, tower_batch=64, lm_steps=40, lm_batch=4, lm_scenes=40,
-                    lm_turns=3, warmup_steps=10)
+    c.stage0.update(parts="vision,llm", tower_steps=100, tower_batch=64, tower_position_weight=1.0, lm_steps=40,
+                    lm_batch=4, lm_scenes=40, lm_turns=3, warmup_steps=10)
     plan = cfg.validate(c)
     paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
     tok = formats.TextTokenizer(paths.tokenizer_dir)
@@ -135,6 +135,8 @@ def test_parts_are_built_once_then_read_from_the_cache(tiny_run, monkeypatch):
     vision = json.loads(manifests[1].read_text())["figures"]
     # the tower learns in 100 steps: colour of the patches objects cover (chance 1/7), empty patches called empty
     assert vision["colour_accuracy"] > 0.75 and vision["background"] > 0.9, vision
+    # and each patch's feature says where the patch is (a linear head's error in patches; the centre guess: 2.0)
+    assert vision["position_error"] < 1.0, vision
     llm = json.loads(manifests[0].read_text())["figures"]
     assert llm["loss_curve"][-1] < 0.5 * llm["loss_curve"][0], llm
 
@@ -156,6 +158,25 @@ def test_parts_are_built_once_then_read_from_the_cache(tiny_run, monkeypatch):
     key = pretrain.part_key("vision", args[1], pretrain.Recipe.from_config(c.stage0), "h", "")
     other = pretrain.part_key("vision", args[1], pretrain.Recipe(tower_steps=61), "h", "")
     assert pretrain.part_dir(key) != pretrain.part_dir(other)
+
+
+def test_patch_positions_are_row_major_rows_and_columns_in_minus_one_to_one():
+    p = pretrain.patch_positions(3)
+    assert p.shape == (9, 2) and p.dtype == np.float32
+    np.testing.assert_array_equal(p[[0, 2, 6, 8]], [[-1, -1], [-1, 1], [1, -1], [1, 1]])
+    np.testing.assert_array_equal(p[4], [0, 0])
+    # the position weight is part of the tower's recipe (another weight, another cached tower), not of the LLM's
+    keys = [pretrain.part_key(part, _tiny_model_config(), pretrain.Recipe(tower_position_weight=w), "h", "t")
+            for part in ("vision", "llm") for w in (1.0, 0.0)]
+    assert pretrain.part_dir(keys[0]) != pretrain.part_dir(keys[1])
+    assert pretrain.part_dir(keys[2]) == pretrain.part_dir(keys[3])
+    # at 0 (the default) the key is the one towers were cached under before the weight existed
+    assert "tower_position_weight" not in keys[1]["recipe"] and keys[0]["recipe"]["tower_position_weight"] == 1.0
+
+
+def _tiny_model_config():
+    c = chat_univi.get_config()
+    return cfg.validate(c)["model_config"]
 
 
 def test_with_parts_replaces_subtrees_and_names_a_misfit():
@@ -211,8 +232,8 @@ def test_staged_training_command(tiny_run, tmp_path):
     s0 = c.stage0
     args = ["--config=chat_univi", f"--workdir={tmp_path / 'run'}", f"--config.data.root={c.data.root}",
             *[f"--config.data.synthetic.{k}={v}" for k, v in RUN_SET.items()],
-            *[f"--config.stage0.{k}={s0[k]}" for k in ("parts", "tower_steps", "tower_batch", "lm_steps", "lm_batch",
-                                                        "lm_scenes", "lm_turns", "warmup_steps")],
+            *[f"--config.stage0.{k}={s0[k]}" for k in ("parts", "tower_steps", "tower_batch", "tower_position_weight",
+                                                        "lm_steps", "lm_batch", "lm_scenes", "lm_turns", "warmup_steps")],
             "--config.align.steps=2", "--config.align.stage=pretrain", "--config.stage=finetune",
             "--config.data.batch_size=2", "--config.data.text_buckets=(256,)", "--config.log_every=1",
             "--config.eval.records=0", "--config.eval.test_records=0", "--config.total_steps=2"]
@@ -221,6 +242,10 @@ def test_staged_training_command(tiny_run, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stage 0 vision: " in r.stdout and "stage 0 llm: " in r.stdout
     assert "stage 1 (alignment): 2 steps of 'pretrain' on 40 captions" in r.stdout
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert (summary["model"], summary["align_steps"], summary["steps"], summary["resumed"]) == ("chat_univi", 2, 2,
+                                                                                                False)
+    assert 0 < summary["train_seconds"] < summary["command_seconds"], summary
 
     cache = d / "cache" / "pretrained"
     parts = {p.name.split("-")[0]: pretrain.load_part(str(p))[0] for p in cache.iterdir()}
@@ -245,3 +270,4 @@ def test_staged_training_command(tiny_run, tmp_path):
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step 2" in r.stdout and "stage 1" not in r.stdout and "stage 0" not in r.stdout
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["resumed"] is True

@@ -52,6 +52,8 @@ _NAME_VARIANT: list[str] = []  # (name, variant) of --config, filled by the pars
 
 
 _fail = cli.fail
+_STARTED = time.time()  # the command's wall time starts at import (run_summary.json)
+SUMMARY_FILE = "run_summary.json"  # in the workdir: what the last training command did, and how long it took
 LOCK_FILE = ".train.lock"  # in the workdir: one training at a time (released when the process ends)
 
 
@@ -205,6 +207,7 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
                 print(f"warning: checkpoint step {bad} does not restore ({reason})", file=sys.stderr, flush=True)
             print(f"resumed from step {step}", flush=True)
 
+    resumed = has_checkpoint(workdir)
     t0 = time.perf_counter()
     # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
     # Grain workers are released with this frame before the process exits
@@ -222,14 +225,39 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         return _say(f"error: {err}", cli.USER_ERROR)
     finally:
         b.data.close()  # the read-ahead thread stops reading (the evaluation below needs the cores)
+    trained = time.perf_counter() - t0
     if main_process:
-        report(workdir, b.evaluator, b.visual_tokens, b.spec, time.perf_counter() - t0, b.model_config,
-               plan["model"])
+        report(workdir, b.evaluator, b.visual_tokens, b.spec, trained, b.model_config, plan["model"])
     if main_process and jax.process_count() == 1 and c.eval.test_records and not c.data.train_annotations:
         from experiments import eval as eval_cmd  # noqa: PLC0415
 
         eval_cmd.score_test_split(config.load_run(workdir), c.eval.test_records, progress=b.loop.progress)
+    if main_process:
+        write_summary(workdir, c, name, variant, trained_seconds=trained, visual_tokens=b.visual_tokens,
+                      resumed=resumed)
     return 0
+
+
+def write_summary(workdir: str, c, name: str, variant: str, *, trained_seconds: float, visual_tokens: int,
+                  resumed: bool) -> dict:
+    """``<workdir>/run_summary.json``: the model, its stages' steps, the seconds the training took (stage 0 lookup or
+    build, stage 1, stage 2) and the whole command's wall time (start-up, set, training and test table), the load
+    average at the end, visual tokens per clip; ``experiments.results`` tabulates it beside the test report.
+    ``resumed``: the command continued an earlier run, so its seconds are not the whole run's."""
+    import json  # noqa: PLC0415
+
+    summary = {
+        "model": name, "variant": variant, "steps": int(c.total_steps), "align_steps": int(c.align.steps),
+        "stage0": str(c.stage0.parts), "stage": str(c.stage), "train_seconds": round(trained_seconds, 1),
+        "command_seconds": round(time.time() - _STARTED, 1), "resumed": bool(resumed),
+        "visual_tokens": int(visual_tokens), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cores": os.cpu_count(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return summary
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -1,0 +1,162 @@
+r"""The README's results table, generated from training runs: ``python -m experiments.results WORKDIR ... [--readme=F]``.
+
+    python -m experiments.results workdirs/*_tiny                  # print the Markdown table
+    python -m experiments.results workdirs/*_tiny --readme=README.md   # and write it into README.md
+
+Each WORKDIR is one ``python -m experiments.train`` run on the synthetic set: its ``eval/synthetic_test.json`` (the
+test split scored at the end of training, or by ``python -m experiments.eval``) and its ``run_summary.json`` (steps,
+wall time, load average; written by ``experiments.train``). One row per run: the steps of stage 1 + stage 2, the
+command's wall time, visual tokens per clip, all questions, the open questions a model answers from what it sees
+(colour, shape, count), motion, multiple choice by letter and by likelihood, and the model's own skill from the
+training issue (``OWN_SKILL``); every figure with its chance level in brackets.
+
+``--readme`` replaces what lies between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->`` of that
+file (a missing marker is an error naming it). A workdir without a test report is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+REPORT = os.path.join("eval", "synthetic_test.json")
+
+
+def _fig(d: dict | None, key: str = "accuracy") -> str:
+    if not d or d.get("n", 1) == 0 or d.get(key) is None:
+        return "-"
+    chance = d.get("chance")
+    return f"{d[key]:.3f}" + (f" [{chance:.2f}]" if chance is not None else "")
+
+
+def _task(report: dict, task: str) -> dict | None:
+    return report["accuracy"].get(f"task/{task}")
+
+
+def _open(report: dict, task: str) -> dict | None:
+    return report.get("task_by_kind", {}).get(task, {}).get("open")
+
+
+def _timestamps(report: dict) -> str:
+    t = report.get("timestamp") or {}
+    if not t.get("n"):
+        return "-"
+    return f"appear time within 0.5 s {t['within_tolerance']:.3f} [{t['best_constant_within']:.2f}]"
+
+
+# The skill each model's paper adds (the training issue's per-model targets), as one cell.
+OWN_SKILL: dict[str, Callable[[dict], str]] = {
+    "video_llama": lambda r: f"beep count {_fig(_task(r, 'beep_count'))}",
+    "minigpt4_video": lambda r: f"subtitle {_fig(_task(r, 'subtitle'))}",
+    "cogvlm2_video": _timestamps,
+    "qwen2_vl": _timestamps,
+    "ma_lmm": lambda r: f"recall of the start {_fig(_task(r, 'recall'))}",
+}
+
+
+def _multiple_choice(report: dict, key: str) -> str:
+    rows = [v for v in report.get("multiple_choice", {}).values() if v.get("n")]
+    n = sum(v["n"] for v in rows)
+    if not n:
+        return "-"
+    acc = sum(v[key] * v["n"] for v in rows) / n
+    chance = sum(v["chance"] * v["n"] for v in rows) / n
+    return f"{acc:.3f} [{chance:.2f}]"
+
+
+def load(workdir: str) -> dict[str, Any]:
+    """``{"report": ..., "summary": ... or None}`` of a training workdir; FileNotFoundError naming the report."""
+    path = os.path.join(workdir, REPORT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir}: no test report {REPORT} (train with eval.test_records != 0, or run "
+                                f"python -m experiments.eval --workdir={workdir})")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    summary = None
+    spath = os.path.join(workdir, "run_summary.json")
+    if os.path.isfile(spath):
+        with open(spath, encoding="utf-8") as f:
+            summary = json.load(f)
+    return {"report": report, "summary": summary}
+
+
+COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all", "colour (open)", "shape (open)",
+           "count (open)", "motion", "MC by letter", "MC by likelihood", "own skill")
+
+
+def row(run: dict[str, Any]) -> list[str]:
+    """One table row of a loaded run (:func:`load`)."""
+    r, s = run["report"], run["summary"] or {}
+    if s:
+        steps = f"{s['align_steps']} + {s['steps']}" if s.get("align_steps") else str(s["steps"])
+        wall = f"{s['command_seconds'] / 60:.1f} min" + (" (resumed)" if s.get("resumed") else "")
+        tokens = str(s.get("visual_tokens", "-"))
+    else:
+        steps, wall, tokens = str(r.get("step", "-")), "-", "-"
+    model = r.get("model", "?")
+    skill = OWN_SKILL.get(model)
+    return [model, steps, wall, tokens, _fig(r["accuracy"].get("all")), _fig(_open(r, "colour")),
+            _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")),
+            _multiple_choice(r, "letter"), _multiple_choice(r, "likelihood"), skill(r) if skill else "-"]
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """The Markdown table of loaded runs, in the given order, with a line on when and where they were measured."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(run)) + " |" for run in runs]
+    dates = sorted({(run["summary"] or {}).get("finished", "")[:10] for run in runs} - {""})
+    loads = [max((run["summary"] or {}).get("load_average", [0])) for run in runs if run["summary"]]
+    cores = {(run["summary"] or {}).get("cores") for run in runs if run["summary"]} - {None}
+    note = ("Generated by `python -m experiments.results` from the runs' test reports (600 questions; chance level "
+            "in brackets)")
+    if dates:
+        note += f", trained on {', '.join(dates)}"
+    if cores:
+        note += f" on {'/'.join(str(c) for c in sorted(cores))} CPU cores (load average at the end up to {max(loads):.1f})"
+    return "\n".join(lines) + "\n\n" + note + "."
+
+
+def write_readme(path: str, text: str) -> None:
+    """Replace the block between :data:`BEGIN` and :data:`END` of ``path`` by ``text``; ValueError naming a missing
+    marker."""
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    for marker in (BEGIN, END):
+        if marker not in content:
+            raise ValueError(f"{path} has no line {marker!r} to place the table at")
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv: list[str]) -> int:
+    workdirs = argv[1:]
+    if not workdirs:
+        cli.fail("name at least one training workdir, e.g. python -m experiments.results workdirs/chat_univi_tiny")
+    try:
+        runs = [load(w) for w in workdirs]
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        cli.fail(str(err))
+    text = table(runs)
+    print(text, flush=True)
+    if FLAGS.readme:
+        try:
+            write_readme(FLAGS.readme, text)
+        except (OSError, ValueError) as err:
+            cli.fail(str(err))
+        print(f"written into {FLAGS.readme}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("readme", None, "also write the table between the results markers of this file")
+    cli.run(main)

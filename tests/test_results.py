@@ -1,0 +1,82 @@
+"""``experiments.results``: the README's results table from training workdirs (test report + run summary)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _workdir(tmp_path: Path, name: str, model: str, summary: bool = True) -> Path:
+    """A workdir as ``experiments.train`` leaves it: the test report (the keys ``experiments.eval`` writes) and the
+    run summary, with figures chosen here."""
+    d = tmp_path / name
+    (d / "eval").mkdir(parents=True)
+    report = {
+        "model": model, "step": 9000,
+        "accuracy": {"all": {"accuracy": 0.4125, "n": 600, "chance": 0.306},
+                     "task/motion": {"accuracy": 0.135, "n": 89, "chance": 0.239},
+                     "task/beep_count": {"accuracy": 0.5, "n": 68, "chance": 0.32}},
+        "task_by_kind": {"colour": {"open": {"accuracy": 0.65, "n": 40, "chance": 0.25}},
+                         "shape": {"open": {"accuracy": 0.891, "n": 46, "chance": 0.41}},
+                         "count": {"open": {"accuracy": 0.972, "n": 36, "chance": 0.47}}},
+        # 10 questions at 0.2 by letter and 30 at 0.6: 0.5 overall by likelihood; chance (10 * .5 + 30 * .25) / 40
+        "multiple_choice": {"colour": {"letter": 0.2, "likelihood": 0.2, "n": 10, "chance": 0.5},
+                            "count": {"letter": 0.4, "likelihood": 0.6, "n": 30, "chance": 0.25}},
+        "timestamp": {"n": 18, "within_tolerance": 0.5, "best_constant_within": 0.389},
+    }
+    (d / "eval" / "synthetic_test.json").write_text(json.dumps(report))
+    if summary:
+        (d / "run_summary.json").write_text(json.dumps({
+            "model": model, "variant": "tiny", "steps": 9000, "align_steps": 1200, "command_seconds": 936.0,
+            "resumed": False, "visual_tokens": 16, "load_average": [2.1, 2.0, 1.9], "cores": 2,
+            "finished": "2026-12-04 19:07:00"}))
+    return d
+
+
+def test_row_and_table_state_each_figure_beside_its_chance(tmp_path):
+    runs = [results.load(str(_workdir(tmp_path, "a", "chat_univi"))),
+            results.load(str(_workdir(tmp_path, "b", "qwen2_vl", summary=False)))]
+    a = results.row(runs[0])
+    assert a[:5] == ["chat_univi", "1200 + 9000", "15.6 min", "16", "0.412 [0.31]"]
+    assert a[5:9] == ["0.650 [0.25]", "0.891 [0.41]", "0.972 [0.47]", "0.135 [0.24]"]
+    assert a[9:] == ["0.350 [0.31]", "0.500 [0.31]", "-"]  # weighted by each type's questions
+    b = results.row(runs[1])
+    assert b[1:4] == ["9000", "-", "-"]  # no summary: the report's step, no wall time
+    assert b[-1] == "appear time within 0.5 s 0.500 [0.39]"
+    text = results.table(runs)
+    lines = text.splitlines()
+    assert lines[0].count("|") == len(results.COLUMNS) + 1 and len(lines[1].split("|")) == len(results.COLUMNS) + 2
+    assert "trained on 2026-12-04 on 2 CPU cores (load average at the end up to 2.1)" in text
+
+
+def test_readme_block_is_replaced_between_the_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{results.BEGIN}\nold table\n{results.END}\nafter\n")
+    results.write_readme(str(readme), "| new |")
+    assert readme.read_text() == f"# x\nbefore\n{results.BEGIN}\n| new |\n{results.END}\nafter\n"
+    results.write_readme(str(readme), "| newer |")  # idempotent: the markers stay
+    assert "| new |" not in readme.read_text() and readme.read_text().count(results.BEGIN) == 1
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        results.write_readme(str(tmp_path / "plain.md"), "| t |")
+
+
+def test_command_writes_the_readme_and_names_a_workdir_without_a_report(tmp_path):
+    d = _workdir(tmp_path, "a", "video_llama")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
+    r = subprocess.run([sys.executable, "-m", "experiments.results", str(d), f"--readme={readme}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| video_llama | 1200 + 9000 |" in readme.read_text() and "beep count 0.500 [0.32]" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "experiments.results", str(tmp_path / "none")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no test report" in r.stderr

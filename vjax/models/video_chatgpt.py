@@ -70,7 +70,9 @@ class VideoChatGPTConfig:
         return cls(**{**base, **kw})
 
     # stages: which parameter paths train (regexes over "a/b/c" paths)
-    STAGES = {"finetune": (r"^mm_projector/",), "full": None}
+    # "finetune": the paper's stage (the projector alone, from LLaVA); "projector_llm": LLaVA's instruction stage
+    # (projector and LLM, tower frozen), the checkpoint Video-ChatGPT starts from; the tiny staged run trains it
+    STAGES = {"finetune": (r"^mm_projector/",), "projector_llm": (r"^mm_projector/", r"^llm/"), "full": None}
 
 
 class VideoChatGPT(VideoLLM):

@@ -250,6 +250,7 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
 
     params, curve = fit(loss_fn, params, batches, recipe.tower_steps, recipe.tower_lr, recipe.warmup_steps,
                         "stage 0: tower", progress)
+
     def predict(p, x):
         colour, shape, position = probe.apply({"params": p}, x)
         return jnp.argmax(colour, -1), jnp.argmax(shape, -1), position

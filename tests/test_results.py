@@ -80,3 +80,10 @@ def test_command_writes_the_readme_and_names_a_workdir_without_a_report(tmp_path
     r = subprocess.run([sys.executable, "-m", "experiments.results", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no test report" in r.stderr
+
+
+def test_the_readme_has_one_results_block_with_the_generated_header():
+    text = (ROOT / "README.md").read_text()
+    assert text.count(results.BEGIN) == 1 and text.count(results.END) == 1
+    block = text.split(results.BEGIN, 1)[1].split(results.END, 1)[0]
+    assert block.strip().startswith("| " + " | ".join(results.COLUMNS) + " |")

@@ -62,7 +62,7 @@ OWN_SKILL: dict[str, Callable[[dict], str]] = {
 
 
 def _multiple_choice(report: dict, key: str) -> str:
-    rows = [v for v in report.get("multiple_choice", {}).values() if v.get("n")]
+    rows = [v for v in report.get("multiple_choice", {}).values() if v.get("n") and v.get(key) is not None]
     n = sum(v["n"] for v in rows)
     if not n:
         return "-"

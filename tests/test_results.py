@@ -51,6 +51,8 @@ def test_row_and_table_state_each_figure_beside_its_chance(tmp_path):
     b = results.row(runs[1])
     assert b[1:4] == ["9000", "-", "-"]  # no summary: the report's step, no wall time
     assert b[-1] == "appear time within 0.5 s 0.500 [0.39]"
+    del runs[1]["report"]["multiple_choice"]["colour"]["likelihood"]  # eval --nolikelihood leaves it out
+    assert results.row(runs[1])[10] == "0.600 [0.25]"
     text = results.table(runs)
     lines = text.splitlines()
     assert lines[0].count("|") == len(results.COLUMNS) + 1 and len(lines[1].split("|")) == len(results.COLUMNS) + 2

@@ -184,14 +184,16 @@ def tower_batches(scenes: list[dict], fmt, frames_fn, grid: int, batch: int, see
                "shape": np.stack(shape)}
 
 
-def _tower_probe(vision_config, n_colours: int, n_shapes: int):
+def _tower_probe(vision_config, n_colours: int, n_shapes: int, position: bool):
     import flax.linen as nn  # noqa: PLC0415
 
     from vjax.models.encoders import Encoder  # noqa: PLC0415
 
+    heads = {"colour": n_colours, "shape": n_shapes, **({"position": 2} if position else {})}
+
     class TowerProbe(nn.Module):
-        """The tower (``vision``) and per-patch linear heads: logits of the colour and the shape under each patch,
-        and the patch's own (row, column) scaled to [-1, 1]."""
+        """The tower (``vision``) and per-patch linear heads, ``{head: [B, N, out]}``: logits of the colour and the
+        shape under each patch, and (``position``) the patch's own (row, column) scaled to [-1, 1]."""
 
         @nn.compact
         def __call__(self, frames):
@@ -199,8 +201,7 @@ def _tower_probe(vision_config, n_colours: int, n_shapes: int):
             g = vision_config.grid
             if feats.shape[1] == g[0] * g[1] + 1:  # towers whose features keep the CLS token
                 feats = feats[:, 1:]
-            return (nn.Dense(n_colours, name="colour_head")(feats), nn.Dense(n_shapes, name="shape_head")(feats),
-                    nn.Dense(2, name="position_head")(feats))
+            return {name: nn.Dense(n, name=f"{name}_head")(feats) for name, n in heads.items()}
 
     return TowerProbe()
 
@@ -234,7 +235,8 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     if g[0] != g[1] or train_scenes[0]["size"] % g[0]:
         raise ValueError(f"the tower's patch grid {g} does not tile the synthetic set's {train_scenes[0]['size']}-px "
                          f"frames: pretraining needs a square grid that divides the frame size")
-    probe = _tower_probe(vision_config, 1 + len(PALETTE), 1 + len(SHAPES))
+    position = recipe.tower_position_weight > 0
+    probe = _tower_probe(vision_config, 1 + len(PALETTE), 1 + len(SHAPES), position)
     batches = tower_batches(train_scenes, fmt, frames_fn, g[0], recipe.tower_batch, recipe.seed)
     first = next(batches)
     params = probe.init(jax.random.key(recipe.seed), first["frames"][:1])["params"]
@@ -242,18 +244,19 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     where = patch_positions(g[0])  # [N, 2] in [-1, 1]
 
     def loss_fn(p, b):
-        colour, shape, position = probe.apply({"params": p}, b["frames"])
+        out = probe.apply({"params": p}, b["frames"])
         w = jnp.where(b["colour"] > 0, 1.0, 0.2)  # objects cover ~5 % of the patches
-        place = jnp.mean(jnp.square(position.astype(jnp.float32) - where))
-        return (_cross_entropy(colour, b["colour"], w) + _cross_entropy(shape, b["shape"], w)
-                + recipe.tower_position_weight * place), None
+        loss = _cross_entropy(out["colour"], b["colour"], w) + _cross_entropy(out["shape"], b["shape"], w)
+        if position:
+            loss += recipe.tower_position_weight * jnp.mean(jnp.square(out["position"].astype(jnp.float32) - where))
+        return loss, None
 
     params, curve = fit(loss_fn, params, batches, recipe.tower_steps, recipe.tower_lr, recipe.warmup_steps,
                         "stage 0: tower", progress)
 
     def predict(p, x):
-        colour, shape, position = probe.apply({"params": p}, x)
-        return jnp.argmax(colour, -1), jnp.argmax(shape, -1), position
+        out = probe.apply({"params": p}, x)
+        return {**out, "colour": jnp.argmax(out["colour"], -1), "shape": jnp.argmax(out["shape"], -1)}
 
     predict = jax.jit(predict)
     held_batch, held_batches = 128, 4
@@ -263,15 +266,17 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     place_err = []
     for _ in range(held_batches):
         b = next(held)
-        colour, shape, position = (np.asarray(x) for x in predict(params, b["frames"]))
+        out = {k: np.asarray(v) for k, v in predict(params, b["frames"]).items()}
+        colour, shape = out["colour"], out["shape"]
         obj = b["colour"] > 0
         hits += [(colour == b["colour"])[obj].sum(), (shape == b["shape"])[obj].sum(), (colour == 0)[~obj].sum()]
         counts += [obj.sum(), obj.sum(), (~obj).sum()]
-        place_err.append(np.abs(position - where).mean() * (g[0] - 1) / 2)  # in patches
+        if position:
+            place_err.append(np.abs(out["position"] - where).mean() * (g[0] - 1) / 2)  # in patches
     acc = hits / np.maximum(counts, 1)
     figures = {"colour_accuracy": float(acc[0]), "shape_accuracy": float(acc[1]), "background": float(acc[2]),
                "held_out_frames": held_batch * held_batches, "loss_curve": curve}
-    if recipe.tower_position_weight:
+    if position:
         figures["position_error"] = float(np.mean(place_err))
     return params["vision"], figures
 

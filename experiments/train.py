@@ -53,7 +53,6 @@ _NAME_VARIANT: list[str] = []  # (name, variant) of --config, filled by the pars
 
 _fail = cli.fail
 _STARTED = time.time()  # the command's wall time starts at import (run_summary.json)
-SUMMARY_FILE = "run_summary.json"  # in the workdir: what the last training command did, and how long it took
 LOCK_FILE = ".train.lock"  # in the workdir: one training at a time (released when the process ends)
 
 
@@ -246,6 +245,8 @@ def write_summary(workdir: str, c, name: str, variant: str, *, trained_seconds: 
     ``resumed``: the command continued an earlier run, so its seconds are not the whole run's."""
     import json  # noqa: PLC0415
 
+    from experiments.results import SUMMARY  # noqa: PLC0415
+
     summary = {
         "model": name, "variant": variant, "steps": int(c.total_steps), "align_steps": int(c.align.steps),
         "stage0": str(c.stage0.parts), "stage": str(c.stage), "train_seconds": round(trained_seconds, 1),
@@ -253,7 +254,7 @@ def write_summary(workdir: str, c, name: str, variant: str, *, trained_seconds: 
         "visual_tokens": int(visual_tokens), "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path = os.path.join(workdir, SUMMARY_FILE)
+    path = os.path.join(workdir, SUMMARY)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     os.replace(path + ".tmp", path)

@@ -232,8 +232,9 @@ def test_staged_training_command(tiny_run, tmp_path):
     s0 = c.stage0
     args = ["--config=chat_univi", f"--workdir={tmp_path / 'run'}", f"--config.data.root={c.data.root}",
             *[f"--config.data.synthetic.{k}={v}" for k, v in RUN_SET.items()],
-            *[f"--config.stage0.{k}={s0[k]}" for k in ("parts", "tower_steps", "tower_batch", "tower_position_weight",
-                                                        "lm_steps", "lm_batch", "lm_scenes", "lm_turns", "warmup_steps")],
+            *[f"--config.stage0.{k}={s0[k]}" for k in ("parts", "tower_steps", "tower_batch",
+                                                        "tower_position_weight", "lm_steps", "lm_batch", "lm_scenes",
+                                                        "lm_turns", "warmup_steps")],
             "--config.align.steps=2", "--config.align.stage=pretrain", "--config.stage=finetune",
             "--config.data.batch_size=2", "--config.data.text_buckets=(256,)", "--config.log_every=1",
             "--config.eval.records=0", "--config.eval.test_records=0", "--config.total_steps=2"]

@@ -30,6 +30,7 @@ from vjax.layers.flash import chunked_attention
 from vjax.layers.lora import LoRADense
 from vjax.layers.masks import StructuredMask
 from vjax.layers.mlp import dense
+from vjax.layers.partitioning import target_platform
 from vjax.layers.rope import apply_rotary_pos_emb
 from vjax.layers.splash import splash_attention, splash_supports
 
@@ -112,15 +113,6 @@ def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
     return impl
-
-
-def target_platform() -> str:
-    """The platform the traced computation will run on: that of the devices of the active mesh
-    (``jax.set_mesh``, as ``Trainer`` sets while its steps trace), else ``jax.default_backend()``. A CPU host that
-    compiles for abstract TPU chips (``experiments.plan``) thus picks the TPU kernels."""
-    mesh = jax.sharding.get_abstract_mesh()  # usable while tracing, and it knows its devices' platform
-    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None) if not mesh.empty else None
-    return platform or jax.default_backend()
 
 
 def resolve_impl(impl: str, q_len: int, mask=None, bias=None, dtype=None) -> str:

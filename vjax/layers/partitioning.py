@@ -21,6 +21,15 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 
+def target_platform() -> str:
+    """The platform the traced computation will run on: that of the devices of the active mesh
+    (``jax.set_mesh``, as ``Trainer`` sets while its steps trace), else ``jax.default_backend()``. A CPU host that
+    compiles for abstract TPU chips (``experiments.plan``) thus picks the TPU kernels."""
+    mesh = jax.sharding.get_abstract_mesh()  # usable while tracing, and it knows its devices' platform
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None) if not mesh.empty else None
+    return platform or jax.default_backend()
+
+
 def _axis_size(mesh, axes) -> int:
     if axes is None:
         return 1

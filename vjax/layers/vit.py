@@ -38,7 +38,7 @@ from vjax.layers.mlp import Mlp
 from vjax.layers.norm import LayerNorm
 from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_inv_freq
-from vjax.layers.scan import checkpoint_policy, remat_block, resolve_remat, scan_block
+from vjax.layers.scan import checkpoint_policy, gradient_barrier, remat_block, resolve_remat, scan_block
 
 
 # ----------------------------------------------------------------------------- plain functions
@@ -200,6 +200,7 @@ class ViTBlock(nn.Module):
         mlp = Mlp(self.width, self.mlp_dim, self.act, use_bias=self.mlp_bias, name="mlp", **kw)
         norm1 = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm1")
         norm2 = LayerNorm(self.eps, param_dtype=self.param_dtype, name="norm2")
+        x = gradient_barrier(x)  # the residual gradient computed once per block (see vjax.layers.scan)
         if self.norm_position == "pre":
             x = x + attn(norm1(x), cos=cos, sin=sin, mask=mask)[0]
             x = x + mlp(norm2(x))

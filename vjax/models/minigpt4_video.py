@@ -73,10 +73,13 @@ class MiniGPT4VideoConfig:
         return cls.minigpt4_video_llama2(**{"llm": DecoderConfig.mistral_7b_instruct_v02(lora_rank=64, lora_alpha=16.0),
                                             "num_frames": 90, **kw})
 
-    # Frozen throughout: EVA, ln_vision, the base LLM (spec §3.4).
+    # Frozen throughout: EVA, ln_vision, the base LLM (spec §3.4). "projector_llm": the projector and the whole LLM
+    # (base and LoRA), EVA frozen: the tiny staged run's stage 2, where a 2-layer LLM with LoRA rank 4 alone cannot
+    # learn to read the frames (docs/results.md)
     STAGES = {
         "image_pretrain": (r"^llama_proj/",),
         "video": (r"^llama_proj/", r"/lora_[AB]$"),
+        "projector_llm": (r"^llama_proj/", r"^llm/"),
         "full": None,
     }
 

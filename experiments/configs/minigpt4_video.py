@@ -32,7 +32,7 @@ def get_config(variant: str = "tiny"):
         c.stage0.parts = "vision,llm"
         c.align.update(steps=1200, stage="image_pretrain", learning_rate=2e-3, warmup_steps=20)
         c.stage = "full"
-        c.total_steps = 2400  # 64 tokens: stage 2 at 4.4 steps/s on 2026-12-04's machine (12.8 min in all, parts cached)
+        c.total_steps = 2400  # 64 tokens: stage 2 at 4.4 steps/s on 2026-12-04's machine (12.7 min in all, parts cached)
         return c
     args = dict(preset="minigpt4_video_llama2", stage="video", frames=45, image_size=224, text_len=4096,
                 tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/MiniGPT4-video-llama2")

@@ -165,3 +165,14 @@ def test_whole_model_table_round_trip():
     back = flatten_params(convert(DictSource(tensors), table, abstract_params(MODULE)))
     for k, v in flatten_params(params).items():
         np.testing.assert_array_equal(back[k], v)
+
+
+def test_projector_llm_stage_trains_the_projector_and_the_whole_llm_not_the_tower():
+    """The tiny staged run's frozen-tower stage 2: ``llama_proj`` and every LLM parameter (base and LoRA) train."""
+    flat = flatten_params(abstract_params(MODULE))
+    mask = trainable_mask(dict.fromkeys(flat, 0), MiniGPT4VideoConfig.STAGES["projector_llm"])
+    trained = {k for k, m in mask.items() if m}
+    assert trained == {k for k in flat if k.startswith(("llama_proj/", "llm/"))}
+    assert any("/lora_" in k for k in trained) and any(k.endswith("/kernel") and "/lora_" not in k and
+                                                       k.startswith("llm/") for k in trained)
+    assert not any(k.startswith("vision/") for k in trained) and any(k.startswith("vision/") for k in flat)

@@ -103,7 +103,7 @@ def gradient_barrier(x: jax.Array) -> jax.Array:
     ``lax.cond`` whose two branches are both the identity, on a predicate XLA cannot fold. Measured on the
     ``experiments.bench`` Qwen2-VL tower (6 LayerNorm blocks, 2,048 patches x 384): the 8 largest such fusions
     held 0.3 s of 3 s of op time per step. Elsewhere (GPU, TPU) the gradient passes unchanged: their fusion
-    heuristics differ and a conditional costs a GPU a host round trip. Values are the identity's everywhere.
+    heuristics differ and a conditional may cost a GPU a host round trip. Values are the identity's everywhere.
     """
     return x
 

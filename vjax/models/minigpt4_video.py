@@ -74,8 +74,8 @@ class MiniGPT4VideoConfig:
                                             "num_frames": 90, **kw})
 
     # Frozen throughout: EVA, ln_vision, the base LLM (spec §3.4). "projector_llm": the projector and the whole LLM
-    # (base and LoRA), EVA frozen: the tiny staged run's stage 2, where a 2-layer LLM with LoRA rank 4 alone cannot
-    # learn to read the frames (docs/results.md)
+    # (base and LoRA), EVA frozen: a stage 2 for the tiny staged run, where a 2-layer LLM with LoRA rank 4 alone does
+    # not learn to read the frames ("video"); its default trains everything ("full"; docs/results.md)
     STAGES = {
         "image_pretrain": (r"^llama_proj/",),
         "video": (r"^llama_proj/", r"/lora_[AB]$"),

@@ -26,8 +26,8 @@ def get_config(variant: str = "tiny"):
     if variant == "tiny":
         # staged: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached), stage 1 the projector on
         # captions (the paper's image_pretrain), stage 2 everything on the questions (the tiny tower is 24 K of the
-        # 602 K parameters). One run each on the 600 test questions (docs/results.md): this 0.423 (subtitle open
-        # 0.906); the tower frozen ("projector_llm") 0.380 / 0.398 over two seeds, subtitle open 0.09-0.13; the
+        # 602 K parameters). On the 600 test questions (docs/results.md): this 0.423 / 0.408 over two seeds (subtitle
+        # open 0.906 / 1.000); the tower frozen ("projector_llm") 0.380 / 0.398, subtitle open 0.09-0.13; the
         # paper's stage 2 (projector + LoRA rank 4, LLM frozen) 0.290; from random weights in one stage 0.392
         c.stage0.parts = "vision,llm"
         c.align.update(steps=1200, stage="image_pretrain", learning_rate=2e-3, warmup_steps=20)

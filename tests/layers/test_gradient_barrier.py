@@ -23,6 +23,9 @@ def test_gradient_barrier_is_the_identity():
     np.testing.assert_array_equal(np.asarray(gradient_barrier(x)), np.asarray(x))
     np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(f))(x)), np.asarray(jax.grad(g)(x)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(f))(x)), np.asarray(jax.vmap(jax.grad(g))(x)), rtol=1e-6)
+    # forward mode works too (a JVP rule, from which reverse mode is derived)
+    np.testing.assert_allclose(np.asarray(jax.jvp(f, (x,), (jnp.ones_like(x),))[1]),
+                               np.asarray(jax.jvp(g, (x,), (jnp.ones_like(x),))[1]), rtol=1e-6)
     # a NaN gradient passes through unchanged (both branches are the identity), as do bf16 and empty arrays
     nan = jax.grad(lambda a: jnp.sum(gradient_barrier(a) * jnp.nan))(x)
     assert np.isnan(np.asarray(nan)).all()

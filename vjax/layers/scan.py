@@ -90,7 +90,7 @@ def checkpoint_policy(name: str) -> Callable | None:
     return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def gradient_barrier(x: jax.Array) -> jax.Array:
     """The identity, whose gradient XLA's CPU backend must compute once, not fuse into every consumer.
 
@@ -99,8 +99,9 @@ def gradient_barrier(x: jax.Array) -> jax.Array:
     elementwise producers into each consumer fusion (here the transposed operand of every weight gradient), so
     the chain was recomputed once per block: a cost quadratic in depth. ``lax.optimization_barrier`` does not stop
     it (the CPU pipeline expands barriers before fusing). A conditional does: fusion never crosses one, so on a
-    CPU target (:func:`vjax.layers.partitioning.target_platform`) the backward passes the gradient through a
-    ``lax.cond`` whose two branches are both the identity, on a predicate XLA cannot fold. Measured on the
+    CPU target (:func:`vjax.layers.partitioning.target_platform`) the tangent, and so (transposed) the gradient,
+    passes through a ``lax.cond`` whose two branches are both the identity, on a predicate XLA cannot fold (from
+    the primal value). A JVP rule rather than a VJP one keeps forward-mode differentiation working. Measured on the
     ``experiments.bench`` Qwen2-VL tower (6 LayerNorm blocks, 2,048 patches x 384): the 8 largest such fusions
     held 0.3 s of 3 s of op time per step. Elsewhere (GPU, TPU) the gradient passes unchanged: their fusion
     heuristics differ and a conditional may cost a GPU a host round trip. Values are the identity's everywhere.
@@ -108,19 +109,14 @@ def gradient_barrier(x: jax.Array) -> jax.Array:
     return x
 
 
-def _barrier_fwd(x: jax.Array) -> tuple[jax.Array, None]:
-    return x, None
-
-
-def _barrier_bwd(_, g: jax.Array) -> tuple[jax.Array]:
-    if target_platform() != "cpu" or g.size == 0:
-        return (g,)
-    first = g.reshape(-1)[0]
+@gradient_barrier.defjvp
+def _barrier_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    if target_platform() != "cpu" or x.size == 0:
+        return x, t
+    first = x.reshape(-1)[0]
     # both branches are the identity; XLA keeps the conditional because it cannot know the predicate
-    return (jax.lax.cond(first == first, lambda a: a, lambda a: a * 1, g),)
-
-
-gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+    return x, jax.lax.cond(first == first, lambda a: a, lambda a: a * 1, t)
 
 
 def remat_block(cls: type[nn.Module], policy: str, *, scanned: bool = False) -> type[nn.Module]:

@@ -347,9 +347,6 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
         if "vision" in parts and mcfg.vision.tower not in TOWERS:
             raise ConfigError("stage0.parts", f"the tower recipe takes frames as images: {c.model}'s tower "
                                               f"{mcfg.vision.tower!r} is not one of {TOWERS}")
-        if "llm" in parts and getattr(mcfg.llm, "visual_experts", False):
-            raise ConfigError("stage0.parts", f"{c.model}'s LLM has visual experts in every layer: the text "
-                                              f"recipe would leave them untrained")
         for f in dataclasses.fields(Recipe):
             v = c.stage0.get(f.name, f.default)
             low = 0 if f.name in ("text_weight", "tower_position_weight", "seed") else 1e-12

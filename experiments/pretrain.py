@@ -11,13 +11,16 @@ from a pretrained CLIP/EVA tower and a pretrained LLM.
   preprocessed as the run's frames (the model's resize, its mean and std). With ``tower_position_weight > 0`` a third
   linear head regresses each patch's own (row, column), so that the features keep where they are (trained on colour
   and shape alone, a linear probe reads the column back with R^2 0.02; with the head, 0.97; docs/results.md). The
-  heads are dropped afterwards.
+  heads are dropped afterwards. Qwen2-VL's ViT reads each frame as a still image (both temporal patches the same
+  frame, as the release packs images), its per-patch features (before the merger) brought back to row-major order.
 * **LLM** (``llm``): the model's own decoder trained on text: each training question of the set with its clip
   described in words (``vjax.data.synthetic.description``: objects in order of appearance, motion, appearance time,
   beeps, subtitle) where the video would be, rendered by the model's chat template exactly as in training (visual
   placeholders left out), plus "Describe the video." -> the caption. It learns to look an attribute up in its
   context and to answer with an option's letter before it ever sees a video. Loss: the answer tokens (weight 1)
-  and every other token (weight ``text_weight``).
+  and every other token (weight ``text_weight``). An LLM with visual experts (CogVLM2-Video's) trains only its
+  language experts on text; the model gets its vision experts as copies of them (CogVLM's initialisation,
+  ``vjax.layers.visual_expert.experts_from_language``), the cache keeps the part as trained.
 
 Both are cached once per machine, like the synthetic set: ``~/.cache/vjax/pretrained/<part>-<hash>/`` holds
 ``params.safetensors`` and ``manifest.json`` (the recipe, its held-out figures, the seconds it took); the hash
@@ -41,7 +44,7 @@ import numpy as np
 
 RECIPE_VERSION = 1
 PARTS = ("vision", "llm")  # the attribute names of the tower and the decoder in every model of vjax.models
-TOWERS = ("clip", "eva", "eva2")  # towers the tower recipe trains (frames in as images; not Qwen2-VL's packed patches)
+TOWERS = ("clip", "eva", "eva2", "qwen2_vl")  # towers the tower recipe trains (Qwen2-VL's: each frame a still image)
 HELD_OUT = 32  # held-out scenes: the first clips of the val seed stream (the set's val clips, however many it has)
 
 
@@ -184,12 +187,42 @@ def tower_batches(scenes: list[dict], fmt, frames_fn, grid: int, batch: int, see
                "shape": np.stack(shape)}
 
 
-def _tower_probe(vision_config, n_colours: int, n_shapes: int, position: bool):
-    import flax.linen as nn  # noqa: PLC0415
+def tower_grid(vision_config, frame_size: int) -> tuple[int, int]:
+    """Patches per side of the features the model reads from a ``frame_size``-px frame: the tower's own grid, or
+    for Qwen2-VL's native-resolution ViT the frame's side over its patch size."""
+    if vision_config.tower == "qwen2_vl":
+        return (frame_size // vision_config.patch_size,) * 2
+    return tuple(vision_config.grid)
 
-    from vjax.models.encoders import Encoder  # noqa: PLC0415
+
+def rows_from_merge_order(x, grid: tuple[int, int], merge: int):
+    """``[B, gh * gw, C]`` patch features in Qwen2-VL's packing order (``merge x merge`` blocks contiguous, blocks
+    row-major) -> the same in row-major patch order, as ``patch_labels`` and every other tower."""
+    (gh, gw), m, b = grid, merge, x.shape[0]
+    x = x.reshape(b, gh // m, gw // m, m, m, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, gh * gw, x.shape[-1])
+
+
+def _tower_probe(vision_config, grid: tuple[int, int], n_colours: int, n_shapes: int, position: bool):
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.models.encoders import Encoder, qwen2_vl_vision_inputs  # noqa: PLC0415
+    from vjax.models.qwen2_vl import qwen2_vl_patchify  # noqa: PLC0415
 
     heads = {"colour": n_colours, "shape": n_shapes, **({"position": 2} if position else {})}
+
+    def packed(tower, frames):
+        """Qwen2-VL: each frame a still image (its two temporal patches the same frame, as the release's images),
+        packed in merge-block order; features back in row-major patch order ``[B, g * g, C]``."""
+        v, (gh, gw) = vision_config, grid
+        m, b = v.spatial_merge_size, frames.shape[0]
+        pix = jax.vmap(lambda f: qwen2_vl_patchify(
+            jnp.repeat(f[None], v.temporal_patch_size, 0), v.patch_size, v.temporal_patch_size, m))(frames)
+        pos, seg = qwen2_vl_vision_inputs([(1, gh, gw)] * b, m)
+        feats = tower(pix.reshape(-1, pix.shape[-1]), positions=pos, segment_ids=seg, slice_size=gh * gw).features
+        return rows_from_merge_order(feats.reshape(b, gh * gw, -1), grid, m)
 
     class TowerProbe(nn.Module):
         """The tower (``vision``) and per-patch linear heads, ``{head: [B, N, out]}``: logits of the colour and the
@@ -197,9 +230,12 @@ def _tower_probe(vision_config, n_colours: int, n_shapes: int, position: bool):
 
         @nn.compact
         def __call__(self, frames):
-            feats = Encoder(vision_config, name="vision")(frames).features
-            g = vision_config.grid
-            if feats.shape[1] == g[0] * g[1] + 1:  # towers whose features keep the CLS token
+            tower = Encoder(vision_config, name="vision")
+            if vision_config.tower == "qwen2_vl":
+                feats = packed(tower, frames)
+            else:
+                feats = tower(frames).features
+            if feats.shape[1] == grid[0] * grid[1] + 1:  # towers whose features keep the CLS token
                 feats = feats[:, 1:]
             return {name: nn.Dense(n, name=f"{name}_head")(feats) for name, n in heads.items()}
 
@@ -231,12 +267,12 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
 
     from vjax.data.synthetic import PALETTE, SHAPES  # noqa: PLC0415
 
-    g = vision_config.grid
+    g = tower_grid(vision_config, frames_fn.size)
     if g[0] != g[1] or train_scenes[0]["size"] % g[0]:
         raise ValueError(f"the tower's patch grid {g} does not tile the synthetic set's {train_scenes[0]['size']}-px "
                          f"frames: pretraining needs a square grid that divides the frame size")
     position = recipe.tower_position_weight > 0
-    probe = _tower_probe(vision_config, 1 + len(PALETTE), 1 + len(SHAPES), position)
+    probe = _tower_probe(vision_config, g, 1 + len(PALETTE), 1 + len(SHAPES), position)
     batches = tower_batches(train_scenes, fmt, frames_fn, g[0], recipe.tower_batch, recipe.seed)
     first = next(batches)
     params = probe.init(jax.random.key(recipe.seed), first["frames"][:1])["params"]
@@ -434,6 +470,11 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
         params, manifest = cached
         shown = {k: round(v, 3) for k, v in manifest["figures"].items() if isinstance(v, float) and "/" not in k}
         log(f"stage 0 {part}: {directory} (built in {manifest['seconds']:.0f} s; held out: {shown})")
+        if part == "llm" and getattr(model_config.llm, "visual_experts", False):
+            # text trains only the language experts: the visual ones start as their copies, as CogVLM's
+            from vjax.layers.visual_expert import experts_from_language  # noqa: PLC0415
+
+            params = experts_from_language(params)
         out[part] = params
     return out
 

@@ -6,7 +6,8 @@ COMMAND: python -m experiments.train --config=cogvlm2_video[:tiny|chat] [--workd
 Variants:
   tiny  2-layer 128-wide Llama-3-style LLM with visual experts; EVA2-style tower at 56 px (7-px patches) -> 4 x 4
         after the 2x2 conv + boi/eoi = 18 tokens per frame, one frame per second (up to 4), each followed
-        by its timestamp.
+        by its timestamp. Staged: the stage-0 tower and LLM (visual experts copied from the language ones),
+        stage 1 (800 steps) the adapter on captions, stage 2 (2000) everything.
   chat  the released ``cogvlm2-video-llama3-chat`` (plain Llama-3-8B, 24 frames at 224 px): the LLM
         trains, the vision tower frozen (stage ``llm``). No official training code exists: lr 1e-5,
         cosine, warmup 3 % are this recipe's choice (spec_vit_family §4.9, unverified).
@@ -19,6 +20,11 @@ def get_config(variant: str = "tiny"):
     c = common.base("cogvlm2_video", variant)
     common.tiny_vision(c, out_dim=common.TINY_WIDTH, glu_dim=2 * common.TINY_WIDTH)  # out_dim = llm.hidden_size
     if variant == "tiny":
+        # stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached; the visual experts start as copies
+        # of the language ones, as CogVLM's), stage 1 the adapter on the captions, stage 2 everything
+        c.stage0.parts = "vision,llm"
+        c.align.update(steps=800, stage="adapter", learning_rate=2e-3, warmup_steps=20)
+        c.stage = "full"
         c.total_steps = 2000  # 72 tokens and an expert MLP per layer: 2500 steps took 1226 s here (2.0-2.5 steps/s)
         return c
     if variant == "chat":

@@ -5,7 +5,8 @@ COMMAND: python -m experiments.train --config=video_llama[:tiny|stage1|stage2|au
 Variants:
   tiny    2-layer 128-wide LLM; EVA-style tower at 56 px + image Q-Former (4 queries) + video Q-Former
           (6 queries); ImageBind-style audio tower on 2 clips of 2 s (36 mel x 204 frames) + audio
-          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Everything trains (random init).
+          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Staged: the stage-0 tower and LLM (as chat_univi's),
+          stage 1 (800 steps) the Q-Formers and projections on captions, stage 2 (1300) everything.
   stage1  VL pre-training: frame position embedding, video Q-Former, ``llama_proj`` train (EVA, image
           Q-Former, LLM frozen); lr 1e-4 -> 8e-5 cosine, warmup 2500, 5 x 2500 iterations, 8 GPUs x 32,
           8 frames, head-tail sampling (spec_qformer_family §2.5).
@@ -26,6 +27,13 @@ def get_config(variant: str = "tiny"):
     # 1800 steps took 1396 s here: the first epoch (750 steps, decoding video + audio) ~1.1 steps/s, then ~1.5
     c.total_steps = 1300
     if variant == "tiny":
+        # the papers' stages at tiny size: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached; the
+        # audio tower has no recipe and starts random), stage 1 both branches' Q-Formers and projections on the
+        # captions (``connectors``: the paper's image Q-Former is BLIP-2's, pretrained; none exists at tiny size),
+        # stage 2 everything on the questions
+        c.stage0.parts = "vision,llm"
+        c.align.update(steps=800, stage="connectors", learning_rate=2e-3, warmup_steps=20)
+        c.stage = "full"
         return c
     args = dict(preset="video_llama2_7b", frames=8, image_size=224, text_len=512, weight_decay=0.05,
                 tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/Video-LLaMA-2-7B")

@@ -23,10 +23,12 @@ from vjax.layers.visual_expert import (
     VisualExpertDecoderLayer,
     VisualExpertMlp,
     build_position_ids,
+    experts_from_language,
     vision_expert_mask,
 )
 from vjax.models.decoder import CausalLM, DecoderConfig
 from vjax.pretrained import abstract_params
+from vjax.pytree import flatten_params
 
 from tests.layers.golden import DictSource, load_case, with_prefix
 
@@ -162,6 +164,27 @@ def test_one_compilation_serves_any_token_type_layout():
     a = run(jnp.asarray(t["in/token_type_ids"]))
     b = run(jnp.zeros((2, 12), jnp.int32))  # text only
     assert run._cache_size() == 1 and np.abs(np.asarray(a - b)).max() > 1e-3
+
+
+def test_experts_copied_from_language_route_every_token_alike():
+    """CogVLM's init (the vision experts start as the language ones, vision bias 0): a decoder whose experts were
+    copied gives the same logits whether the tokens are typed vision or text; before the copy it does not."""
+    lm = CausalLM(DecoderConfig.from_expert_config(VisualExpertConfig.tiny()))
+    ids = jnp.arange(10, dtype=jnp.int32)[None] % 50
+    params = lm.init(jax.random.key(3), ids)["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), params)  # biases != 0
+
+    def logits(p, vision):
+        return np.asarray(lm.apply({"params": p}, ids, vision=jnp.full(ids.shape, vision)).logits)
+
+    assert np.abs(logits(params, True) - logits(params, False)).max() > 1e-2
+    copied = experts_from_language(params)
+    np.testing.assert_allclose(logits(copied, True), logits(copied, False), rtol=0, atol=1e-6)
+    flat, before = flatten_params(copied), flatten_params(params)
+    assert {k for k in flat if flat[k] is not before[k]} == {k for k in flat if "/vision_" in k}
+    with pytest.raises(ValueError, match=r"vision_q_proj/kernel has shapes \(2, 2\) but language_q_proj/kernel \(2, 3\)"):
+        experts_from_language({"language_q_proj": {"kernel": jnp.ones((2, 3))},
+                               "vision_q_proj": {"kernel": jnp.ones((2, 2))}})
 
 
 def test_parameters_carry_logical_axes():

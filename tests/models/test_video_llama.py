@@ -44,6 +44,9 @@ def test_tiny_trains_both_branches_and_stages_select_their_modules():
     stages = {
         "vl_pretrain": ("video_frame_position_embedding/", "video_qformer/", "llama_proj/"),
         "al_pretrain": ("audio_position_embedding/", "audio_qformer/", "audio_llama_proj/"),
+        # the tiny recipe's stage 1: everything between the towers and the LLM
+        "connectors": ("qformer/", "video_frame_position_embedding/", "video_qformer/", "llama_proj/",
+                       "audio_position_embedding/", "audio_qformer/", "audio_llama_proj/"),
     }
     for stage, prefixes in stages.items():
         mask = trainable_mask(params, VideoLLaMAConfig.STAGES[stage])

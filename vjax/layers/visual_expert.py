@@ -284,3 +284,47 @@ class VisualExpertDecoderLayer(nn.Module):
         mlp = VisualExpertMlp(c.hidden_size, c.intermediate_size, c.hidden_act, dtype=dt, param_dtype=pdt, name="mlp")
         h = h + mlp(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(h), vision)
         return constrain(h, ACTIVATION), cache
+
+
+def experts_from_language(params: Mapping[str, Any]) -> dict:
+    """Parameters (any subtree holding visual-expert layers, e.g. a decoder's) with every vision expert set to a copy
+    of its language expert, as CogVLM initialises its visual experts from the pretrained language model (§2.1: the
+    QKV matrix and MLP of the expert have the language model's shapes and start from its weights); a vision bias
+    without a language counterpart starts at zero. Leaves outside the experts are returned unchanged.
+
+    >>> p = {"self_attn": {"language_q_proj": {"kernel": jnp.ones((2, 2))},
+    ...                    "vision_q_proj": {"kernel": jnp.zeros((2, 2)), "bias": jnp.ones(2)}}}
+    >>> q = experts_from_language(p)["self_attn"]["vision_q_proj"]
+    >>> q["kernel"].tolist(), q["bias"].tolist()
+    ([[1.0, 1.0], [1.0, 1.0]], [0.0, 0.0])
+    >>> mlp = {"language_mlp": {"up_proj": {"kernel": jnp.ones((2, 3))}},
+    ...        "vision_mlp": {"up_proj": {"kernel": jnp.zeros((2, 3))}}}
+    >>> experts_from_language(mlp)["vision_mlp"]["up_proj"]["kernel"].sum().item()
+    6.0
+    """
+    def walk(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        out = {k: walk(v) for k, v in tree.items()}
+        for name, sub in tree.items():
+            twin = "language_" + name[len("vision_"):] if name.startswith("vision_") else None
+            if twin is None or twin not in tree:
+                continue
+            source = tree[twin]
+            missing = sorted(set(source) - set(sub))
+            if missing:
+                raise ValueError(f"{twin} has {missing} that {name} lacks: not a visual-expert pair")
+            copied = {}
+            for leaf, value in sub.items():
+                if leaf not in source:
+                    copied[leaf] = jax.tree.map(jnp.zeros_like, value)
+                    continue
+                want = jax.tree.map(jnp.shape, value)
+                if jax.tree.map(jnp.shape, source[leaf]) != want:
+                    raise ValueError(f"{name}/{leaf} has shapes {want} but {twin}/{leaf} "
+                                     f"{jax.tree.map(jnp.shape, source[leaf])}")
+                copied[leaf] = source[leaf]
+            out[name] = copied
+        return out
+
+    return walk(params)

@@ -138,7 +138,9 @@ class Qwen2VLConfig:
         pre = preprocessing_from_hf(cfg.get("preprocessor_config"), cfg.get("video_preprocessor_config"), vision)
         return cls(**{"vision": vision, "llm": llm, **ids, **pre, **kw})
 
-    STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^merger/", r"^llm/")}
+    # "vision": the paper's stage 1 (the ViT and merger train, the LLM frozen); "llm": its stage 3
+    STAGES = {"full": None, "llm": (r"^llm/",), "vision_merger": (r"^merger/", r"^llm/"),
+              "vision": (r"^vision/", r"^merger/")}
 
 
 def _pixels(d: dict, key: str, size_key: str) -> int | None:

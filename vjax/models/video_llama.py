@@ -112,6 +112,10 @@ class VideoLLaMAConfig:
         "vl_finetune": (r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/"),
         "al_pretrain": (r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
         "al_finetune": (r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
+        # the tiny recipe's stage 1 (no pretrained Q-Former exists at tiny size): both branches' Q-Formers, positions
+        # and projections train; the towers and the LLM stay frozen
+        "connectors": (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
+                       r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
         "full": None,
     }
 

@@ -101,7 +101,10 @@ def row(run: dict[str, Any]) -> list[str]:
     r, s = run["report"], run["summary"]
     if s:
         steps = f"{s['align_steps']} + {s['steps']}" if s.get("align_steps") else str(s["steps"])
-        wall = f"{s['command_seconds'] / 60:.1f} min" + (" (resumed)" if s.get("resumed") else "")
+        built = s.get("stage0_seconds", 0.0) if s.get("stage0_seconds", 0.0) >= 30 else 0.0  # a build, not a read
+        wall = f"{(s['command_seconds'] - built) / 60:.1f} min" + (" (resumed)" if s.get("resumed") else "")
+        if built:
+            wall += f" (+{built / 60:.1f} min building stage 0)"
         tokens = str(s.get("visual_tokens", "-"))
     else:
         steps, wall, tokens = str(r.get("step", "-")), "-", "-"

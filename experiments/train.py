@@ -208,10 +208,11 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
 
     resumed = has_checkpoint(workdir)
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     # on a fault: one line, and the exit code returned (not sys.exit here), so that the data iterator and its
     # Grain workers are released with this frame before the process exits
     try:
-        init_params = earlier_stages(c, plan, b, workdir)
+        init_params = earlier_stages(c, plan, b, workdir, timings)
         run(b.trainer, b.data, workdir, b.loop, eval_fn=b.evaluator, init_params=init_params,
             config_json=b.config_json, on_restore=on_restore, host_metrics=b.data.take)
     except Interrupted as err:
@@ -233,14 +234,15 @@ def train(c, plan: dict, name: str, variant: str, workdir: str) -> int:
         eval_cmd.score_test_split(config.load_run(workdir), c.eval.test_records, progress=b.loop.progress)
     if main_process:
         write_summary(workdir, c, name, variant, trained_seconds=trained, visual_tokens=b.visual_tokens,
-                      resumed=resumed)
+                      resumed=resumed, stage0_seconds=timings.get("stage0_seconds", 0.0))
     return 0
 
 
 def write_summary(workdir: str, c, name: str, variant: str, *, trained_seconds: float, visual_tokens: int,
-                  resumed: bool) -> dict:
+                  resumed: bool, stage0_seconds: float = 0.0) -> dict:
     """``<workdir>/run_summary.json``: the model, its stages' steps, the seconds the training took (stage 0 lookup or
-    build, stage 1, stage 2) and the whole command's wall time (start-up, set, training and test table), the load
+    build, stage 1, stage 2) and the whole command's wall time (start-up, set, training and test table), of which
+    ``stage0_seconds`` went to finding or building the pretrained parts (about 0 when they were cached), the load
     average at the end, visual tokens per clip; ``experiments.results`` tabulates it beside the test report.
     ``resumed``: the command continued an earlier run, so its seconds are not the whole run's."""
     import json  # noqa: PLC0415
@@ -250,7 +252,8 @@ def write_summary(workdir: str, c, name: str, variant: str, *, trained_seconds: 
     summary = {
         "model": name, "variant": variant, "steps": int(c.total_steps), "align_steps": int(c.align.steps),
         "stage0": str(c.stage0.parts), "stage": str(c.stage), "train_seconds": round(trained_seconds, 1),
-        "command_seconds": round(time.time() - _STARTED, 1), "resumed": bool(resumed),
+        "command_seconds": round(time.time() - _STARTED, 1), "stage0_seconds": round(stage0_seconds, 1),
+        "resumed": bool(resumed),
         "visual_tokens": int(visual_tokens), "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -267,11 +270,11 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
-def earlier_stages(c, plan: dict, b, workdir: str):
+def earlier_stages(c, plan: dict, b, workdir: str, timings: dict | None = None):
     """The parameters the main run starts from: ``init_params`` (``b.init_params``), or, for a run that starts
     (no checkpoint in ``workdir``), stage 0 (``stage0.parts`` from :mod:`experiments.pretrain`, in a random
     init of the rest) then stage 1 (``align.steps`` of ``align.stage`` on the captions, in ``<workdir>/align``,
-    resumable like any run)."""
+    resumable like any run). ``timings["stage0_seconds"]``: the seconds stage 0 took (a build, or a cache read)."""
     import jax  # noqa: PLC0415
 
     from experiments import pretrain  # noqa: PLC0415
@@ -291,7 +294,10 @@ def earlier_stages(c, plan: dict, b, workdir: str):
             return pretrain.ensure_parts(c, plan["model"], b.model_config, b.spec, b.tokenizer, paths,
                                          progress=b.loop.progress and main_process, log=log)
 
+        t0 = time.perf_counter()
         got = ensure(print) if main_process else None
+        if timings is not None:
+            timings["stage0_seconds"] = time.perf_counter() - t0
         if jax.process_count() > 1:  # process 0 builds, the others then read its cache
             from jax.experimental import multihost_utils  # noqa: PLC0415
 

@@ -57,6 +57,12 @@ def test_row_and_table_state_each_figure_beside_its_chance(tmp_path):
     lines = text.splitlines()
     assert lines[0].count("|") == len(results.COLUMNS) + 1 and len(lines[1].split("|")) == len(results.COLUMNS) + 2
     assert "trained on 2026-12-04 on 2 CPU cores (load average at the end up to 2.1)" in text
+    # a command that built its stage-0 parts: the wall without the build, the build beside it; a cache read (~0 s) is
+    # part of the run
+    runs[0]["summary"]["stage0_seconds"] = 240.0
+    assert results.row(runs[0])[2] == "11.6 min (+4.0 min building stage 0)"
+    runs[0]["summary"]["stage0_seconds"] = 1.5
+    assert results.row(runs[0])[2] == "15.6 min"
 
 
 def test_readme_block_is_replaced_between_the_markers_only(tmp_path):

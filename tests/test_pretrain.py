@@ -324,7 +324,7 @@ def test_staged_training_command(tiny_run, tmp_path):
     assert (summary["model"], summary["align_steps"], summary["steps"], summary["resumed"]) == ("chat_univi", 2, 2,
                                                                                                 False)
     assert 0 < summary["train_seconds"] < summary["command_seconds"], summary
-    assert 0 <= summary["stage0_seconds"] < 30, summary  # the parts were cached (the fixture built them): a read
+    assert 0 < summary["stage0_seconds"] < summary["train_seconds"], summary  # stage 0: a part of the training time
 
     cache = d / "cache" / "pretrained"
     parts = {p.name.split("-")[0]: pretrain.load_part(str(p))[0] for p in cache.iterdir()}

@@ -30,7 +30,9 @@ def test_qwen2_vl_trains_on_frame_shape_buckets_and_chats_in_its_bucket(tmp_path
     args = ["--config=qwen2_vl", f"--workdir={workdir}", f"--config.data.train_annotations={tmp_path / 'train.json'}",
             f"--config.data.tokenizer={tok}", "--config.data.frame_buckets=((56, 56), (56, 112))",
             "--config.data.batch_size=2", "--config.data.text_buckets=(64,)", "--config.log_every=1",
-            "--config.eval.records=0", "--config.data.cache_mb=0"]
+            "--config.eval.records=0", "--config.data.cache_mb=0",
+            "--config.stage0.parts=", "--config.align.steps=0",  # real data: no synthetic-set stages
+            "--config.data.worker_count=0"]  # 3 steps: a Grain worker's start-up costs more than it saves
     r = _command("train", [*args, "--config.total_steps=3"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # tiny Qwen2-VL: 7-px patches merged 2 x 2, 4 frames -> 2 x (56/7 x 56/7) / 4 = 32 and 2 x (8 x 16) / 4 = 64

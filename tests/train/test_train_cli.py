@@ -1,8 +1,9 @@
 """``python -m experiments.train``: every registered model trains 3 steps at tiny size on a tiny
-synthetic set and writes metrics and a checkpoint (for one model the same command with more steps
-resumes from it); then ``experiments.chat`` (two interactive turns about a held-out clip) and
-``experiments.eval`` (the set's held-out split) run on that checkpoint. Bad configurations fail fast
-(no compilation) with exit code 2 and the key named."""
+synthetic set, writes metrics and a checkpoint and scores the set's test split at the end, in the same process (for
+one model the same command with more steps resumes from it); then ``experiments.chat`` (two interactive turns about
+a held-out clip) runs on that checkpoint, and for one model ``experiments.eval`` (the scoring of the test split is
+the code the end of training ran for every model). Bad configurations fail fast (no compilation) with exit code 2
+and the key named."""
 
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ MODELS = [m for m in registry.names() if m in config.config_names()]
 # Resuming is model-independent (one Orbax state, the Grain iterator): one model runs it here, and
 # tests/train/test_loop.py kills a run with SIGKILL and resumes it bitwise.
 RESUMED = ("chat_univi",)
-# A handful of short clips; one text bucket so each run compiles one train step.
+# A handful of short clips; one text bucket so each run compiles one train step; 2 test questions scored at the end.
 TINY_DATA = ["--config.data.synthetic.num_train=4", "--config.data.synthetic.num_val=2",
-             "--config.data.synthetic.num_test=0", "--config.data.synthetic.long_every=0",
+             "--config.data.synthetic.num_test=1", "--config.data.synthetic.long_every=0",
              "--config.data.synthetic.show_progress=False", "--config.data.batch_size=2",
              "--config.data.text_buckets=(256,)", "--config.log_every=1", "--config.save_every=100",
-             "--config.stage0.parts=", "--config.align.steps=0", "--config.eval.records=0"]
+             "--config.stage0.parts=", "--config.align.steps=0", "--config.eval.test_records=2",
+             "--config.eval.max_new_tokens=2", "--config.eval.batch_size=2", "--config.eval.records=0"]
+# The main job keeps the default Grain worker process; the others read in the training process (3 steps: a
+# worker's start-up would cost more than it saves; tests/data covers the workers)
+IN_PROCESS = "--config.data.worker_count=0"
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +67,10 @@ def test_train_three_steps_then_chat_and_eval(model, shared):
     d, env = shared
     workdir = d / model
     args = [f"--config={model}", f"--workdir={workdir}", f"--config.data.root={d / 'synthetic'}", *TINY_DATA]
-    if model == "chat_univi":  # one model also runs the generation-based evaluation
+    if model == "chat_univi":  # one model also runs the generation-based evaluation during training
         args[-1] = "--config.eval.records=2"
-        args += ["--config.eval.max_new_tokens=2", "--config.eval.batch_size=2"]
+    else:
+        args.append(IN_PROCESS)
     r = _train([*args, "--config.total_steps=3"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _metrics(workdir)
@@ -75,6 +81,11 @@ def test_train_three_steps_then_chat_and_eval(model, shared):
     cfg = json.loads((workdir / "config.json").read_text())
     assert cfg["model"] == model and cfg["experiment"]["total_steps"] == 3
     assert "visual tokens per clip:" in r.stdout
+    # the test split scored at the end of training, as experiments.eval scores it
+    assert "test split: 2 questions" in r.stdout and "2 test questions in" in r.stdout, r.stdout[-3000:]
+    report = json.loads((workdir / "eval" / "synthetic_test.json").read_text())
+    assert report["model"] == model and report["step"] == 3 and report["evaluated"] == 2
+    assert report["accuracy"]["all"]["n"] == 2 and len(report["predictions"]) == 2
     if model == "chat_univi":
         val = [x for x in rows if x["split"] == "val"]
         assert val and "accuracy/all" in val[-1] and "loss" in val[-1]
@@ -99,14 +110,17 @@ def test_train_three_steps_then_chat_and_eval(model, shared):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{model} step {step}" in r.stdout and r.stdout.count("model> ") == 2 and r.stdout.count("you> ") == 3
 
-    # eval: the synthetic set's held-out split (no test clips here: its validation split)
+    if model not in RESUMED:
+        return
+    # eval, the command: the synthetic set's test split, on the resumed checkpoint
+    (workdir / "eval" / "synthetic_test.json").unlink()
     r = _command("eval", [f"--workdir={workdir}", "--batch_size=2", "--max_new_tokens=2", "--limit=2",
                           "--noprogress"], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads((workdir / "eval" / "synthetic_val.json").read_text())
+    report = json.loads((workdir / "eval" / "synthetic_test.json").read_text())
     assert report["model"] == model and report["step"] == step and report["evaluated"] == 2
     assert report["accuracy"]["all"]["n"] == 2 and len(report["predictions"]) == 2
-    assert "all" in r.stdout and "synthetic_val" in r.stdout
+    assert "all" in r.stdout and "synthetic_test" in r.stdout
 
 
 BAD = [

@@ -42,3 +42,18 @@ def pytest_sessionfinish(session, exitstatus):
     """The controller (not an xdist worker) removes the session's compilation cache."""
     if "PYTEST_XDIST_WORKER" not in os.environ and os.environ.get("JAX_COMPILATION_CACHE_DIR") == CACHE_DIR:
         shutil.rmtree(CACHE_DIR, ignore_errors=True)
+
+
+# pytest-xdist's --dist loadfile hands out whole files in collection order, and the slowest files (subprocess runs of
+# every model) sort last alphabetically, so one worker used to run them alone at the end while the other idled.
+# Longest first (seconds of the 2026-12-05 suite's slowest tests per file): the rest keep their order after these.
+LONGEST_FILES = ("tests/train/test_train_cli.py", "tests/test_pretrain.py", "tests/train/test_train_faults.py",
+                 "tests/train/test_sharded.py", "tests/train/test_train_faults_data.py", "tests/test_notebooks.py",
+                 "tests/train/test_frame_buckets.py", "tests/test_bench.py", "tests/test_plan.py",
+                 "tests/convert/test_convert_cli.py", "tests/test_quant.py", "tests/train/test_loop.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in ``LONGEST_FILES`` first, in that order (a stable sort: tests within a file keep theirs)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

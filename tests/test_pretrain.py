@@ -314,8 +314,9 @@ def test_staged_training_command(tiny_run, tmp_path):
                                                         "lm_turns", "warmup_steps")],
             "--config.align.steps=2", "--config.align.stage=pretrain", "--config.stage=finetune",
             "--config.data.batch_size=2", "--config.data.text_buckets=(256,)", "--config.log_every=1",
-            "--config.eval.records=0", "--config.eval.test_records=0", "--config.total_steps=2",
-            "--config.data.worker_count=0"]  # 2 + 2 steps: a Grain worker's start-up costs more than it saves
+            "--config.eval.records=0", "--config.eval.test_records=0",
+            "--config.data.worker_count=0",  # 2 + 2 steps: a Grain worker's start-up costs more than it saves
+            "--config.total_steps=2"]  # last: the rerun below replaces it
     r = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

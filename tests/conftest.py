@@ -46,7 +46,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 # pytest-xdist's --dist loadfile hands out whole files in collection order, and the slowest files (subprocess runs of
 # every model) sort last alphabetically, so one worker used to run them alone at the end while the other idled.
-# Longest first (seconds of the 2026-12-05 suite's slowest tests per file): the rest keep their order after these.
+# Longest first (seconds of the 2026-12-05 suite's slowest tests per file), then the other tests/train files (each
+# compiles or starts training processes), then the rest in collection order: short tests fill the workers' tails.
 LONGEST_FILES = ("tests/train/test_train_cli.py", "tests/test_pretrain.py", "tests/train/test_train_faults.py",
                  "tests/train/test_sharded.py", "tests/train/test_train_faults_data.py", "tests/test_notebooks.py",
                  "tests/train/test_frame_buckets.py", "tests/test_bench.py", "tests/test_plan.py",
@@ -54,6 +55,12 @@ LONGEST_FILES = ("tests/train/test_train_cli.py", "tests/test_pretrain.py", "tes
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files in ``LONGEST_FILES`` first, in that order (a stable sort: tests within a file keep theirs)."""
+    """Files in ``LONGEST_FILES`` first, in that order, then tests/train (a stable sort: tests keep their order within
+    a file)."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return rank.get(path, len(rank) + (0 if path.startswith("tests/train/") else 1))
+
+    items.sort(key=key)

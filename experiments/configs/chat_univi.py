@@ -32,9 +32,7 @@ def get_config(variant: str = "tiny"):
     if variant == "tiny":
         # the paper's recipe at tiny size: stage 0 a pretrained tower and LLM (experiments/pretrain.py, cached),
         # stage 1 the projector on captions, stage 2 the projector and the LLM on the questions (tower frozen)
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=1200, stage="pretrain", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "finetune"
+        common.staged(c, align_steps=1200, align_stage="pretrain", stage="finetune")
         c.total_steps = 9000
         c.optim.learning_rate = 5e-4
         return c

@@ -22,9 +22,7 @@ def get_config(variant: str = "tiny"):
     if variant == "tiny":
         # stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached; the visual experts start as copies
         # of the language ones, as CogVLM's), stage 1 the adapter on the captions, stage 2 everything
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=800, stage="adapter", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "full"
+        common.staged(c, align_steps=800, align_stage="adapter", stage="full")
         c.total_steps = 2000  # 72 tokens and an expert MLP per layer: 2500 steps took 1226 s here (2.0-2.5 steps/s)
         return c
     if variant == "chat":

@@ -138,6 +138,15 @@ def tiny_vision(c: ml_collections.ConfigDict, **fields) -> None:
     c.model_overrides.vision = {**vision, "patch_size": TINY_PATCH, **fields}
 
 
+def staged(c: ml_collections.ConfigDict, *, align_steps: int, align_stage: str, stage: str) -> None:
+    """The tiny runs' papers' recipe: stage 0 the pretrained tower and LLM (``experiments.pretrain``, cached),
+    stage 1 ``align_stage`` for ``align_steps`` on the captions (lr 2e-3, warmup 20), stage 2 ``stage`` on the
+    questions (``total_steps``)."""
+    c.stage0.parts = "vision,llm"
+    c.align.update(steps=align_steps, stage=align_stage, learning_rate=2e-3, warmup_steps=20)
+    c.stage = stage
+
+
 def published(c: ml_collections.ConfigDict, *, preset: str, stage: str, lr: float, warmup: int, steps: int,
               batch: int, frames: int, image_size: int, data_dir: str, tokenizer: str, init_params: str,
               text_len: int = 2048, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,

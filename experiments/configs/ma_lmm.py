@@ -26,9 +26,7 @@ def get_config(variant: str = "tiny"):
         # the paper's parts at tiny size: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached),
         # stage 1 its trainable set (``finetune``: ln_vision, Q-Former with its memory banks, llm_proj) on the
         # captions, stage 2 everything on the questions
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=800, stage="finetune", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "full"
+        common.staged(c, align_steps=800, align_stage="finetune", stage="full")
         c.total_steps = 2400  # from random weights 3000 steps took 1399 s here (2.2-2.7 steps/s)
         return c
     args = dict(preset="ma_lmm_vicuna7b", stage="finetune", image_size=224, text_len=512, weight_decay=0.05,

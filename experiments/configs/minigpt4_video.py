@@ -29,9 +29,7 @@ def get_config(variant: str = "tiny"):
         # 602 K parameters). On the 600 test questions (docs/results.md): this 0.423 / 0.408 over two seeds (subtitle
         # open 0.906 / 1.000); the tower frozen ("projector_llm") 0.380 / 0.398, subtitle open 0.09-0.13; the
         # paper's stage 2 (projector + LoRA rank 4, LLM frozen) 0.290; from random weights in one stage 0.392
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=1200, stage="image_pretrain", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "full"
+        common.staged(c, align_steps=1200, align_stage="image_pretrain", stage="full")
         c.total_steps = 2400  # 64 tokens: stage 2 at 4.4 steps/s on 2026-12-04's machine (12.7 min in all, parts cached)
         return c
     args = dict(preset="minigpt4_video_llama2", stage="video", frames=45, image_size=224, text_len=4096,

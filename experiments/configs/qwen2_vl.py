@@ -23,9 +23,7 @@ def get_config(variant: str = "tiny"):
         # the paper's stages at tiny size: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached; as
         # the paper's ViT starts from DFN's), stage 1 the ViT and merger on the captions with the LLM frozen (the
         # paper's first stage), stage 2 everything on the questions
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=800, stage="vision", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "full"
+        common.staged(c, align_steps=800, align_stage="vision", stage="full")
         return c
     if variant in ("7b", "2b"):
         common.published(c, preset=f"qwen2_vl_{variant}", stage="llm", lr=1e-5, warmup=300, steps=10000, batch=64,

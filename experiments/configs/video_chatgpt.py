@@ -22,9 +22,7 @@ def get_config(variant: str = "tiny"):
         # staged as Chat-UniVi's tiny run, for a comparison at equal training: stage 0 the pretrained tower and LLM
         # (experiments/pretrain.py, cached), stage 1 the projector on captions (LLaVA's first stage), stage 2 the
         # projector and the LLM on the questions (LLaVA's second; the paper then tunes the projector alone)
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=1200, stage="finetune", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "projector_llm"
+        common.staged(c, align_steps=1200, align_stage="finetune", stage="projector_llm")
         # 9000 steps as chat_univi (all test questions 0.395 vs its 0.412, at 4.25x its visual tokens) took 26 min
         # here (7 steps/s with 68 tokens); 5000 keeps the run within 20 minutes
         c.total_steps = 5000

@@ -31,9 +31,7 @@ def get_config(variant: str = "tiny"):
         # audio tower has no recipe and starts random), stage 1 both branches' Q-Formers and projections on the
         # captions (``connectors``: the paper's image Q-Former is BLIP-2's, pretrained; none exists at tiny size),
         # stage 2 everything on the questions
-        c.stage0.parts = "vision,llm"
-        c.align.update(steps=800, stage="connectors", learning_rate=2e-3, warmup_steps=20)
-        c.stage = "full"
+        common.staged(c, align_steps=800, align_stage="connectors", stage="full")
         return c
     args = dict(preset="video_llama2_7b", frames=8, image_size=224, text_len=512, weight_decay=0.05,
                 tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/Video-LLaMA-2-7B")

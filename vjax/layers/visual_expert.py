@@ -319,10 +319,9 @@ def experts_from_language(params: Mapping[str, Any]) -> dict:
                 if leaf not in source:
                     copied[leaf] = jax.tree.map(jnp.zeros_like, value)
                     continue
-                want = jax.tree.map(jnp.shape, value)
-                if jax.tree.map(jnp.shape, source[leaf]) != want:
-                    raise ValueError(f"{name}/{leaf} has shapes {want} but {twin}/{leaf} "
-                                     f"{jax.tree.map(jnp.shape, source[leaf])}")
+                want, got = jax.tree.map(jnp.shape, value), jax.tree.map(jnp.shape, source[leaf])
+                if got != want:
+                    raise ValueError(f"{name}/{leaf} has shapes {want} but {twin}/{leaf} {got}")
                 copied[leaf] = source[leaf]
             out[name] = copied
         return out

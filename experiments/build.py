@@ -9,6 +9,7 @@ the tokenizer, the model, the trainer on its mesh, the input pipeline and the ev
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -39,6 +40,21 @@ class Built:
     visual_tokens: int  # per full clip
 
 
+def answerable_only(records: list[dict], spec: Any, name: str = "training", verbose: bool = True) -> list[dict]:
+    """The synthetic ``records`` a model of format ``spec`` can answer from its inputs
+    (:func:`vjax.data.synthetic.answerable`); says which question types were left out and why."""
+    from vjax.data.synthetic import QUESTION_INPUTS, answerable  # noqa: PLC0415
+
+    inputs = spec.inputs()
+    kept = [r for r in records if answerable(r, inputs)]
+    dropped = collections.Counter(r.get("question_type") for r in records if not answerable(r, inputs))
+    if verbose and dropped:
+        why = ", ".join(f"{t} {n} (needs {QUESTION_INPUTS[t]})" for t, n in sorted(dropped.items()))
+        print(f"{name} questions: {len(kept)} of {len(records)}, those the model can answer from its inputs "
+              f"({', '.join(sorted(inputs))}); left out: {why} (data.train_questions=all keeps them)", flush=True)
+    return kept
+
+
 def build(c, plan: dict, workdir: str) -> Built:
     """Build a run of config ``c`` (validated into ``plan``); writes ``config.json`` and the tokenizer copy into
     ``workdir`` (process 0). Raises :class:`~experiments.config.ConfigError` for what only the data can reveal
@@ -64,8 +80,11 @@ def build(c, plan: dict, workdir: str) -> Built:
     tokenizer = formats.TextTokenizer(tok_dir)
     mcfg = cfg.resolve_markers(model, plan["model_config"], tokenizer)
     spec = cfg.data_format(model, mcfg, c)
-    train_records = merge_turns(cfg.records(c, "train", paths), c.data.turns_per_record, seed=c.seed)
-    val_records = cfg.records(c, "val", paths)
+    train_records, val_records = cfg.records(c, "train", paths), cfg.records(c, "val", paths)
+    if paths is not None and c.data.get("train_questions", "answerable") == "answerable":
+        train_records, val_records = (answerable_only(recs, spec, name, main_process)
+                                      for recs, name in ((train_records, "training"), (val_records, "validation")))
+    train_records = merge_turns(train_records, c.data.turns_per_record, seed=c.seed)
     fmt = formats.VideoQAFormat(spec, tokenizer)
     longest = cfg.check_lengths(c, fmt, train_records)
     if not train_records:

@@ -334,6 +334,9 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
     if kind == "captions" and c.data.train_annotations:
         raise ConfigError("data.train_records", "'captions' are built from the synthetic set's ground truth; "
                                                 "real annotations hold their own records")
+    questions = c.data.get("train_questions", "answerable")
+    if questions not in ("answerable", "all"):
+        raise ConfigError("data.train_questions", f"must be 'answerable' or 'all', got {questions!r}")
     if "stage0" in c:
         try:
             parts = parse_parts(c.stage0.parts)

@@ -151,15 +151,24 @@ def kind(record: dict) -> str:
 
 
 def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 0.5,
-              likelihood: Sequence[int | None] | None = None) -> dict[str, Any]:
+              likelihood: Sequence[int | None] | None = None, inputs: frozenset[str] | None = None
+              ) -> dict[str, Any]:
     """Accuracy per task (``question_type``) and per kind (``multiple_choice``/``open``/``timestamp``),
     ``all``; per task and object count of the clip where records carry ``num_objects`` (the synthetic set);
     timestamp closeness; every prediction. Beside every figure its chance level (:func:`chance_level`).
 
     ``likelihood``: per record, the option chosen by likelihood (``vjax.eval.OptionScorer``; None for records
     without choices): multiple choice is then also reported that way (``multiple_choice``: per task, the
-    generated letter and the likelihood choice side by side)."""
+    generated letter and the likelihood choice side by side).
+
+    ``inputs``: what the model perceives (``FormatSpec.inputs()``); where some questions need another input (beeps
+    without an audio branch, subtitles without subtitles in the template: :func:`vjax.data.synthetic.answerable`),
+    the group ``answerable`` holds the others, and each prediction row says whether it was answerable."""
     from vjax.data import formats  # noqa: PLC0415
+    from vjax.data.synthetic import answerable  # noqa: PLC0415
+
+    can = [inputs is None or answerable(r, inputs) for r in records]
+    partial = not all(can)
 
     groups: dict[str, list[int]] = collections.defaultdict(list)
     cross: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -172,6 +181,8 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         row = {"id": rec.get("id"), "question_type": rec.get("question_type", "unknown"), "kind": kind(rec),
                "question": formats.question_answer(rec)[1], "prediction": pred, "answer": rec.get("answer"),
                "correct": ok}
+        if partial:
+            row["answerable"] = can[i]
         if row["kind"] == "timestamp":
             err = formats.timestamp_error(pred, rec)
             row["abs_error_s"] = err
@@ -180,10 +191,11 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         if likelihood is not None and likelihood[i] is not None:
             row["likelihood_choice"] = int(likelihood[i])
             row["likelihood_correct"] = int(likelihood[i]) == int(rec["answer_index"])
-            for g in (row["question_type"], "all"):
+            for g in (row["question_type"], "all", *(("answerable",) if partial and can[i] else ())):
                 mc[g].append(i)
         rows.append(row)
-        for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all"):
+        for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all",
+                  *(("answerable",) if partial and can[i] else ())):
             groups[g].append(i)
         cross[row["question_type"]][row["kind"]].append(i)
         if rec.get("num_objects") is not None:
@@ -203,7 +215,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
             g: {"letter": float(np.mean([correct[i] for i in v])),
                 "likelihood": float(np.mean([rows[i]["likelihood_correct"] for i in v])),
                 "n": len(v), "chance": chance_level([records[i] for i in v])}
-            for g, v in sorted(mc.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+            for g, v in sorted(mc.items(), key=lambda kv: (kv[0] in ("all", "answerable"), kv[0]))}
     if errors:
         close = [e is not None and e <= tolerance for e in errors]
         named = [e for e in errors if e is not None]
@@ -256,7 +268,7 @@ def table(report: dict) -> str:
         lines.append(f"control: {report['control']} ({CONTROLS[report['control']]})")
     lines.append(f"{'group':<28} {'accuracy':>8} {'chance':>7} {'n':>5}")
     acc = report["accuracy"]
-    for k in sorted(acc, key=lambda k: (k == "all", not k.startswith("task/"), k)):
+    for k in sorted(acc, key=lambda k: (k in ("all", "answerable"), not k.startswith("task/"), k)):
         lines.append(f"{k:<28} {acc[k]['accuracy']:>8.3f} {acc[k].get('chance', float('nan')):>7.3f} "
                      f"{acc[k]['n']:>5}")
     cross = report.get("task_by_kind", {})
@@ -442,7 +454,7 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
     if not kept:
         raise TooManyBadRecords(f"nothing was evaluated: {load.skips.summary()}")
     load.skips.check()
-    report = summarize(kept, predictions, tolerance, chosen if likelihood else None)
+    report = summarize(kept, predictions, tolerance, chosen if likelihood else None, inputs=run.spec.inputs())
     report.update(num_records=len(records), evaluated=len(kept), skipped_unreadable=skipped,
                   seconds=round(time.perf_counter() - t0, 2), control=control)
     return report

@@ -6,7 +6,8 @@ r"""The README's results table from training runs: ``python -m experiments.resul
 Each WORKDIR is one ``python -m experiments.train`` run on the synthetic set: its ``eval/synthetic_test.json`` (the
 test split scored at the end of training, or by ``python -m experiments.eval``) and its ``run_summary.json`` (steps,
 wall time, load average; written by ``experiments.train``). One row per run: the steps of stage 1 + stage 2, the
-command's wall time, visual tokens per clip, all questions, the open questions a model answers from what it sees
+command's wall time, visual tokens per clip, all questions, those the model can answer from its inputs (no beeps
+without audio, no subtitle facts without subtitles), the open questions a model answers from what it sees
 (colour, shape, count), motion, multiple choice by letter and by likelihood, and the model's own skill from the
 training issue (``OWN_SKILL``); every figure with its chance level in brackets.
 
@@ -64,9 +65,9 @@ OWN_SKILL: dict[str, Callable[[dict], str]] = {
 
 def _multiple_choice(report: dict, key: str) -> str:
     """``key`` (``letter`` / ``likelihood``) over the question types that have it, weighted by their questions (the
-    report's own ``all`` group left out: it is that average already, and it needs every type scored)."""
+    report's own ``all`` and ``answerable`` groups left out: they are such averages already)."""
     rows = [v for k, v in report.get("multiple_choice", {}).items()
-            if k != "all" and v.get("n") and v.get(key) is not None]
+            if k not in ("all", "answerable") and v.get("n") and v.get(key) is not None]
     n = sum(v["n"] for v in rows)
     if not n:
         return "-"
@@ -92,8 +93,8 @@ def load(workdir: str) -> dict[str, Any]:
     return {"report": report, "summary": summary}
 
 
-COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all", "colour (open)", "shape (open)",
-           "count (open)", "motion", "MC by letter", "MC by likelihood", "own skill")
+COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all", "answerable", "colour (open)",
+           "shape (open)", "count (open)", "motion", "MC by letter", "MC by likelihood", "own skill")
 
 
 def row(run: dict[str, Any]) -> list[str]:
@@ -110,7 +111,9 @@ def row(run: dict[str, Any]) -> list[str]:
         steps, wall, tokens = str(r.get("step", "-")), "-", "-"
     model = r.get("model", "?")
     skill = OWN_SKILL.get(model)
-    return [model, steps, wall, tokens, _fig(r["accuracy"].get("all")), _fig(_open(r, "colour")),
+    acc = r["accuracy"]
+    return [model, steps, wall, tokens, _fig(acc.get("all")), _fig(acc.get("answerable", acc.get("all"))),
+            _fig(_open(r, "colour")),
             _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")),
             _multiple_choice(r, "letter"), _multiple_choice(r, "likelihood"), skill(r) if skill else "-"]
 

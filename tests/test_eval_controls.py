@@ -18,7 +18,7 @@ from experiments import eval as eval_cmd
 from vjax import eval as vjax_eval
 from vjax.data import formats
 from vjax.data.pipeline import LoadAndFormat
-from vjax.data.synthetic import write_mp4
+from vjax.data.synthetic import answerable, write_mp4
 
 from tests.serve_common import tiny_checkpoint
 
@@ -189,6 +189,11 @@ def test_the_test_split_table_at_the_end_of_training(tiny, capsys):
     out = capsys.readouterr().out
     assert report["evaluated"] == len(want) == report["accuracy"]["all"]["n"]
     assert f"test split: {len(want)} questions" in out and "chance" in out and "likelihood" in out
+    # chat_univi hears no beeps and reads no subtitles: those questions are reported apart
+    can = [answerable(r, frozenset({"frames"})) for r in want]
+    assert run.spec.inputs() == {"frames"} and 0 < sum(can) < len(want)
+    assert report["accuracy"]["answerable"]["n"] == sum(can) and "answerable" in out
+    assert [p["answerable"] for p in report["predictions"]] == can
     saved = json.loads((Path(paths["ckpt"]) / "eval" / "synthetic_test.json").read_text())
     assert saved["data"] == "synthetic_test" and len(saved["predictions"]) == len(want)
     assert eval_cmd.score_test_split(run, 2)["evaluated"] == 2  # eval.test_records=2: the first two

@@ -45,14 +45,19 @@ def test_row_and_table_state_each_figure_beside_its_chance(tmp_path):
     runs = [results.load(str(_workdir(tmp_path, "a", "chat_univi"))),
             results.load(str(_workdir(tmp_path, "b", "qwen2_vl", summary=False)))]
     a = results.row(runs[0])
-    assert a[:5] == ["chat_univi", "1200 + 9000", "15.6 min", "16", "0.412 [0.31]"]
-    assert a[5:9] == ["0.650 [0.25]", "0.891 [0.41]", "0.972 [0.47]", "0.135 [0.24]"]
-    assert a[9:] == ["0.350 [0.31]", "0.500 [0.31]", "-"]  # weighted by each type's questions
+    assert a[:6] == ["chat_univi", "1200 + 9000", "15.6 min", "16", "0.412 [0.31]", "0.412 [0.31]"]  # every one
+    assert a[6:10] == ["0.650 [0.25]", "0.891 [0.41]", "0.972 [0.47]", "0.135 [0.24]"]
+    assert a[10:] == ["0.350 [0.31]", "0.500 [0.31]", "-"]  # weighted by each type's questions
+    # a model without audio: the questions it can answer from its inputs, beside all; multiple choice by type only
+    runs[0]["report"]["accuracy"]["answerable"] = {"accuracy": 0.48, "n": 425, "chance": 0.3}
+    runs[0]["report"]["multiple_choice"]["answerable"] = {"letter": 0.9, "likelihood": 0.9, "n": 5, "chance": 0.1}
+    assert results.row(runs[0])[4:6] == ["0.412 [0.31]", "0.480 [0.30]"]
+    assert results.row(runs[0])[10:12] == ["0.350 [0.31]", "0.500 [0.31]"]
     b = results.row(runs[1])
     assert b[1:4] == ["9000", "-", "-"]  # no summary: the report's step, no wall time
     assert b[-1] == "appear time within 0.5 s 0.500 [0.39]"
     del runs[1]["report"]["multiple_choice"]["colour"]["likelihood"]  # eval --nolikelihood leaves it out
-    assert results.row(runs[1])[10] == "0.600 [0.25]"
+    assert results.row(runs[1])[11] == "0.600 [0.25]"
     text = results.table(runs)
     lines = text.splitlines()
     assert lines[0].count("|") == len(results.COLUMNS) + 1 and len(lines[1].split("|")) == len(results.COLUMNS) + 2

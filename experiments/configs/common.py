@@ -72,6 +72,9 @@ def base(model: str, variant: str) -> ml_collections.ConfigDict:
     d.synthetic.num_train = 4000  # 12,000 QA records: a from-scratch tower needs the clips (shape: 1000 -> 0.69 vs 250 -> 0.34 in a probe)
     d.synthetic.num_test = 200  # 600 test questions: per-type accuracy within about +-6 %
     d.train_records = "questions"  # synthetic: the question records, or "captions" (one per clip: the alignment stage)
+    # synthetic: train (and validate) on the questions the model can answer from its inputs ("answerable": no beep
+    # questions without an audio branch, no subtitle questions without subtitles in the template), or "all"
+    d.train_questions = "answerable"
     d.train_annotations = ""  # real data: JSON/JSONL conversation records ('' = the synthetic set)
     d.val_annotations = ""
     d.video_root = ""  # relative video paths of real annotations resolve here ('' = the file's folder)

@@ -44,3 +44,30 @@ def test_non_finite_checkpoints_are_passed_over_named_and_set_aside(tmp_path):
         ck.restore_newest(lambda s: ck.restore_params(target, step=s), set_aside=True)
     assert sorted(ck.all_steps()) == [4, 5] and not (tmp_path / "only_bad_unreadable").exists()  # nothing moved
     ck.close()
+
+
+def test_a_checkpoint_of_other_data_names_the_input_pipeline(tmp_path):
+    """Resuming with other training records (say, a changed data.train_questions) cannot restore the saved Grain
+    iterator: the error says that the input pipeline differs, not only Grain's words."""
+    import grain.python as grain  # noqa: PLC0415
+
+    def iterator(n):
+        sampler = grain.IndexSampler(n, shard_options=grain.NoSharding(), shuffle=True, num_epochs=1, seed=0)
+        return iter(grain.DataLoader(data_source=list(range(n)), sampler=sampler, worker_count=0))
+
+    directory = tmp_path / "checkpoints"
+    it = iterator(8)
+    next(it)
+    ck = Checkpoints(directory, keep=5)
+    ck.save(1, {"params": {"w": np.ones((2, 3), np.float32)}}, data_iterator=it, force=True)
+    ck.close()
+    ck = Checkpoints(directory, keep=5)
+    target = {"params": {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}}
+    sharding = {"params": {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}}
+    other = iterator(6)
+    with pytest.raises(NoRestorableCheckpoint, match=r"step 1: .*[Ss]ampler.*\(the input pipeline differs"):
+        ck.restore_newest(lambda s: ck.restore(target, sharding, step=s, data_iterator=other))
+    same = iterator(8)
+    state, step, _ = ck.restore_newest(lambda s: ck.restore(target, sharding, step=s, data_iterator=same))
+    assert step == 1 and next(same) == next(it)  # the same data resumes where it stopped
+    ck.close()

@@ -130,6 +130,12 @@ class FormatSpec:
     def _count(self, count: int | tuple[int, ...], frames: int) -> int:
         return int(count[min(max(frames, 0), self.num_frames)]) if isinstance(count, tuple) else int(count)
 
+    def inputs(self) -> frozenset[str]:
+        """What the model perceives of a clip: ``frames`` always, ``audio`` with audio clips, ``subtitles`` when
+        the template shows them. A question whose answer lies in another input can only be guessed."""
+        return frozenset({"frames"} | ({"audio"} if self.audio_clips > 0 else set())
+                         | ({"subtitles"} if self.subtitles else set()))
+
     def tokens_per_clip(self, frames: int | None = None) -> int:
         """Visual tokens of a clip of ``frames`` real frames; ``None``: the most any clip takes."""
         if frames is None:

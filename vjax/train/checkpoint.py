@@ -46,7 +46,11 @@ class NoRestorableCheckpoint(ValueError):
     def __init__(self, directory: Path, failures: list[tuple[int, str]]):
         self.directory, self.failures = directory, failures
         detail = "; ".join(f"step {s}: {r}" for s, r in failures)
-        super().__init__(f"no checkpoint in {directory} restores ({detail}); nothing was changed: move the "
+        hint = ""
+        if any("sampler" in r.lower() or "dataloader" in r.lower() for _, r in failures):
+            hint = (" (the input pipeline differs from the one the checkpoint saved: its records, their order or "
+                    "its worker processes; resume with the data settings it was written with)")
+        super().__init__(f"no checkpoint in {directory} restores ({detail}){hint}; nothing was changed: move the "
                          f"directory away to start afresh, or restore it from a backup")
 
 

@@ -58,14 +58,22 @@ from vjax.data.synthetic.dataset import (
     read_scenes,
     train_tokenizer,
 )
-from vjax.data.synthetic.questions import CAPTION_QUESTIONS, caption, caption_record, description, every_question
+from vjax.data.synthetic.questions import (
+    CAPTION_QUESTIONS,
+    QUESTION_INPUTS,
+    answerable,
+    caption,
+    caption_record,
+    description,
+    every_question,
+)
 from vjax.data.synthetic.render import patch_labels, render_audio, render_frames, write_mp4, write_srt
 from vjax.data.synthetic.scene import _sample_scene
 
 __all__ = [
     "CAPTION_QUESTIONS", "GENERATOR_VERSION", "MOTIONS", "MOTION_ANSWERS", "NAMES", "NUMBER_WORDS", "PALETTE",
-    "PITCHES", "SHAPES", "SPECIAL_TOKENS", "SPLITS", "TEMPLATE_TEXT", "TEMPLATE_TOKENS", "TEXTURE_STD",
-    "SyntheticConfig", "SyntheticPaths", "_sample_scene", "caption", "caption_record", "caption_records",
-    "default_root", "description", "ensure_synthetic_dataset", "every_question", "generate_clip", "patch_labels",
-    "read_scenes", "render_audio", "render_frames", "train_tokenizer", "write_mp4", "write_srt",
+    "PITCHES", "QUESTION_INPUTS", "SHAPES", "SPECIAL_TOKENS", "SPLITS", "TEMPLATE_TEXT", "TEMPLATE_TOKENS",
+    "TEXTURE_STD", "SyntheticConfig", "SyntheticPaths", "_sample_scene", "answerable", "caption", "caption_record",
+    "caption_records", "default_root", "description", "ensure_synthetic_dataset", "every_question", "generate_clip",
+    "patch_labels", "read_scenes", "render_audio", "render_frames", "train_tokenizer", "write_mp4", "write_srt",
 ]

@@ -79,6 +79,18 @@ def _candidates(scene: dict, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+# The input each question type needs besides the frames (:meth:`vjax.data.formats.FormatSpec.inputs`): a model
+# that lacks it (no audio branch, no subtitles in its template) can only guess the answer.
+QUESTION_INPUTS = {"beep_count": "audio", "beep_pitch": "audio", "subtitle": "subtitles"}
+
+
+def answerable(record: dict, inputs: frozenset[str] | set[str]) -> bool:
+    """Whether a model perceiving ``inputs`` (``FormatSpec.inputs()``) can answer ``record`` from its clip:
+    its ``question_type`` (every type of a multi-turn record's ``question_types``) needs only inputs it has."""
+    types = record.get("question_types") or [record.get("question_type")]
+    return all(QUESTION_INPUTS.get(t, "frames") in inputs for t in types)
+
+
 CAPTION_QUESTIONS = ("Describe the video.", "What happens in the video?")
 
 

@@ -77,7 +77,8 @@ def _multiple_choice(report: dict, key: str) -> str:
 
 
 def load(workdir: str) -> dict[str, Any]:
-    """``{"report": ..., "summary": ...}`` of a training workdir (summary ``{}`` when it has none);
+    """``{"report": ..., "summary": ..., "train_questions": ...}`` of a training workdir (summary ``{}`` when it has
+    none; ``train_questions`` from its ``config.json``, None without one);
     FileNotFoundError naming the report."""
     path = os.path.join(workdir, REPORT)
     if not os.path.isfile(path):
@@ -90,7 +91,12 @@ def load(workdir: str) -> dict[str, Any]:
     if os.path.isfile(spath):
         with open(spath, encoding="utf-8") as f:
             summary = json.load(f)
-    return {"report": report, "summary": summary}
+    questions = None  # which training questions (data.train_questions); runs from before the key trained on all
+    cpath = os.path.join(workdir, "config.json")
+    if os.path.isfile(cpath):
+        with open(cpath, encoding="utf-8") as f:
+            questions = json.load(f).get("experiment", {}).get("data", {}).get("train_questions", "all")
+    return {"report": report, "summary": summary, "train_questions": questions}
 
 
 COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all", "answerable", "colour (open)",
@@ -98,10 +104,13 @@ COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all"
 
 
 def row(run: dict[str, Any]) -> list[str]:
-    """One table row of a loaded run (:func:`load`)."""
+    """One table row of a loaded run (:func:`load`); a run that also trained on the questions it cannot answer
+    from its inputs (``data.train_questions=all``, or from before that key) says so beside its steps."""
     r, s = run["report"], run["summary"]
     if s:
         steps = f"{s['align_steps']} + {s['steps']}" if s.get("align_steps") else str(s["steps"])
+        if run.get("train_questions") == "all" and "answerable" in r["accuracy"]:
+            steps += " (on every question)"  # the questions it cannot perceive too
         built = s.get("stage0_seconds", 0.0) if s.get("stage0_seconds", 0.0) >= 30 else 0.0  # a build, not a read
         wall = f"{(s['command_seconds'] - built) / 60:.1f} min" + (" (resumed)" if s.get("resumed") else "")
         if built:

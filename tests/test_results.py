@@ -53,6 +53,15 @@ def test_row_and_table_state_each_figure_beside_its_chance(tmp_path):
     runs[0]["report"]["multiple_choice"]["answerable"] = {"letter": 0.9, "likelihood": 0.9, "n": 5, "chance": 0.1}
     assert results.row(runs[0])[4:6] == ["0.412 [0.31]", "0.480 [0.30]"]
     assert results.row(runs[0])[10:12] == ["0.350 [0.31]", "0.500 [0.31]"]
+    # its config.json says which questions it trained on: from before data.train_questions, every one
+    assert runs[0]["train_questions"] is None and results.row(runs[0])[1] == "1200 + 9000"  # no config.json
+    for experiment, want in [({"data": {}}, "1200 + 9000 (on every question)"),
+                             ({"data": {"train_questions": "all"}}, "1200 + 9000 (on every question)"),
+                             ({"data": {"train_questions": "answerable"}}, "1200 + 9000")]:
+        (tmp_path / "a" / "config.json").write_text(json.dumps({"model": "chat_univi", "experiment": experiment}))
+        again = results.load(str(tmp_path / "a"))
+        again["report"]["accuracy"]["answerable"] = runs[0]["report"]["accuracy"]["answerable"]
+        assert results.row(again)[1] == want
     b = results.row(runs[1])
     assert b[1:4] == ["9000", "-", "-"]  # no summary: the report's step, no wall time
     assert b[-1] == "appear time within 0.5 s 0.500 [0.39]"

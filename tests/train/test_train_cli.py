@@ -139,6 +139,7 @@ BAD = [
     (["--config.stage0.parts=vision,tower"], "stage0.parts"),
     (["--config.align.steps=5", "--config.align.stage=everything"], "align.stage"),
     (["--config.data.train_records=subtitles"], "data.train_records"),
+    (["--config.data.train_questions=some"], "data.train_questions"),
     (["--config.data.prefetch=-1"], "data.prefetch"),
 ]
 

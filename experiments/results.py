@@ -122,8 +122,7 @@ def row(run: dict[str, Any]) -> list[str]:
     skill = OWN_SKILL.get(model)
     acc = r["accuracy"]
     return [model, steps, wall, tokens, _fig(acc.get("all")), _fig(acc.get("answerable", acc.get("all"))),
-            _fig(_open(r, "colour")),
-            _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")),
+            _fig(_open(r, "colour")), _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")),
             _multiple_choice(r, "letter"), _multiple_choice(r, "likelihood"), skill(r) if skill else "-"]
 
 

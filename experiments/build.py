@@ -46,8 +46,12 @@ def answerable_only(records: list[dict], spec: Any, name: str = "training", verb
     from vjax.data.synthetic import QUESTION_INPUTS, answerable  # noqa: PLC0415
 
     inputs = spec.inputs()
-    kept = [r for r in records if answerable(r, inputs)]
-    dropped = collections.Counter(r.get("question_type") for r in records if not answerable(r, inputs))
+    kept, dropped = [], collections.Counter()
+    for r in records:
+        if answerable(r, inputs):
+            kept.append(r)
+        else:
+            dropped[r.get("question_type")] += 1
     if verbose and dropped:
         why = ", ".join(f"{t} {n} (needs {QUESTION_INPUTS[t]})" for t, n in sorted(dropped.items()))
         print(f"{name} questions: {len(kept)} of {len(records)}, those the model can answer from its inputs "

@@ -150,6 +150,10 @@ def kind(record: dict) -> str:
     return "timestamp" if formats.is_timestamp_question(record) else "open"
 
 
+# The groups over every task: all questions, and those the model can answer from its inputs (printed last)
+TOTALS = ("all", "answerable")
+
+
 def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: float = 0.5,
               likelihood: Sequence[int | None] | None = None, inputs: frozenset[str] | None = None
               ) -> dict[str, Any]:
@@ -183,6 +187,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
                "correct": ok}
         if partial:
             row["answerable"] = can[i]
+        totals = TOTALS if partial and can[i] else TOTALS[:1]  # the groups over tasks this record counts in
         if row["kind"] == "timestamp":
             err = formats.timestamp_error(pred, rec)
             row["abs_error_s"] = err
@@ -191,11 +196,10 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
         if likelihood is not None and likelihood[i] is not None:
             row["likelihood_choice"] = int(likelihood[i])
             row["likelihood_correct"] = int(likelihood[i]) == int(rec["answer_index"])
-            for g in (row["question_type"], "all", *(("answerable",) if partial and can[i] else ())):
+            for g in (row["question_type"], *totals):
                 mc[g].append(i)
         rows.append(row)
-        for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", "all",
-                  *(("answerable",) if partial and can[i] else ())):
+        for g in (f"task/{row['question_type']}", f"kind/{row['kind']}", *totals):
             groups[g].append(i)
         cross[row["question_type"]][row["kind"]].append(i)
         if rec.get("num_objects") is not None:
@@ -215,7 +219,7 @@ def summarize(records: Sequence[dict], predictions: Sequence[str], tolerance: fl
             g: {"letter": float(np.mean([correct[i] for i in v])),
                 "likelihood": float(np.mean([rows[i]["likelihood_correct"] for i in v])),
                 "n": len(v), "chance": chance_level([records[i] for i in v])}
-            for g, v in sorted(mc.items(), key=lambda kv: (kv[0] in ("all", "answerable"), kv[0]))}
+            for g, v in sorted(mc.items(), key=lambda kv: (kv[0] in TOTALS, kv[0]))}
     if errors:
         close = [e is not None and e <= tolerance for e in errors]
         named = [e for e in errors if e is not None]
@@ -268,7 +272,7 @@ def table(report: dict) -> str:
         lines.append(f"control: {report['control']} ({CONTROLS[report['control']]})")
     lines.append(f"{'group':<28} {'accuracy':>8} {'chance':>7} {'n':>5}")
     acc = report["accuracy"]
-    for k in sorted(acc, key=lambda k: (k in ("all", "answerable"), not k.startswith("task/"), k)):
+    for k in sorted(acc, key=lambda k: (k in TOTALS, not k.startswith("task/"), k)):
         lines.append(f"{k:<28} {acc[k]['accuracy']:>8.3f} {acc[k].get('chance', float('nan')):>7.3f} "
                      f"{acc[k]['n']:>5}")
     cross = report.get("task_by_kind", {})

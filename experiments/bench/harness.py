@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from experiments.bench.sizes import Size
+from vjax import host_memory
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -22,24 +23,38 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource  # noqa: PLC0415 — Unix only
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                cpu: dict[str, list[float]] | None = None,
+                faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Wall seconds of each zero-argument, blocking callable; contenders alternate order per round.
-    ``cpu``: filled with the process's CPU seconds (every thread) of each call, beside the wall time."""
+    ``cpu``: filled with the process's CPU seconds (every thread) of each call, beside the wall time;
+    ``faults``: with its minor page faults (memory the kernel had to map afresh: see vjax.host_memory)."""
     names = list(fns)
     for _ in range(warmup):
         for k in names:
             fns[k]()
     times: dict[str, list[float]] = {k: [] for k in names}
-    if cpu is not None:
-        cpu.update({k: [] for k in names})
+    for extra in (cpu, faults):
+        if extra is not None:
+            extra.update({k: [] for k in names})
     for r in range(repeats):
         for k in (names if r % 2 == 0 else names[::-1]):
-            c0, t0 = time.process_time(), time.perf_counter()
+            f0, c0, t0 = minor_faults(), time.process_time(), time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
             if cpu is not None:
                 cpu[k].append(time.process_time() - c0)
+            if faults is not None:
+                faults[k].append(minor_faults() - f0)
     return times
 
 
@@ -128,6 +143,8 @@ def machine() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # both frameworks share the process, so both get it (see vjax.host_memory)
+        "malloc_keeps_freed_memory": host_memory.applied(),
     }
     try:
         import torch
@@ -187,7 +204,9 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cpu_affinity'] or m['cpu_count']} cores usable "
         f"(of {m['cpu_count']}); JAX {m['jax']} on {m['device_platform']} ({m['device_count']} device); "
-        f"torch {m.get('torch')} ({m.get('torch_threads')} threads); transformers {m.get('transformers')}.",
+        f"torch {m.get('torch')} ({m.get('torch_threads')} threads); transformers {m.get('transformers')}; "
+        + ("malloc keeps freed memory (`vjax.host_memory`; both frameworks)." if m.get("malloc_keeps_freed_memory")
+           else "glibc's default malloc (each step's large temporaries are page-faulted anew)."),
         "",
         "Host 1-min load average per suite (start -> end; above the core count means other jobs "
         "were competing for the cores): " + ", ".join(

@@ -102,6 +102,7 @@ class TrainContender:
 
 LOSS_POSITION_BUCKETS = (16, 64, 256, 1024)  # experiments/configs/common.py's default
 FIRST_LOSS_TOL = 1e-4  # |first loss vjax - torch| <= this x max(1, |loss|): the same weights and batch
+TRAIN_WARMUP = 2  # untimed rounds of every contender: the first ones also grow malloc's heap to its steady size
 
 
 def _vjax_trainer_step(module, params, batch_np: dict[str, np.ndarray], info: dict, bare: bool = True):
@@ -278,9 +279,11 @@ def suite_train_step(ctx: Context) -> dict:
         rec: dict[str, Any] = {}
         bare = c.info.pop("bare_step")
         cpu: dict[str, list[float]] = {}
+        faults: dict[str, list[int]] = {}
         with counter.span(rec, "compiles_timed"):
             times = interleaved({"vjax": c.vjax_step, "vjax_bare_optax": bare,
-                                 **torch_contenders(c.torch_step, c.torch_compiled)}, ctx.repeats, warmup=1, cpu=cpu)
+                                 **torch_contenders(c.torch_step, c.torch_compiled)}, ctx.repeats,
+                                warmup=TRAIN_WARMUP, cpu=cpu, faults=faults)
         trainer = c.info.pop("trainer", None)
         bare_st = stats(times.pop("vjax_bare_optax"))
         cpu_st = {k: stats(v) for k, v in cpu.items()}
@@ -298,7 +301,7 @@ def suite_train_step(ctx: Context) -> dict:
             first_loss=c.first_losses, first_loss_abs_diff=abs(c.first_losses["vjax"] - c.first_losses["torch"]),
             jit_cache_size=trainer._train_step._cache_size() if trainer is not None else None,
             bare_optax=bare_st, trainer_overhead=st["vjax"]["median_s"] / bare_st["median_s"],
-            cpu_seconds=cpu_st, **c.info)
+            cpu_seconds=cpu_st, minor_faults={k: int(statistics.median(v)) for k, v in faults.items()}, **c.info)
         entry["models"][name] = rec
         shape = rec.pop("shape")
         sps = rec["steps_per_s"]
@@ -325,7 +328,8 @@ def suite_train_step(ctx: Context) -> dict:
                 note=f"ratio of best times {rec['speedup_best']:.2f}x; CPU-seconds per step vjax "
                 f"{cpu_st['vjax']['median_s']:.2f}, {ref} {cpu_st[ref]['median_s']:.2f} "
                 f"(ratio {cpu_st[ref]['median_s'] / cpu_st['vjax']['median_s']:.2f}x); spread of vjax "
-                f"{v['min_s']:.3f}-{v['max_s']:.3f} s"),
+                f"{v['min_s']:.3f}-{v['max_s']:.3f} s; minor page faults per step (median) vjax "
+                f"{rec['minor_faults']['vjax']}, {ref} {rec['minor_faults'][ref]}"),
             Row("train_step", f"{name} Trainer step / bare optax loop (same model and batch)",
                 f"{rec['trainer_overhead']:.2f}x", f"<= {TARGETS['trainer_overhead']}x",
                 rec["trainer_overhead"] <= TARGETS["trainer_overhead"],

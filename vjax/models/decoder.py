@@ -34,7 +34,7 @@ from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
 from vjax.layers.scan import check_remat_policy, remat_block, resolve_remat, scan_block
 from vjax.layers.visual_expert import VisualExpertConfig, VisualExpertDecoderLayer
-from vjax.models.losses import next_token_loss
+from vjax.models.losses import next_token_head_loss, next_token_loss
 from vjax.models.spec import ModelSpec
 
 ARCHITECTURES = {
@@ -282,6 +282,7 @@ class CausalLMOutput:
     hidden_states: tuple[jax.Array, ...] | None = None
     next_position: jax.Array | None = None
     attention_mask: jax.Array | None = None
+    head_input: jax.Array | None = None  # with head=False: the final normed hidden states (at logits_at)
 
 
 def next_position(position_ids: jax.Array, valid: jax.Array) -> jax.Array:
@@ -431,6 +432,7 @@ class CausalLM(nn.Module):
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
         logits_at: jax.Array | None = None,
+        head: bool = True,
         **block_inputs: jax.Array,
     ) -> CausalLMOutput:
         """Run the decoder.
@@ -443,6 +445,8 @@ class CausalLM(nn.Module):
           cache / cache_index: the KV cache and the slot where this chunk starts.
           logits_at: ``int32[B, S]`` positions at which to compute the logits (training: the supervised
             positions, :func:`vjax.models.losses.loss_positions`); default every position.
+          head: False skips the LM head: ``logits`` is None and ``head_input`` holds the final normed hidden
+            states (at ``logits_at``), for :meth:`head_loss`.
           **block_inputs: passed to every block, e.g. ``vision [B, L]`` (bool: the token takes the vision
             expert) for :func:`visual_expert_block`.
         Returns:
@@ -486,23 +490,39 @@ class CausalLM(nn.Module):
         hidden[-1] = h
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, S, D]
-        if c.tie_word_embeddings:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
         q_valid = jax.lax.dynamic_slice_in_dim(attention_mask, jnp.asarray(cache_index, jnp.int32), l, axis=1)
         return CausalLMOutput(
-            logits=logits.astype(jnp.float32),
+            logits=self.head(h) if head else None,
             cache=None if cache is None else new_cache,
             hidden_states=tuple(hidden) if return_hidden else None,
             next_position=next_position(position_ids, q_valid),
+            head_input=None if head else h,
         )
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """float32 logits ``[..., V]`` of the final normed hidden states ``h [..., D]``."""
+        logits = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def head_loss(self, h: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                  positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """:func:`vjax.models.losses.next_token_loss` of ``self.head(h)``, fused with the head where its kernel is
+        a float matrix (:func:`vjax.models.losses.next_token_head_loss`: the logits are never stored); through
+        the logits at initialisation (which creates the head's parameters) and for int8 heads."""
+        c = self.config
+        name, key = ("embed_tokens", "embedding") if c.tie_word_embeddings else ("lm_head", "kernel")
+        params = {} if self.is_initializing() else nn.meta.unbox(self.variables.get("params", {})).get(name, {})
+        kernel = params.get(key)
+        if kernel is None or f"{key}_scale" in params or not jnp.issubdtype(kernel.dtype, jnp.floating):
+            return next_token_loss(self.head(h), input_ids, loss_mask, positions)
+        kernel = kernel.T if c.tie_word_embeddings else kernel  # [D, V]
+        return next_token_head_loss(h, kernel, input_ids, loss_mask, positions, dtype=jnp.dtype(c.dtype))
 
     def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Training loss on a batch ``{"input_ids", "attention_mask", "loss_mask"}`` (see losses.py)."""
         positions = batch.get("loss_positions")
-        out = self(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=positions)
-        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"], positions)
+        out = self(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=positions, head=False)
+        return self.head_loss(out.head_input, batch["input_ids"], batch["loss_mask"], positions)
 
     def example_batch(self, batch: int = 2, length: int = 8) -> dict[str, jax.Array]:
         """A batch of the documented format with every key the model reads (for tracing and tests)."""

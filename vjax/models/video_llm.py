@@ -34,7 +34,6 @@ import jax.numpy as jnp
 
 from vjax.layers.splice import splice_tokens
 from vjax.models.decoder import CausalLMOutput, cache_length, decoder_cache
-from vjax.models.losses import next_token_loss
 
 VISUAL_KEYS = ("frames", "frame_mask", "audio", "audio_mask", "qformer_input_ids", "qformer_attention_mask")
 
@@ -75,13 +74,15 @@ class VideoLLM(nn.Module):
         cache_index: jax.Array | int = 0,
         visual_tokens: jax.Array | None = None,
         logits_at: jax.Array | None = None,
+        head: bool = True,
         **visual: Any,
     ) -> CausalLMOutput:
         """Logits for ``input_ids`` with the visual inputs spliced in (when given: prefill/training).
 
         ``visual_tokens [B, N, D]``: visual tokens computed beforehand (e.g. MA-LMM streamed over a long
         video, or one video encoded once for several prompts) spliced instead of ``encode(**visual)``.
-        ``logits_at [B, S]``: compute the logits at these positions only (see ``CausalLM``).
+        ``logits_at [B, S]``: compute the logits at these positions only; ``head=False``: no logits, the LM
+        head's input instead (both: see ``CausalLM``).
         """
         embeds = self.llm.embed(input_ids)  # [B, L, D]
         present = {k: v for k, v in visual.items() if v is not None}
@@ -97,7 +98,8 @@ class VideoLLM(nn.Module):
             mask = attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, jnp.int32)
             position_ids = self.positions(input_ids, mask[:, : input_ids.shape[1]], **present)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, cache_index=cache_index, logits_at=logits_at, **self.llm_inputs(input_ids))
+                       cache=cache, cache_index=cache_index, logits_at=logits_at, head=head,
+                       **self.llm_inputs(input_ids))
         return out if hidden is None else out.replace(attention_mask=hidden)
 
     def encode_masked(self, **visual: Any) -> tuple[jax.Array, jax.Array | None]:
@@ -120,12 +122,12 @@ class VideoLLM(nn.Module):
 
     def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
         """Next-token cross-entropy over ``loss_mask`` (answer tokens); with ``loss_positions [B, S]`` in the
-        batch the LM head runs at those positions only."""
+        batch the LM head runs at those positions only, fused with the loss (``CausalLM.head_loss``)."""
         visual = {k: batch[k] for k in VISUAL_KEYS if k in batch}
         positions = batch.get("loss_positions")
         out = self(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch.get("position_ids"), logits_at=positions, **visual)
-        return next_token_loss(out.logits, batch["input_ids"], batch["loss_mask"], positions)
+                   position_ids=batch.get("position_ids"), logits_at=positions, head=False, **visual)
+        return self.llm.head_loss(out.head_input, batch["input_ids"], batch["loss_mask"], positions)
 
     def init_cache(self, batch: int, length: int, dtype=None):
         """An empty KV cache of the LLM (works on an unbound module, as ``generate`` calls it)."""

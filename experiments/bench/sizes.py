@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 
-# Targets (issue "Benchmarks"). Each is reported whether met or not.
+# Targets (issues "Benchmarks" and "Faster steps, honest benchmarks"). Each is reported whether met or not.
 TARGETS = {
-    "train_speedup": 1.5,  # vjax steps/s >= 1.5x transformers on CPU
-    "generate_speedup": 2.0,  # vjax tokens/s >= 2x transformers
-    "train_mfu": 0.35,  # model FLOPs/s >= 35% of the measured matmul peak
+    "train_speedup": 1.5,  # vjax steps/s >= 1.5x transformers on CPU (the faster of eager and torch.compile)
+    "generate_speedup": 2.5,  # vjax tokens/s >= 2.5x transformers, identical tokens
+    "train_mfu": 0.45,  # model FLOPs/s >= 45% of the measured matmul peak
     "memory_bank_growth": 1.1,  # compiled memory at 1000 frames <= 1.1x at 10 frames
     "data_headroom": 2.0,  # pipeline clips/s >= 2x what the training step consumes
     "trainer_overhead": 1.05,  # the Trainer step <= 1.05x the same model under a bare optax loop

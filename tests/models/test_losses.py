@@ -189,3 +189,17 @@ def test_the_decoder_loss_uses_the_fused_head_with_the_same_loss_and_gradients(t
         np.testing.assert_allclose(grads[k], np.asarray(g), atol=1e-6, rtol=1e-5, err_msg=k)
     head_input = module.apply({"params": params}, ids, head=False)
     assert head_input.logits is None and head_input.head_input.shape == (2, 16, module.config.hidden_size)
+
+
+@pytest.mark.parametrize("chunk_bytes", [LOGITS_CHUNK_BYTES, 4 * 50 * 7])
+def test_a_frozen_head_costs_no_weight_gradient_matmul(chunk_bytes):
+    """The kernel's gradient is computed in the forward rule; where nobody asks for it (a frozen LLM in an alignment
+    stage) XLA removes its matmul, in one chunk and inside the chunk loop."""
+    h, kernel, ids, mask = _head_case(seed=11)
+
+    def loss(h, k):
+        return next_token_head_loss(h, k, ids, mask, chunk_bytes=chunk_bytes)[0]
+
+    only_h = jax.jit(jax.grad(loss)).lower(h, kernel).compile().as_text()
+    both = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, kernel).compile().as_text()
+    assert (only_h.count(" dot("), both.count(" dot(")) == (2, 3)  # logits, dh (, dkernel)

@@ -123,9 +123,11 @@ def _over_chunks(body, carry, xs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked_cross_entropy(dtype, h, kernel, targets, weights):
+    k = kernel.astype(dtype)  # once, not in every chunk
+
     def body(_, xs):
         hc, tc, wc = xs
-        nll, correct, *_ = _chunk_logits(dtype, hc, kernel, tc)
+        nll, correct, *_ = _chunk_logits(dtype, hc, k, tc)
         return None, ((nll * wc).sum(), (correct * wc).sum())
 
     _, (nll, correct) = _over_chunks(body, None, (h, targets, weights))
@@ -137,7 +139,7 @@ def _chunked_cross_entropy_fwd(dtype, h, kernel, targets, weights):
 
     def body(dk, xs):
         hc, tc, wc = xs
-        nll, correct, e, s, hot = _chunk_logits(dtype, hc, kernel, tc)
+        nll, correct, e, s, hot = _chunk_logits(dtype, hc, k, tc)
         dz = ((e / s[:, None] - hot) * wc[:, None]).astype(dtype)  # d(sum_t w_t nll_t) / dz
         dh = jax.lax.dot_general(dz, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         dk = dk + jax.lax.dot_general(hc.astype(dtype), dz, (((0,), (0,)), ((), ())),

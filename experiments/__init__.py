@@ -20,6 +20,9 @@ import glob
 import importlib.util
 import os
 
+# stdlib only: safe before JAX is imported
+from vjax import host_memory as _host_memory
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,7 +34,7 @@ def _cpu_only_host_with_libtpu() -> bool:
         return False
     if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU chips (v2-v4: accel, v5+: vfio)
         return False
-    return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin"))
+    return not any(importlib.util.find_spec(m) for m in _host_memory.GPU_PLUGINS)
 
 
 if _cpu_only_host_with_libtpu():
@@ -39,7 +42,5 @@ if _cpu_only_host_with_libtpu():
 
 # Before JAX starts its threads: XLA:CPU's step temporaries are reused instead of page-faulted anew every step
 # (vjax.host_memory; VJAX_KEEP_FREED_MEMORY=0 leaves malloc as it is).
-from vjax import host_memory as _host_memory  # noqa: E402
-
 if _host_memory.wanted():
     _host_memory.keep_freed_memory()

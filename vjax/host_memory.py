@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 
@@ -30,6 +31,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest; freed memory at the heap's top stays
+
+# JAX plugins whose presence means the backend will not be the CPU (besides libtpu, which a CPU host may carry)
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin")
 
 ENV = "VJAX_KEEP_FREED_MEMORY"  # "0": the experiments commands leave malloc as it is
 
@@ -79,6 +83,4 @@ def wanted(environ=os.environ) -> bool:
     platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    import importlib.util  # noqa: PLC0415
-    gpu = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
-    return not any(importlib.util.find_spec(m) for m in gpu)
+    return not any(importlib.util.find_spec(m) for m in (*GPU_PLUGINS, "libtpu"))

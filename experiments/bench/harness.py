@@ -14,6 +14,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+try:
+    import resource  # Unix only: page-fault counts
+except ImportError:
+    resource = None
+
 from experiments.bench.sizes import Size
 from vjax import host_memory
 
@@ -25,11 +30,7 @@ def block(x: Any) -> Any:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing)."""
-    try:
-        import resource  # noqa: PLC0415 — Unix only
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,

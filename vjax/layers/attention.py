@@ -231,8 +231,9 @@ def attention(
     * ``"splash"``: :func:`vjax.layers.splash.splash_attention` (TPU Pallas; interpreted elsewhere); needs a
       structured mask with a static offset and no bias (``ValueError`` otherwise). The decode step
       (``L = 1``) runs the reference instead. ``interpret``: run the kernel in the Pallas interpreter
-      (default: when the default backend is not a TPU; pass False to compile ahead of time for a TPU
-      topology from a CPU host);
+      (default: when the platform compiled for is not a TPU -- the active mesh's devices, so a CPU host
+      compiling for abstract TPU chips under ``jax.set_mesh`` compiles the kernel; pass False to do so
+      without a mesh). Under a mesh and logical rules it runs per device (``jax.shard_map``);
     * ``"auto"``: :func:`resolve_impl` (tpu: splash or chunked, gpu: cudnn, cpu: xla).
 
     Every implementation equals the reference on rows that attend something; a row that attends nothing is

@@ -4,6 +4,13 @@
 The kernel sees one example: ``q [H, L, Dh]``, ``k``/``v [K, S, Dh]`` (``H % K == 0``: it maps query head
 ``h`` to kv head ``h // G`` itself, so GQA needs no repeat), a static per-head mask and optional segment ids
 ``q [L]``, ``kv [S]`` (query ``i`` sees key ``j`` only where the ids are equal). The batch is a ``vmap``.
+
+XLA cannot partition a Pallas kernel (jit refuses one in a computation over several devices unless a
+``shard_map`` hands it each device's part). So while a mesh (and logical rules) are active (the
+``Trainer``'s steps, ``experiments.plan``) the kernel runs under ``jax.shard_map`` on each device's own
+examples (``batch``) and, where the mesh splits them, its own heads (``heads``/``kv_heads``, only when both
+split alike so every device keeps whole GQA groups) -- :func:`kernel_specs`. Call it under ``jax.set_mesh``
+when its inputs are sharded: outside a mesh, jit refuses a Mosaic kernel on sharded inputs.
 The structure maps as:
 
     causal, sliding_window, q_offset (a Python int)  -> the static mask: CausalMask / LocalMask((W-1, 0))
@@ -23,10 +30,13 @@ chunked kernel or the einsum in those cases (:func:`splash_supports`).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from vjax.layers.masks import StructuredMask
+from vjax.layers.partitioning import spec_for, target_platform
 
 LANES = 128
 
@@ -73,6 +83,31 @@ def _segment_ids(spec: StructuredMask | None, b: int, l: int, s: int, lp: int, s
     return q_seg, kv_seg
 
 
+def kernel_specs(b: int, h: int, kh: int) -> tuple[P, P, P] | None:
+    """``(q [B, H, ., .], kv [B, K, ., .], segment ids [B, .])`` partition specs of the kernel's operands under
+    the active mesh (``jax.set_mesh``) and logical rules (``nn.logical_axis_rules``); None without a mesh. The
+    batch splits by ``batch``'s rule; heads only when ``heads`` and ``kv_heads`` map to the same mesh axes (else
+    a device would hold query heads without their kv head). Without rules nothing splits: every device runs
+    the whole call (correct, if redundant), since XLA cannot partition the kernel itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    rules = nn.get_logical_axis_rules() or ()
+    q_spec = spec_for(("batch", "heads"), (b, h), mesh, rules)
+    kv_spec = spec_for(("batch", "kv_heads"), (b, kh), mesh, rules)
+    batch, heads = q_spec[0], q_spec[1] if q_spec[1] == kv_spec[1] else None
+    return P(batch, heads, None, None), P(batch, heads, None, None), P(batch, None)
+
+
+def _axes_size(axes) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = 1
+    for a in names:
+        size *= mesh.shape[a]
+    return size
+
+
 def _default_precision(fn):
     """``fn(q, k, v, q_seg, kv_seg)`` traced, forward and backward, under the default matmul precision.
 
@@ -109,8 +144,9 @@ def splash_attention(
 ) -> jax.Array:
     """``q [B, L, H, Dh]``, ``k``/``v [B, S, K, Dh]`` -> ``[B, L, H, Dh]`` with the splash kernel.
 
-    ``interpret``: run the Pallas kernel in the interpreter (any backend, slow); default: on a non-TPU
-    backend. Raises ``ValueError`` for a dense mask or a traced ``q_offset`` (see :func:`splash_supports`).
+    ``interpret``: run the Pallas kernel in the interpreter (any backend, slow); default: when the platform
+    compiled for (:func:`~vjax.layers.partitioning.target_platform`: the active mesh's devices, else the default
+    backend) is not a TPU. Raises ``ValueError`` for a dense mask or a traced ``q_offset`` (see :func:`splash_supports`).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -124,15 +160,17 @@ def splash_attention(
     s, kh = k.shape[1], k.shape[2]
     if h % kh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kh})")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    if interpret is None:  # the platform compiled for: a CPU host compiling for abstract TPU chips compiles the kernel
+        interpret = target_platform() != "tpu"
     scale = dh**-0.5 if scale is None else scale
     lp, sp = -(-l // LANES) * LANES, -(-s // LANES) * LANES
     bq, bk = _block(lp), _block(sp)
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    kernel = sa.make_splash_mha(_static_mask(mask, h, lp, sp), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+    specs = kernel_specs(b, h, kh)
+    local_heads = h // _axes_size(specs[0][1]) if specs else h
+    kernel = sa.make_splash_mha(_static_mask(mask, local_heads, lp, sp), block_sizes=blocks, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
     q_seg, kv_seg = _segment_ids(mask, b, l, s, lp, sp)
     qt = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 2), ((0, 0), (0, 0), (0, lp - l), (0, 0)))
     kt = jnp.pad(jnp.moveaxis(k, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, 0)))  # [B, K, Sp, Dh]
@@ -143,6 +181,10 @@ def splash_attention(
 
     low = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
     run = _default_precision(jax.vmap(one)) if low else jax.vmap(one)
+    if specs is not None:  # each device runs the kernel on its own examples (and heads): module docstring
+        q_spec, kv_spec, seg_spec = specs
+        run = jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                            check_vma=False)
     out = run(qt, kt, vt, q_seg, kv_seg)  # [B, H, Lp, Dh]
     return jnp.moveaxis(out[:, :, :l], 1, 2).astype(v.dtype)
 

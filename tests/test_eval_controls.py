@@ -53,6 +53,9 @@ def test_option_answers_render_each_choice_as_trained():
     other = vjax_eval.with_answer(rec, "(C) green")
     assert formats.question_answer(other)[2] == "(C) green" and formats.question_answer(rec)[2] == "(B) blue"
     assert other["conversations"][0] == rec["conversations"][0]  # the question is untouched, the record copied
+    # a record answered text first ("blue (B)", the synthetic set's mc_answer="text_letter") is scored in its style
+    text_first = vjax_eval.with_answer(rec, "blue (B)")
+    assert [vjax_eval.option_answer(text_first, i) for i in range(3)] == ["red (A)", "blue (B)", "green (C)"]
 
 
 def test_option_likelihoods_equal_log_softmax_of_the_full_logits(tiny):

@@ -76,9 +76,13 @@ def right_padded(elements: Sequence[Mapping[str, np.ndarray]], length: int) -> d
 
 
 def option_answer(record: Mapping[str, Any], index: int) -> str:
-    """The answer a multiple-choice record is trained on, for option ``index``: ``"(B) square"``
-    (:func:`vjax.data.annotations.option_answer` of its ``choices``)."""
-    return annotations.option_answer(record["choices"], index)
+    """The answer a multiple-choice record is trained on, for option ``index``: ``"(B) square"``, or
+    ``"square (B)"`` when the record's own answer is written text first
+    (:func:`vjax.data.annotations.option_answer` of its ``choices`` in :func:`~vjax.data.annotations.mc_answer_style`
+    of its answer)."""
+    answers = [t.get("value", "") for t in record.get("conversations", ()) if t.get("from") == "gpt"]
+    style = annotations.mc_answer_style(answers[-1], record["choices"]) if answers else "letter"
+    return annotations.option_answer(record["choices"], index, style)
 
 
 def with_answer(record: Mapping[str, Any], answer: str) -> dict:

@@ -88,8 +88,11 @@ MC = {"answer": "cyan", "choices": ["red", "blue", "cyan", "green"], "answer_ind
 
 @pytest.mark.parametrize("pred,ok", [("(C) cyan", True), ("C", True), ("(C)", True), ("cyan", True),
                                      ("The cyan.", True), ("(A) cyan", False), ("(B) blue", False), ("blue", False),
-                                     ("", False)])
+                                     ("", False), ("cyan (C)", True), ("blue (C)", True), ("cyan (A)", False),
+                                     ("cyan (a)", False), ("cyan (c)", True)])
 def test_multiple_choice_scored_by_letter_else_by_text(pred, ok):
+    """A leading letter, else a trailing "(X)" (the text_letter style: the letter decides, as a leading one
+    does), else the option text."""
     assert formats.score_answer(pred, MC) is ok
 
 

@@ -265,6 +265,38 @@ def test_texture_std_sets_the_background_and_keeps_old_hashes():
         SyntheticConfig(texture_std=-1)
 
 
+def test_mc_answer_style_writes_text_then_letter_and_keeps_old_hashes():
+    """``mc_answer="text_letter"``: the same questions and options, the answer written "square (B)" and the
+    prompt asking for it; the default keeps the hash of the sets generated before the field existed."""
+    from vjax.data.annotations import mc_answer_style
+    from vjax.data.synthetic import _sample_scene
+    from vjax.data.synthetic.questions import every_question
+
+    assert SyntheticConfig(mc_answer="letter").params_hash() == SyntheticConfig().params_hash()
+    assert SyntheticConfig(mc_answer="text_letter").params_hash() != SyntheticConfig().params_hash()
+    scene = _sample_scene(SyntheticConfig(long_every=0), "train", 0)
+    by_style = {style: every_question(scene, SyntheticConfig(long_every=0, mc_answer=style),
+                                      np.random.default_rng(0)) for style in ("letter", "text_letter")}
+    mc = 0
+    for old, new in zip(*by_style.values()):
+        assert old.get("choices") == new.get("choices") and old["answer"] == new["answer"]
+        if "choices" not in old:
+            assert old["conversations"] == new["conversations"]
+            continue
+        mc += 1
+        letter = chr(65 + old["answer_index"])
+        assert old["conversations"][1]["value"] == f"({letter}) {old['answer']}"
+        assert new["conversations"][1]["value"] == f"{old['answer']} ({letter})"
+        assert mc_answer_style(new["conversations"][1]["value"], new["choices"]) == "text_letter"
+        assert mc_answer_style(old["conversations"][1]["value"], old["choices"]) == "letter"
+        assert new["conversations"][0]["value"].endswith("Answer with the option's text, then its letter.")
+        assert old["conversations"][0]["value"].split("\nAnswer")[0] == new["conversations"][0]["value"].split(
+            "\nAnswer")[0]
+    assert mc >= 2
+    with pytest.raises(ValueError, match="'letter_last' is not one of"):
+        SyntheticConfig(mc_answer="letter_last")
+
+
 def test_appearance_times_are_spread_and_shown():
     """The appearance-time questions of the default set have no good constant answer: over 600 clips per split
     (no rendering), no time is within 0.5 s (inclusive) of more than 40 % of the true times of a split, nor of

@@ -201,18 +201,46 @@ def load_webvid_csv(
     return out
 
 
-def option_answer(choices: Sequence[str], index: int) -> str:
-    """The answer a multiple-choice record is trained on for option ``index``: ``"(B) square"``."""
-    return f"({chr(65 + index)}) {choices[index]}"
+# How a multiple-choice answer is written. "letter": the option's letter, then its text, "(B) square" (MVBench's
+# style: what the released models answer). "text_letter": the text, then the letter, "square (B)": a model
+# decides the answer by writing its text and then copies the letter from the options list (the synthetic
+# set's ``mc_answer``, for models too small to map an answer to its letter in the same step).
+MC_ANSWER_STYLES = ("letter", "text_letter")
+_MC_INSTRUCTIONS = {"letter": "Answer with the option's letter from the given choices directly.",
+                    "text_letter": "Answer with the option's text, then its letter."}
 
 
-def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
+def check_mc_style(style: str) -> str:
+    """``style`` if it is one of :data:`MC_ANSWER_STYLES`, else a ``ValueError`` naming it."""
+    if style not in MC_ANSWER_STYLES:
+        raise ValueError(f"multiple-choice answer style {style!r} is not one of {MC_ANSWER_STYLES}")
+    return style
+
+
+def option_answer(choices: Sequence[str], index: int, style: str = "letter") -> str:
+    """The answer a multiple-choice record is trained on for option ``index``: ``"(B) square"``, or
+    ``"square (B)"`` in the ``"text_letter"`` style (:data:`MC_ANSWER_STYLES`)."""
+    letter = f"({chr(65 + index)})"
+    return f"{choices[index]} {letter}" if check_mc_style(style) == "text_letter" else f"{letter} {choices[index]}"
+
+
+def mc_answer_style(answer: str, choices: Sequence[str]) -> str:
+    """The style a record's multiple-choice ``answer`` is written in: ``"text_letter"`` when it ends with an
+    option's letter in parentheses after that option's text, else ``"letter"``."""
+    m = re.fullmatch(r"(.*)\s\(([A-Z])\)", answer.strip(), re.S)
+    if m and 0 <= ord(m.group(2)) - 65 < len(choices) and m.group(1).strip() == str(choices[ord(m.group(2)) - 65]):
+        return "text_letter"
+    return "letter"
+
+
+def format_multiple_choice(question: str, choices: Sequence[str], style: str = "letter") -> str:
     """``"{question}\\nOptions:\\n(A) c0\\n(B) c1 ...\\nAnswer with the option's letter from the given
-    choices directly."`` — the MVBench-style prompt the synthetic set also uses."""
+    choices directly."`` — the MVBench-style prompt the synthetic set also uses; the ``"text_letter"`` style
+    ends with "Answer with the option's text, then its letter." instead."""
     if not 2 <= len(choices) <= 26:
         raise ValueError(f"need 2-26 choices, got {len(choices)}")
     opts = "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
-    return f"{question}\nOptions:\n{opts}\nAnswer with the option's letter from the given choices directly."
+    return f"{question}\nOptions:\n{opts}\n{_MC_INSTRUCTIONS[check_mc_style(style)]}"
 
 
 def load_mvbench(

@@ -15,7 +15,8 @@ chat, eval and training share one format; a user with their own model can fill a
 
 :func:`score_answer` is the accuracy rule of the synthetic set: normalised exact match (lower case,
 punctuation and articles dropped, whitespace collapsed); for a multiple-choice record a prediction
-counts when its option letter or its option text names the right choice.
+counts when its option letter (leading, "(B) square", or trailing, "square (B)") or its option text names the
+right choice.
 """
 
 from __future__ import annotations
@@ -326,6 +327,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])\)(?:\s|$)|^\(?([A-Za-z])\)?$")
+_TRAILING_LETTER = re.compile(r"\s\(([A-Za-z])\)$")  # "square (B)": the text_letter answer style
 
 
 def score_answer(prediction: str, record: Mapping[str, Any]) -> bool:
@@ -338,6 +340,9 @@ def score_answer(prediction: str, record: Mapping[str, Any]) -> bool:
         if m:
             letter = (m.group(1) or m.group(2)).upper()
             return ord(letter) - ord("A") == ai
+        m = _TRAILING_LETTER.search(pred)
+        if m:
+            return ord(m.group(1).upper()) - ord("A") == ai
         return normalize_answer(pred) == normalize_answer(str(choices[ai]))
     return normalize_answer(pred) == normalize_answer(str(record["answer"]))
 

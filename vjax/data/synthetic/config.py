@@ -6,11 +6,13 @@ import dataclasses
 import hashlib
 import json
 
+from vjax.data.annotations import check_mc_style
+
 
 GENERATOR_VERSION = 2  # bump whenever the generated files change for the same parameters
 TEXTURE_STD = 18.0  # grey levels of the default background texture
 # Parameters added after sets were generated: left out of the hash at their default, so those sets stay valid.
-_LATER_PARAMS = ("train_captions", "texture_std")
+_LATER_PARAMS = ("train_captions", "texture_std", "mc_answer")
 
 # Six hues 60 degrees apart: a colour is recoverable from the hue of an object's mean pixel.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -55,6 +57,9 @@ class SyntheticConfig:
     like the video-caption pairs of the papers' first stage. Held-out splits keep questions only.
     ``texture_std``: grey levels of the static background texture (a per-clip pattern; 0 = flat grey
     with only the per-frame noise).
+    ``mc_answer``: how multiple-choice answers are written (``vjax.data.annotations.MC_ANSWER_STYLES``):
+    ``"letter"`` "(B) square" (MVBench's, the default) or ``"text_letter"`` "square (B)" (the text decided
+    first, then its letter copied from the options).
     """
 
     seed: int = 0
@@ -72,6 +77,7 @@ class SyntheticConfig:
     train_captions: bool = False
     texture_std: float = TEXTURE_STD
     multiple_choice_fraction: float = 0.5
+    mc_answer: str = "letter"
     subtitle_fraction: float = 0.3
     audio_sample_rate: int = 16_000
     crf: int = 18
@@ -81,6 +87,7 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.size < 32 or self.size % 2:
             raise ValueError(f"size must be an even number >= 32 pixels, got {self.size}")
+        check_mc_style(self.mc_answer)
         if not self.texture_std >= 0:
             raise ValueError(f"texture_std must be >= 0, got {self.texture_std}")
         if self.fps < 1:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from vjax.data.annotations import format_multiple_choice, option_answer
 from vjax.data.synthetic.config import MOTION_ANSWERS, NAMES, NUMBER_WORDS, PALETTE, SHAPES, SyntheticConfig
 from vjax.data.synthetic.scene import _clip_rng, time_step
 
@@ -143,11 +144,8 @@ def _record(c: dict, rec_id: str, cfg: SyntheticConfig, rng: np.random.Generator
         choices = [c["answer"]] + [str(x) for x in rng.choice(c["pool"], n_distract, replace=False)]
         choices = [choices[i] for i in rng.permutation(len(choices))]
         ai = choices.index(c["answer"])
-        letters = "ABCD"
-        opts = "\n".join(f"({letters[i]}) {x}" for i, x in enumerate(choices))
-        human = (f"<video>\n{c['question']}\nOptions:\n{opts}\n"
-                 "Answer with the option's letter from the given choices directly.")
-        gpt = f"({letters[ai]}) {c['answer']}"
+        human = f"<video>\n{format_multiple_choice(c['question'], choices, cfg.mc_answer)}"
+        gpt = option_answer(choices, ai, cfg.mc_answer)
         rec.update(choices=choices, answer_index=ai)
     else:
         human, gpt = f"<video>\n{c['question']}", c["answer"]

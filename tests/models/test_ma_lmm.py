@@ -222,6 +222,17 @@ def released_keys() -> dict[str, tuple]:
     return keys
 
 
+def test_finetune_llm_stage_adds_the_llm_and_keeps_eva_frozen():
+    """The tiny recipe's frozen-tower stage: the paper's ``finetune`` set plus every LLM parameter."""
+    flat = flatten_params(abstract_params(MALMM(MALMMConfig.tiny())))
+    stages = MALMMConfig.STAGES
+    finetune = {k for k, m in trainable_mask(dict.fromkeys(flat, 0), stages["finetune"]).items() if m}
+    both = {k for k, m in trainable_mask(dict.fromkeys(flat, 0), stages["finetune_llm"]).items() if m}
+    assert both == finetune | {k for k in flat if k.startswith("llm/")} and finetune < both
+    eva = {k for k in flat if k.startswith("vision/") and not k.startswith("vision/ln_vision/")}
+    assert eva and not eva & both
+
+
 def test_released_checkpoint_maps_onto_the_finetune_stage():
     config = MALMMConfig.ma_lmm_vicuna7b()
     expected = published_shapes()

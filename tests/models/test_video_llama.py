@@ -47,6 +47,9 @@ def test_tiny_trains_both_branches_and_stages_select_their_modules():
         # the tiny recipe's stage 1: everything between the towers and the LLM
         "connectors": ("qformer/", "video_frame_position_embedding/", "video_qformer/", "llama_proj/",
                        "audio_position_embedding/", "audio_qformer/", "audio_llama_proj/"),
+        # the same and the LLM: only the towers (EVA with ln_vision, ImageBind) stay frozen
+        "connectors_llm": ("qformer/", "video_frame_position_embedding/", "video_qformer/", "llama_proj/",
+                           "audio_position_embedding/", "audio_qformer/", "audio_llama_proj/", "llm/"),
     }
     for stage, prefixes in stages.items():
         mask = trainable_mask(params, VideoLLaMAConfig.STAGES[stage])
@@ -56,6 +59,7 @@ def test_tiny_trains_both_branches_and_stages_select_their_modules():
             assert any(np.abs(grads[k]).max() > 0 for k in chosen if k.startswith(prefix)), (stage, prefix)
         for k in ("video_qformer/query_tokens", "audio_qformer/query_tokens"):
             assert np.abs(grads[k]).max() > 0
+    assert any(k.startswith(("vision/", "audio_encoder/")) for k in mask)  # the towers exist, and train in none
     # frozen towers: the image Q-Former, EVA, ImageBind and the LLM are in no stage but "full"
     frozen = ("vision/", "qformer/", "audio_encoder/", "llm/")
     for stage in ("vl_finetune", "al_finetune"):

@@ -30,7 +30,8 @@ def target_platform() -> str:
     return platform or jax.default_backend()
 
 
-def _axis_size(mesh, axes) -> int:
+def axis_size(mesh, axes) -> int:
+    """Devices along mesh ``axes`` (a name, a tuple of names, or None: 1)."""
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
@@ -53,7 +54,7 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh, rules: Seq
         axes = table.get(name) if name is not None else None
         flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         flat = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
-        if flat and size % _axis_size(mesh, flat) == 0:
+        if flat and size % axis_size(mesh, flat) == 0:
             used.update(flat)
             out.append(flat[0] if len(flat) == 1 else flat)
         else:

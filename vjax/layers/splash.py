@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vjax.layers.masks import StructuredMask
-from vjax.layers.partitioning import spec_for, target_platform
+from vjax.layers.partitioning import axis_size, spec_for, target_platform
 
 LANES = 128
 
@@ -99,15 +99,6 @@ def kernel_specs(b: int, h: int, kh: int) -> tuple[P, P, P] | None:
     return P(batch, heads, None, None), P(batch, heads, None, None), P(batch, None)
 
 
-def _axes_size(axes) -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = 1
-    for a in names:
-        size *= mesh.shape[a]
-    return size
-
-
 def _default_precision(fn):
     """``fn(q, k, v, q_seg, kv_seg)`` traced, forward and backward, under the default matmul precision.
 
@@ -168,7 +159,7 @@ def splash_attention(
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     specs = kernel_specs(b, h, kh)
-    local_heads = h // _axes_size(specs[0][1]) if specs else h
+    local_heads = h // axis_size(jax.sharding.get_abstract_mesh(), specs[0][1]) if specs else h
     kernel = sa.make_splash_mha(_static_mask(mask, local_heads, lp, sp), block_sizes=blocks, head_shards=1,
                                 q_seq_shards=1, interpret=interpret)
     q_seg, kv_seg = _segment_ids(mask, b, l, s, lp, sp)

@@ -78,6 +78,7 @@ class MALMMConfig:
     # Trainable per the run scripts (spec §4.1, §4.4): all but EVA and the LLM.
     STAGES = {
         "finetune": (r"^vision/ln_vision/", r"^qformer/", r"^llm_proj/"),
+        "finetune_llm": (r"^vision/ln_vision/", r"^qformer/", r"^llm_proj/", r"^llm/"),  # + the LLM; EVA frozen
         "full": None,
     }
 

@@ -116,6 +116,9 @@ class VideoLLaMAConfig:
         # and projections train; the towers and the LLM stay frozen
         "connectors": (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
                        r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
+        # the connectors and the LLM; both towers (EVA with ln_vision, ImageBind) frozen, as in every paper stage
+        "connectors_llm": (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
+                           r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/", r"^llm/"),
         "full": None,
     }
 

@@ -83,12 +83,13 @@ def _segment_ids(spec: StructuredMask | None, b: int, l: int, s: int, lp: int, s
     return q_seg, kv_seg
 
 
-def kernel_specs(b: int, h: int, kh: int) -> tuple[P, P, P] | None:
-    """``(q [B, H, ., .], kv [B, K, ., .], segment ids [B, .])`` partition specs of the kernel's operands under
-    the active mesh (``jax.set_mesh``) and logical rules (``nn.logical_axis_rules``); None without a mesh. The
-    batch splits by ``batch``'s rule; heads only when ``heads`` and ``kv_heads`` map to the same mesh axes (else
-    a device would hold query heads without their kv head). Without rules nothing splits: every device runs
-    the whole call (correct, if redundant), since XLA cannot partition the kernel itself."""
+def kernel_specs(b: int, h: int, kh: int) -> tuple[P, P, int] | None:
+    """``(operands, segment ids, head devices)`` under the active mesh (``jax.set_mesh``) and logical rules
+    (``nn.logical_axis_rules``), or None without a mesh: the partition spec of ``q``/``k``/``v`` and the output
+    ``[B, heads, ., .]``, that of the segment ids ``[B, .]``, and how many devices the heads split over. The batch
+    splits by ``batch``'s rule; heads only when ``heads`` and ``kv_heads`` map to the same mesh axes (else a
+    device would hold query heads without their kv head). Without rules nothing splits: every device runs the
+    whole call (correct, if redundant), since XLA cannot partition the kernel itself."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
@@ -96,7 +97,7 @@ def kernel_specs(b: int, h: int, kh: int) -> tuple[P, P, P] | None:
     q_spec = spec_for(("batch", "heads"), (b, h), mesh, rules)
     kv_spec = spec_for(("batch", "kv_heads"), (b, kh), mesh, rules)
     batch, heads = q_spec[0], q_spec[1] if q_spec[1] == kv_spec[1] else None
-    return P(batch, heads, None, None), P(batch, heads, None, None), P(batch, None)
+    return P(batch, heads, None, None), P(batch, None), axis_size(mesh, heads)
 
 
 def _default_precision(fn):
@@ -159,7 +160,7 @@ def splash_attention(
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     specs = kernel_specs(b, h, kh)
-    local_heads = h // axis_size(jax.sharding.get_abstract_mesh(), specs[0][1]) if specs else h
+    local_heads = h // specs[2] if specs else h  # the kernel's static mask is per head: this device's heads
     kernel = sa.make_splash_mha(_static_mask(mask, local_heads, lp, sp), block_sizes=blocks, head_shards=1,
                                 q_seq_shards=1, interpret=interpret)
     q_seg, kv_seg = _segment_ids(mask, b, l, s, lp, sp)
@@ -173,9 +174,8 @@ def splash_attention(
     low = jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
     run = _default_precision(jax.vmap(one)) if low else jax.vmap(one)
     if specs is not None:  # each device runs the kernel on its own examples (and heads): module docstring
-        q_spec, kv_spec, seg_spec = specs
-        run = jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
-                            check_vma=False)
+        spec, seg_spec, _ = specs
+        run = jax.shard_map(run, in_specs=(spec, spec, spec, seg_spec, seg_spec), out_specs=spec, check_vma=False)
     out = run(qt, kt, vt, q_seg, kv_seg)  # [B, H, Lp, Dh]
     return jnp.moveaxis(out[:, :, :l], 1, 2).astype(v.dtype)
 

@@ -13,7 +13,7 @@ from vjax import host_memory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A jitted function whose [4096, 4096] float32 matmul result (64 MiB, above glibc's largest mmap threshold of
-# 32 MiB) is a temporary of the executable; prints the minor page faults of each of 10 calls after 3 warm-up calls.
+# 32 MiB) is a temporary of the executable; prints the minor page faults of each of 40 calls after 3 warm-up calls.
 FAULTS = textwrap.dedent("""
     import resource, sys
     if sys.argv[1] == "keep":
@@ -26,7 +26,7 @@ FAULTS = textwrap.dedent("""
     for _ in range(3):
         f(x, w).block_until_ready()
     faults = []
-    for _ in range(10):
+    for _ in range(40):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x, w).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -38,7 +38,7 @@ def _faults(mode: str) -> list[int]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return [int(n) for n in out.stdout.split()[-10:]]
+    return [int(n) for n in out.stdout.split()[-40:]]
 
 
 @pytest.mark.skipif(not host_memory.is_glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
@@ -47,10 +47,12 @@ def test_temporaries_are_reused_instead_of_faulted_anew():
     default, kept = _faults("default"), _faults("keep")
     # glibc's default: every call's temporary is a fresh mmap, touched page by page
     assert min(default) >= pages // 2, (default, pages)
-    # kept: the freed block is served again from malloc's heap, already mapped. Most calls fault nothing; now
-    # and then the heap still grows by a temporary's size (malloc's free blocks do not always fit), so the
-    # median call is what is asserted.
+    # kept: the freed block is served again from malloc's heap, already mapped. Most calls fault nothing, but until
+    # the heap holds enough free space for the executable's allocation pattern it still grows now and then by a
+    # temporary or two (under load, when XLA's threads allocate in another order, 5 of the first 20 calls did in
+    # one run; CI once saw 5 of the first 10), so the median call and the total over the 40 calls are asserted.
     assert sorted(kept)[len(kept) // 2] <= pages // 50, (kept, pages)
+    assert sum(kept) <= sum(default) / 2, (kept, default)
 
 
 def test_wanted_reads_the_environment_and_the_platform():

@@ -303,7 +303,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
         value = (c[section] if section else c)[leaf]
         if value and not os.path.exists(_expand(value)):
             raise ConfigError(key, f"path {value!r} does not exist ({_expand(value)})")
-    _check_recipe_stages(c, stages, mcfg)
+    _check_recipe_stages(c, stages, mcfg, model)
     if c.data.train_annotations and not c.data.tokenizer:
         raise ConfigError("data.tokenizer", "real annotations need a tokenizer directory")
     if c.model_preset != "tiny" and not c.data.train_annotations:
@@ -323,9 +323,9 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
 
 
 
-def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
-    """``data.train_records``, ``stage0.*`` (pretrained parts of model config ``mcfg``) and ``align.*`` (the
-    alignment stage)."""
+def _check_recipe_stages(c, stages: dict, mcfg: Any, model: Any) -> None:
+    """``data.train_records``, ``stage0.*`` (pretrained parts of model config ``mcfg``, spec ``model``) and
+    ``align.*`` (the alignment stage)."""
     from experiments.pretrain import TOWERS, Recipe, parse_parts  # noqa: PLC0415
 
     kind = c.data.get("train_records", "questions")
@@ -350,6 +350,9 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any) -> None:
         if "vision" in parts and mcfg.vision.tower not in TOWERS:
             raise ConfigError("stage0.parts", f"the tower recipe takes frames as images: {c.model}'s tower "
                                               f"{mcfg.vision.tower!r} is not one of {TOWERS}")
+        if "connector" in parts and not model.connector:
+            raise ConfigError("stage0.parts", f"{c.model} has no connector to pretrain (only the Q-Former models "
+                                              "do: video_llama, ma_lmm)")
         for f in dataclasses.fields(Recipe):
             v = c.stage0.get(f.name, f.default)
             low = 0 if f.name in ("text_weight", "tower_position_weight", "seed") else 1e-12

@@ -22,7 +22,20 @@ from a pretrained CLIP/EVA tower and a pretrained LLM.
   language experts on text; the model gets its vision experts as copies of them (CogVLM's initialisation,
   ``vjax.layers.visual_expert.experts_from_language``), the cache keeps the part as trained.
 
-Both are cached once per machine, like the synthetic set: ``~/.cache/vjax/pretrained/<part>-<hash>/`` holds
+* **connector** (``connector``): for the models whose visual tokens come out of Q-Formers (Video-LLaMA, MA-LMM:
+  ``ModelSpec.connector`` names the modules), those modules on top of the frozen stage-0 tower, with one linear head
+  shared by the query outputs (the tokens before the LLM's projection): token ``k`` is trained to name the colour,
+  the shape and the motion of the clip's ``k``-th object in order of appearance (or "none" past the last one) and
+  to place it (appearance time, start and end position; :func:`object_slots`), from the ``num_frames`` frames the
+  model reads (one at random in each of T equal segments: MA-LMM's training sampler). Both papers start from a
+  pretrained Q-Former (BLIP-2's, trained on image-text pairs before it ever meets the LLM); at tiny size the clips'
+  ground truth stands in for their text, one object per token so that the LLM can read every token the same way
+  (a Chat-UniVi token is a cluster of one object's patches; tokens trained instead to draw the frames' colour maps
+  between them varied as much but the LLM never read them: docs/results.md). It needs the ``vision`` part (listed
+  before it) and is keyed by that part's key too. Video-LLaMA's video Q-Former is random in its paper (trained in
+  its stage 1 on WebVid-2M); here it is pretrained with the image Q-Former, as one connector.
+
+Every part is cached once per machine, like the synthetic set: ``~/.cache/vjax/pretrained/<part>-<hash>/`` holds
 ``params.safetensors`` and ``manifest.json`` (the recipe, its held-out figures, the seconds it took); the hash
 covers the part's config, the synthetic set, the template, the recipe and ``RECIPE_VERSION``, so a change to any of
 them builds a new one and an unchanged recipe is found again. Why cached rather than shipped: the parts depend on
@@ -43,7 +56,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 RECIPE_VERSION = 1
-PARTS = ("vision", "llm")  # the attribute names of the tower and the decoder in every model of vjax.models
+# "vision" and "llm": the attribute names of the tower and the decoder in every model of vjax.models; "connector": the
+# attributes its spec's ``connector`` names. Built in this order (the connector is trained on the built tower).
+PARTS = ("vision", "llm", "connector")
 TOWERS = ("clip", "eva", "eva2", "qwen2_vl")  # towers the tower recipe trains (Qwen2-VL's: each frame a still image)
 HELD_OUT = 32  # held-out scenes: the first clips of the val seed stream (the set's val clips, however many it has)
 
@@ -64,6 +79,9 @@ class Recipe:
     lm_scenes: int = 6000  # fresh scenes described (beyond the set's training clips, from the same seed stream)
     lm_lr: float = 2e-3
     text_weight: float = 0.1  # loss weight of the non-answer tokens of the LLM's texts
+    connector_steps: int = 3000
+    connector_batch: int = 16  # clips per step
+    connector_lr: float = 2e-3
     warmup_steps: int = 100
     seed: int = 0
 
@@ -78,17 +96,28 @@ def cache_root() -> str:
 
 
 def parse_parts(value: str) -> tuple[str, ...]:
-    """``"vision,llm"`` -> ``("vision", "llm")``; ``""`` -> ``()``. Raises ValueError naming an unknown part."""
-    parts = tuple(p.strip() for p in str(value).split(",") if p.strip())
-    bad = [p for p in parts if p not in PARTS]
+    """``"llm,vision"`` -> ``("vision", "llm")`` (in ``PARTS`` order); ``""`` -> ``()``. Raises ValueError naming an
+    unknown part, or a connector without the tower it is trained on."""
+    parts = {p.strip() for p in str(value).split(",") if p.strip()}
+    bad = sorted(parts - set(PARTS))
     if bad:
         raise ValueError(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
-    return parts
+    if "connector" in parts and "vision" not in parts:
+        raise ValueError("the connector part is trained on the stage-0 tower: list 'vision' too")
+    return tuple(p for p in PARTS if p in parts)
 
 
 # ------------------------------------------------------------------------------------------------ cache
 def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, template: str) -> dict:
-    """What a part's parameters are a function of (hashed into its cache directory)."""
+    """What a part's parameters are a function of (hashed into its cache directory). The connector's: the model's
+    config but its LLM, and the key of the tower it is trained on."""
+    if part == "connector":
+        sub = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "llm"}
+        key = {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
+               "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
+               "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
+                                                          "warmup_steps", "seed")}}
+        return key
     sub = dataclasses.asdict(getattr(model_config, part))
     fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
         "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
@@ -317,6 +346,129 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     return params["vision"], figures
 
 
+# ------------------------------------------------------------------------------------------------ connector
+def object_slots(scene: dict, slots: int) -> dict:
+    """What token ``k`` of the connector is trained to say about the clip's ``k``-th object (in order of appearance):
+    ``colour`` / ``shape`` (1 + index in ``PALETTE`` / ``SHAPES``, 0 when the clip has fewer objects), ``motion``
+    (index in ``MOTIONS``) and ``place`` float32 ``[5]``: appearance time over the clip's duration, start and end
+    (x, y) over the frame size; ``present`` 1.0 for the slots that hold an object."""
+    from vjax.data.synthetic import MOTIONS, PALETTE, SHAPES  # noqa: PLC0415
+
+    objs = sorted(scene["objects"], key=lambda o: o["appear_s"])[:slots]  # stable: the scene's order among ties
+    out = {"colour": np.zeros(slots, np.int32), "shape": np.zeros(slots, np.int32),
+           "motion": np.zeros(slots, np.int32), "place": np.zeros((slots, 5), np.float32),
+           "present": np.zeros(slots, np.float32)}
+    duration, size = scene["num_frames"] / scene["fps"], scene["size"]
+    for k, o in enumerate(objs):
+        out["colour"][k] = 1 + list(PALETTE).index(o["colour"])
+        out["shape"][k] = 1 + SHAPES.index(o["shape"])
+        out["motion"][k] = MOTIONS.index(o["motion"])
+        out["place"][k] = [o["appear_s"] / duration, *(np.asarray(o["start_xy"]) / size),
+                           *(np.asarray(o["end_xy"]) / size)]
+        out["present"][k] = 1.0
+    return out
+
+
+def connector_batches(scenes: list[dict], fmt, frames_fn, num_frames: int, slots: int, batch: int,
+                      seed: int) -> Iterator[dict]:
+    """Endless batches: ``frames`` float32 ``[B, T, S, S, 3]`` of random clips, ``num_frames`` frames each (one at
+    random in each of T equal segments: MA-LMM's training sampler), rendered with fresh noise and preprocessed as
+    the run's frames; each clip's :func:`object_slots` stacked (``[B, slots]``, ``place [B, slots, 5]``) and its
+    duration ``seconds [B]``."""
+    from vjax.data.sampling import segment_random  # noqa: PLC0415
+    from vjax.data.synthetic import render_frames  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    while True:
+        frames, labels, seconds = [], [], []
+        for k in rng.integers(len(scenes), size=batch):
+            scene = scenes[int(k)]
+            seconds.append(scene["num_frames"] / scene["fps"])
+            idx = segment_random(scene["num_frames"], scene["fps"], num_frames, seed=int(rng.integers(2**31))).indices
+            frames.append(render_frames(scene, int(rng.integers(2**31)), indices=idx))
+            labels.append(object_slots(scene, slots))
+        frames = np.stack(frames)  # [B, T, size, size, 3] uint8
+        b, t = frames.shape[:2]
+        pixels = fmt.normalize(frames_fn(frames.reshape(b * t, *frames.shape[2:])))
+        yield {"frames": pixels.reshape(b, t, *pixels.shape[1:]), "seconds": np.asarray(seconds, np.float32),
+               **{name: np.stack([x[name] for x in labels]) for name in labels[0]}}
+
+
+def pretrain_connector(model_spec, model_config, vision_params: dict, train_scenes: list[dict],
+                       held_out: list[dict], fmt, frames_fn, recipe: Recipe, progress: bool = True
+                       ) -> tuple[dict, dict]:
+    """Train the modules ``model_spec.connector`` on the frozen tower ``vision_params`` (module docstring); returns
+    ``({attribute: params}, figures)``, the figures on clips of the held-out scenes: ``colour_accuracy``,
+    ``shape_accuracy``, ``motion_accuracy`` over the slots that hold an object, ``empty`` (slots past the clip's
+    objects called empty), ``appear_error`` (seconds), the loss curve."""
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.data.synthetic import MOTIONS, PALETTE, SHAPES  # noqa: PLC0415
+
+    if not model_spec.connector:
+        raise ValueError(f"{model_spec.name} has no connector to pretrain (its spec names none)")
+    module = model_spec.module(model_config)
+    sizes = {"colour": 1 + len(PALETTE), "shape": 1 + len(SHAPES), "motion": len(MOTIONS), "place": 5}
+    head = nn.Dense(sum(sizes.values()))  # one linear head, the same for every token
+    key_model, key_head = jax.random.split(jax.random.key(recipe.seed))
+    t, size = model_config.num_frames, train_scenes[0]["size"]
+    blank = frames_fn(np.zeros((t, size, size, 3), np.uint8))[None].astype(np.float32)  # [1, T, S, S, 3]
+    init = module.init(key_model, blank, method="connector_queries")["params"]
+    queries = module.apply({"params": {**init, "vision": vision_params}}, blank, method="connector_queries")
+    slots = queries.shape[1]
+    params = {"connector": {name: init[name] for name in model_spec.connector},
+              "head": head.init(key_head, queries.astype(jnp.float32))["params"]}
+    batches = connector_batches(train_scenes, fmt, frames_fn, t, slots, recipe.connector_batch, recipe.seed)
+
+    def outputs(p, frames):
+        q = module.apply({"params": {**p["connector"], "vision": vision_params}}, frames, method="connector_queries")
+        out = head.apply({"params": p["head"]}, q.astype(jnp.float32))  # [B, slots, sum(sizes)]
+        ends = np.cumsum(list(sizes.values()))
+        return dict(zip(sizes, jnp.split(out, ends[:-1], axis=-1)))
+
+    def loss_fn(p, b):
+        out = outputs(p, b["frames"])
+        present = b["present"]
+        slot_w = jnp.where(present > 0, 1.0, 0.3)
+        loss = _cross_entropy(out["colour"], b["colour"], slot_w) + _cross_entropy(out["shape"], b["shape"], slot_w)
+        loss += _cross_entropy(out["motion"], b["motion"], present)
+        err = jnp.square(out["place"] - b["place"]).sum(-1)
+        return loss + 4.0 * (err * present).sum() / jnp.maximum(present.sum(), 1.0), None
+
+    params, curve = fit(loss_fn, params, batches, recipe.connector_steps, recipe.connector_lr, recipe.warmup_steps,
+                        "stage 0: connector", progress)
+    # modules the frames never reach keep their random init (MA-LMM's Q-Former's text embeddings: the question
+    # enters it only in the later stages), so each module's tree is whole
+    from vjax.pretrained import init_params  # noqa: PLC0415
+    from vjax.pytree import flatten_params, unflatten_params  # noqa: PLC0415
+
+    whole = init_params(module, recipe.seed)
+    trained = {}
+    for name in model_spec.connector:
+        flat = flatten_params(whole[name])
+        flat.update(flatten_params(params["connector"][name]))
+        trained[name] = unflatten_params(flat)
+
+    predict = jax.jit(outputs)
+    held = connector_batches(held_out, fmt, frames_fn, t, slots, 32, recipe.seed + 1)
+    hits, counts, appear = np.zeros(4), np.zeros(4), []
+    for _ in range(4):
+        b = next(held)
+        out = {k: np.asarray(v) for k, v in predict(params, b["frames"]).items()}
+        obj = b["present"] > 0
+        named = {k: out[k].argmax(-1) for k in ("colour", "shape", "motion")}
+        hits += [*((named[k] == b[k])[obj].sum() for k in named), (named["colour"] == 0)[~obj].sum()]
+        counts += [obj.sum()] * 3 + [(~obj).sum()]
+        appear.append((np.abs(out["place"][..., 0] - b["place"][..., 0]) * b["seconds"][:, None])[obj])
+    acc = hits / np.maximum(counts, 1)
+    figures = {"colour_accuracy": float(acc[0]), "shape_accuracy": float(acc[1]), "motion_accuracy": float(acc[2]),
+               "empty": float(acc[3]), "appear_error": float(np.concatenate(appear).mean()),
+               "held_out_clips": 4 * 32, "loss_curve": curve}
+    return trained, figures
+
+
 # ------------------------------------------------------------------------------------------------ LLM
 def described(record: dict, scene: dict) -> dict:
     """``record`` with its ``<video>`` marker replaced by the clip's :func:`~vjax.data.synthetic.description`."""
@@ -428,9 +580,10 @@ def pretrain_lm(llm_config, train: list[tuple[np.ndarray, np.ndarray]], held_out
 # ------------------------------------------------------------------------------------------------ driver
 def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, dict]:
-    """The stage-0 parameters ``{part: params}`` of ``stage0.parts`` for run config ``c`` (its model spec, resolved
-    model config, format spec and tokenizer; ``paths`` of its synthetic set): read from the cache, or built and
-    cached (module docstring). ``log`` gets one line per part: where it is, its held-out figures."""
+    """The stage-0 parameters ``{attribute: params}`` of ``stage0.parts`` for run config ``c`` (its model spec,
+    resolved model config, format spec and tokenizer; ``paths`` of its synthetic set): read from the cache, or built
+    and cached (module docstring); the connector's modules each under its own attribute. ``log`` gets one line per
+    part: where it is, its held-out figures."""
     from vjax.data import formats  # noqa: PLC0415
     from vjax.data.preprocess import FrameProcessor  # noqa: PLC0415
     from vjax.data.synthetic import SyntheticConfig, _sample_scene, every_question, read_scenes  # noqa: PLC0415
@@ -451,10 +604,13 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
                       "val": [_sample_scene(syn, "val", i) for i in range(HELD_OUT)]}
             if not scenes["train"]:
                 raise ValueError("the tower recipe renders the set's training scenes: data.synthetic.num_train is 0")
+            frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
             if part == "vision":
-                frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
                 params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
                                                  recipe, progress)
+            elif part == "connector":
+                params, figures = pretrain_connector(model, model_config, out["vision"], scenes["train"],
+                                                     scenes["val"], fmt, frames_fn, recipe, progress)
             else:
                 train, fresh = text_scenes(syn, recipe.lm_scenes, recipe.seed, recipe.lm_turns)
                 rng = np.random.default_rng([recipe.seed, 1])
@@ -475,7 +631,10 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
             from vjax.layers.visual_expert import experts_from_language  # noqa: PLC0415
 
             params = experts_from_language(params)
-        out[part] = params
+        if part == "connector":
+            out.update(params)  # its modules, each under its own attribute name
+        else:
+            out[part] = params
     return out
 
 

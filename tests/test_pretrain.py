@@ -34,6 +34,7 @@ from vjax.data.synthetic.scene import _clip_rng
 from vjax.pytree import flatten_params
 
 ROOT = Path(__file__).resolve().parents[1]
+PALETTE_NAMES = list(PALETTE)
 TINY_SET = dict(num_train=4, num_val=2, num_test=0, long_every=0, show_progress=False)
 RUN_SET = dict(TINY_SET, num_train=40, num_val=4)  # the tower sees every colour and shape in 40 clips
 
@@ -212,8 +213,87 @@ def test_with_parts_replaces_subtrees_and_names_a_misfit():
 
 def test_parse_parts_names_an_unknown_part():
     assert pretrain.parse_parts(" vision , llm") == ("vision", "llm") and pretrain.parse_parts("") == ()
-    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]; known: vision, llm"):
+    # built in PARTS order whatever the order given: the connector trains on the tower built before it
+    assert pretrain.parse_parts("connector,llm,vision") == ("vision", "llm", "connector")
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]; known: vision, llm, connector"):
         pretrain.parse_parts("vision,tower")
+    with pytest.raises(ValueError, match="connector part is trained on the stage-0 tower: list 'vision' too"):
+        pretrain.parse_parts("llm,connector")
+
+
+def test_object_slots_name_the_objects_in_order_of_appearance_then_none():
+    """Reference: the scene's ground truth read directly (``PALETTE``/``SHAPES`` order, MOTIONS index)."""
+    from vjax.data.synthetic import MOTIONS  # noqa: PLC0415
+
+    syn = SyntheticConfig()
+    scene = next(s for s in (_sample_scene(syn, "train", i) for i in range(300))
+                 if len(s["objects"]) == 3 and len({o["appear_s"] for o in s["objects"]}) == 3)
+    scene = dict(scene, objects=scene["objects"][::-1])  # listed out of order: the slots still follow time
+    slots = pretrain.object_slots(scene, 4)
+    ordered = sorted(scene["objects"], key=lambda o: o["appear_s"])
+    assert slots["present"].tolist() == [1, 1, 1, 0]
+    assert [PALETTE_NAMES[c - 1] for c in slots["colour"][:3]] == [o["colour"] for o in ordered]
+    assert [SHAPES[s - 1] for s in slots["shape"][:3]] == [o["shape"] for o in ordered]
+    assert [MOTIONS[m] for m in slots["motion"][:3]] == [o["motion"] for o in ordered]
+    assert slots["colour"][3] == slots["shape"][3] == 0 and not slots["place"][3].any()
+    duration = scene["num_frames"] / scene["fps"]
+    first = ordered[0]
+    np.testing.assert_allclose(slots["place"][0], [first["appear_s"] / duration, first["start_xy"][0] / 64,
+                                                   first["start_xy"][1] / 64, first["end_xy"][0] / 64,
+                                                   first["end_xy"][1] / 64], rtol=1e-6)
+    assert pretrain.object_slots(scene, 2)["present"].tolist() == [1, 1]  # more objects than tokens: the first ones
+
+
+def test_a_connector_is_refused_for_a_model_without_one():
+    c = chat_univi.get_config()
+    c.stage0.parts = "vision,llm,connector"
+    with pytest.raises(cfg.ConfigError, match="chat_univi has no connector to pretrain") as err:
+        cfg.validate(c)
+    assert err.value.key == "stage0.parts"
+
+
+@pytest.mark.parametrize("model, steps", [("video_llama", 600), ("ma_lmm", 20)])
+def test_the_connector_learns_to_name_the_objects_from_its_tokens_and_fits_the_model(model, steps, tiny_run,
+                                                                                      tmp_path, monkeypatch):
+    """The Q-Former models' connector, on the stage-0 tower: its loss falls and (Video-LLaMA, 600 steps) its tokens
+    name the held-out clips' objects' colours above chance; the modules it returns (each under its own attribute)
+    replace the model's, whole (MA-LMM's Q-Former's text embeddings, which frames never reach, at their init)."""
+    from vjax.pretrained import init_params  # noqa: PLC0415
+
+    d, base, _ = tiny_run
+    monkeypatch.setenv("VJAX_CACHE", str(tmp_path / "cache"))
+    c = cfg.config_from_file(cfg.config_path(model)[0], "tiny")
+    c.data.root, c.data.load_audio = base.data.root, False
+    c.data.synthetic.update(RUN_SET)
+    c.stage0.update(parts="vision,connector", tower_steps=100, tower_batch=64, connector_steps=steps,
+                    connector_batch=16, warmup_steps=10)
+    plan = cfg.validate(c)
+    paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
+    tok = formats.TextTokenizer(paths.tokenizer_dir)
+    spec = plan["model"]
+    mcfg = cfg.resolve_markers(spec, plan["model_config"], tok)
+    lines = []
+    got = pretrain.ensure_parts(c, spec, mcfg, cfg.data_format(spec, mcfg, c), tok, paths, progress=False,
+                                log=lines.append)
+    assert sorted(got) == sorted(("vision", *spec.connector)) and len(lines) == 2
+    manifest = json.loads(next((tmp_path / "cache" / "pretrained").glob("connector-*/manifest.json")).read_text())
+    figures = manifest["figures"]
+    assert figures["loss_curve"][-1] < 0.9 * figures["loss_curve"][0], figures
+    if steps >= 600:
+        # slots that hold an object: colour right more often than 1.5x a guess among the palette
+        assert figures["colour_accuracy"] > 1.5 / len(PALETTE), figures
+    init = init_params(spec.module(mcfg), 0)
+    params = pretrain.with_parts(init, got)
+    if model == "ma_lmm":
+        words = "qformer/word_embeddings/embedding"
+        assert np.array_equal(flatten_params(params)[words], flatten_params(init)[words])
+        assert not np.array_equal(flatten_params(params)["qformer/query_tokens"],
+                                  flatten_params(init)["qformer/query_tokens"])
+    # trained on that tower: another tower recipe is another connector
+    recipe = pretrain.Recipe.from_config(c.stage0)
+    key = pretrain.part_key("connector", mcfg, recipe, "h", "")
+    other = pretrain.part_key("connector", mcfg, pretrain.Recipe(**{**recipe.__dict__, "tower_steps": 7}), "h", "")
+    assert pretrain.part_dir(key) != pretrain.part_dir(other)
 
 
 def test_a_tower_the_recipe_cannot_build_is_refused_naming_the_key(monkeypatch):
@@ -369,14 +449,18 @@ def test_every_tiny_default_is_staged_and_its_stage_1_trains_the_connector_with_
     plan = cfg.validate(c)
     parts = pretrain.parse_parts(c.stage0.parts)
     assert "llm" in parts and c.align.steps > 0
+    # the Q-Former models' connector is pretrained too (without it their tiny runs answer at chance)
+    assert ("connector" in parts) == bool(plan["model"].connector), parts
+    parts = [p for p in parts if p != "connector"] + list(plan["model"].connector if "connector" in parts else ())
     cfg_cls = type(plan["model_config"])
     params = abstract_params(plan["model"].module(plan["model_config"]))
     mask = trainable_mask(params, cfg_cls.STAGES[c.align.stage])
     trained = {k.split("/")[0] for k, m in mask.items() if m}
     assert trained - set(parts), (c.align.stage, trained)
     # of the pretrained parts: never the LLM; of the tower, MA-LMM's ln_vision (the LayerNorm after the tower, in its
-    # paper's trainable set) and Qwen2-VL's whole ViT (its paper's first stage trains the ViT with the LLM frozen)
-    in_parts = {k for k, m in mask.items() if m and k.split("/")[0] in parts}
+    # paper's trainable set) and Qwen2-VL's whole ViT (its paper's first stage trains the ViT with the LLM frozen).
+    # A pretrained connector goes on training (as the papers' Q-Formers and projections in their stage 1).
+    in_parts = {k for k, m in mask.items() if m and k.split("/")[0] in ("vision", "llm")}
     allowed = {"ma_lmm": lambda k: k.startswith("vision/ln_vision/"), "qwen2_vl": lambda k: k.startswith("vision/")}
     assert all(allowed.get(model, lambda k: False)(k) for k in in_parts), (c.align.stage, sorted(in_parts)[:5])
     assert {k.split("/")[0] for k, m in trainable_mask(params, cfg_cls.STAGES[c.stage]).items() if m} >= trained

@@ -141,11 +141,12 @@ def tiny_vision(c: ml_collections.ConfigDict, **fields) -> None:
     c.model_overrides.vision = {**vision, "patch_size": TINY_PATCH, **fields}
 
 
-def staged(c: ml_collections.ConfigDict, *, align_steps: int, align_stage: str, stage: str) -> None:
-    """The tiny runs' papers' recipe: stage 0 the pretrained tower and LLM (``experiments.pretrain``, cached),
-    stage 1 ``align_stage`` for ``align_steps`` on the captions (lr 2e-3, warmup 20), stage 2 ``stage`` on the
-    questions (``total_steps``)."""
-    c.stage0.parts = "vision,llm"
+def staged(c: ml_collections.ConfigDict, *, align_steps: int, align_stage: str, stage: str,
+           parts: str = "vision,llm") -> None:
+    """The tiny runs' papers' recipe: stage 0 the pretrained ``parts`` (``experiments.pretrain``, cached: the
+    tower and the LLM, and the Q-Former models' connector), stage 1 ``align_stage`` for ``align_steps`` on the
+    captions (lr 2e-3, warmup 20), stage 2 ``stage`` on the questions (``total_steps``)."""
+    c.stage0.parts = parts
     c.align.update(steps=align_steps, stage=align_stage, learning_rate=2e-3, warmup_steps=20)
     c.stage = stage
 

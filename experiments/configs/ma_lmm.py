@@ -5,7 +5,8 @@ COMMAND: python -m experiments.train --config=ma_lmm[:tiny|msrvtt_qa|caption] [-
 Variants:
   tiny       2-layer 128-wide LLM; EVA-style tower at 56 px; InstructBLIP-style Q-Former (4 queries) reading
              the question with the synthetic tokenizer; memory bank of 2 over 4 frames -> 4 visual tokens.
-             Staged: the stage-0 tower and LLM (as chat_univi's), stage 1 (800 steps) ``finetune`` on captions,
+             Staged: the stage-0 tower and LLM (as chat_univi's) and connector (the memory-bank Q-Former
+             trained to name the clip's objects, one per token), stage 1 (800 steps) ``finetune`` on captions,
              stage 2 (2400) everything.
   msrvtt_qa  the QA runs: Q-Former, queries, ``llm_proj``, ``ln_vision`` and ``image_pe`` train (EVA, Vicuna
              frozen); lr 1e-4, wd 0.05, linear warmup 1000 then cosine, 20 frames, memory bank 10
@@ -23,10 +24,11 @@ def get_config(variant: str = "tiny"):
     c.model_overrides.qformer = {"vocab_size": common.SYNTHETIC_VOCAB, "max_position_embeddings": 64}
     c.model_overrides.qformer_text_len = 48
     if variant == "tiny":
-        # the paper's parts at tiny size: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached),
+        # the paper's parts at tiny size: stage 0 the pretrained tower, LLM and Q-Former (experiments/pretrain.py,
+        # cached; the release's Q-Former is InstructBLIP's, pretrained),
         # stage 1 its trainable set (``finetune``: ln_vision, Q-Former with its memory banks, llm_proj) on the
         # captions, stage 2 everything on the questions
-        common.staged(c, align_steps=800, align_stage="finetune", stage="full")
+        common.staged(c, align_steps=800, align_stage="finetune", stage="full", parts="vision,llm,connector")
         c.total_steps = 2400  # from random weights 3000 steps took 1399 s here (2.2-2.7 steps/s)
         return c
     args = dict(preset="ma_lmm_vicuna7b", stage="finetune", image_size=224, text_len=512, weight_decay=0.05,

@@ -5,8 +5,9 @@ COMMAND: python -m experiments.train --config=video_llama[:tiny|stage1|stage2|au
 Variants:
   tiny    2-layer 128-wide LLM; EVA-style tower at 56 px + image Q-Former (4 queries) + video Q-Former
           (6 queries); ImageBind-style audio tower on 2 clips of 2 s (36 mel x 204 frames) + audio
-          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Staged: the stage-0 tower and LLM (as chat_univi's),
-          stage 1 (800 steps) the Q-Formers and projections on captions, stage 2 (1300) everything.
+          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Staged: the stage-0 tower and LLM (as chat_univi's)
+          and connector (image + video Q-Formers trained to name the clip's objects, one per token), stage 1
+          (800 steps) the Q-Formers and projections on captions, stage 2 (3000) everything.
   stage1  VL pre-training: frame position embedding, video Q-Former, ``llama_proj`` train (EVA, image
           Q-Former, LLM frozen); lr 1e-4 -> 8e-5 cosine, warmup 2500, 5 x 2500 iterations, 8 GPUs x 32,
           8 frames, head-tail sampling (spec_qformer_family §2.5).
@@ -23,15 +24,17 @@ def get_config(variant: str = "tiny"):
     c = common.base("video_llama", variant)
     c.model_overrides.audio = {"image_width": 204}  # 2 s of 10 ms fbank frames (ImageBind pads 198 -> 204)
     c.model_overrides.num_audio_clips = 2
+    c.model_overrides.audio_branch = True  # --config.model_overrides.audio_branch=False --config.data.load_audio=False
     c.data.load_audio = True
-    # 1800 steps took 1396 s here: the first epoch (750 steps, decoding video + audio) ~1.1 steps/s, then ~1.5
-    c.total_steps = 1300
+    # stage 2 runs ~4.5 steps/s here with the audio decoded (10 without): 3000 steps, where 1300 never read the
+    # video (docs/results.md, "Video-LLaMA with a pretrained connector")
+    c.total_steps = 3000
     if variant == "tiny":
-        # the papers' stages at tiny size: stage 0 the pretrained tower and LLM (experiments/pretrain.py, cached; the
-        # audio tower has no recipe and starts random), stage 1 both branches' Q-Formers and projections on the
-        # captions (``connectors``: the paper's image Q-Former is BLIP-2's, pretrained; none exists at tiny size),
-        # stage 2 everything on the questions
-        common.staged(c, align_steps=800, align_stage="connectors", stage="full")
+        # the papers' stages at tiny size: stage 0 the pretrained tower, LLM and connector (experiments/pretrain.py,
+        # cached; the connector is the image and video Q-Formers, as the paper's image Q-Former is BLIP-2's,
+        # pretrained; the audio tower has no recipe and starts random), stage 1 both branches' Q-Formers and
+        # projections on the captions (``connectors``), stage 2 everything on the questions
+        common.staged(c, align_steps=800, align_stage="connectors", stage="full", parts="vision,llm,connector")
         return c
     args = dict(preset="video_llama2_7b", frames=8, image_size=224, text_len=512, weight_decay=0.05,
                 tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/Video-LLaMA-2-7B")

@@ -115,14 +115,17 @@ class MALMM(VideoLLM):
                               text_mask=rep(qformer_attention_mask))  # [B*T, Q+Lt, 768]
         return hidden[:, :q].reshape(b, t * q, -1)
 
+    def connector_queries(self, frames: jax.Array, frame_mask: jax.Array | None = None,
+                          qformer_input_ids: jax.Array | None = None,
+                          qformer_attention_mask: jax.Array | None = None) -> jax.Array:
+        """``frames [B, T, H, W, 3]`` -> the Q-Former's query outputs (:meth:`video_queries`, before ``llm_proj``)."""
+        return self.video_queries(self.frame_features(frames), frame_mask, qformer_input_ids, qformer_attention_mask)
+
     def encode(self, frames: jax.Array, frame_mask: jax.Array | None = None,
                qformer_input_ids: jax.Array | None = None,
                qformer_attention_mask: jax.Array | None = None) -> jax.Array:
         """``frames [B, T, H, W, 3]`` -> visual tokens ``[B, num_visual_tokens, D]``."""
-        b, t = frames.shape[:2]
-        feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, 257, 1408]
-        feats = feats.reshape(b, t, *feats.shape[1:])  # [B, T, 257, 1408]
-        return self.llm_proj(self.video_queries(feats, frame_mask, qformer_input_ids, qformer_attention_mask))
+        return self.llm_proj(self.connector_queries(frames, frame_mask, qformer_input_ids, qformer_attention_mask))
 
     # ------------------------------------------------------------------ streaming (videos of any length)
     def stream_init(self, batch: int, text_len: int = 0) -> MemoryQFormerState:
@@ -165,4 +168,5 @@ SPEC = ModelSpec(
     template="ma_lmm", visual=(Visual("video", "num_visual_tokens"),),
     preprocess=Preprocess("square", "pil_bicubic", source="MA-LMM eval: Resize((224, 224), bicubic) on PIL"),
     sampler="segment_random", marker_tokens={"placeholder_id": "<video>"},
-    conversion="vjax.convert.ma_lmm", qformer_text="qformer_text_len", streams_frames="memory_bank")
+    conversion="vjax.convert.ma_lmm", qformer_text="qformer_text_len", streams_frames="memory_bank",
+    connector=("qformer",))

@@ -136,6 +136,9 @@ class ModelSpec:
         (``stream_init`` / ``stream_step``; MA-LMM's memory bank).
       image_size: dotted config path of the frames' side in pixels (``vision.image_size``; Qwen2-VL:
         ``image_size``, its tower takes any size).
+      connector: the module's attributes between the tower and the LLM's input projection that stage 0 of the
+        tiny recipe pretrains as one part (``experiments.pretrain``'s ``connector``: Video-LLaMA's two Q-Formers,
+        MA-LMM's memory-bank Q-Former); the module's ``connector_queries(frames, frame_mask)`` returns their output.
       token_baseline: config attribute with the visual tokens per clip of the baseline the paper compares
         against, printed beside the model's own (Chat-UniVi: Video-ChatGPT-style pooling of the same features).
       llm: config attribute holding the language model's ``DecoderConfig`` (``""``: the config is one).
@@ -166,6 +169,7 @@ class ModelSpec:
     streams_frames: str = ""
     image_size: str = "vision.image_size"
     token_baseline: str = ""
+    connector: tuple[str, ...] = ()
     llm: str = "llm"
     preprocess: Preprocess = Preprocess()
     frame_shape: str = ""

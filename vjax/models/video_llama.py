@@ -149,8 +149,8 @@ class VideoLLaMA(VideoLLM):
                                           param_dtype=pdt)
         self.llm = CausalLM(c.llm)
 
-    def encode_video(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
-        """``frames [B, T, H, W, 3]`` -> video tokens ``[B, 32, D]``."""
+    def connector_queries(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """``frames [B, T, H, W, 3]`` -> the video Q-Former's query outputs ``[B, 32, 768]`` (before ``llama_proj``)."""
         b, t = frames.shape[:2]
         feats = self.vision(frames.reshape(b * t, *frames.shape[2:])).features  # [B*T, 257, 1408]
         q = self.qformer(feats)[:, : self.config.image_qformer.num_query_tokens]  # [B*T, 32, 768]
@@ -160,7 +160,11 @@ class VideoLLaMA(VideoLLM):
         if frame_mask is not None:
             enc_mask = jnp.repeat(frame_mask.astype(bool), q.shape[2], axis=1)  # [B, T*32]
         v = self.video_qformer(q.reshape(b, -1, q.shape[-1]), encoder_mask=enc_mask)  # [B, 32, 768]
-        return self.llama_proj(v[:, : self.config.video_qformer.num_query_tokens])  # [B, 32, D]
+        return v[:, : self.config.video_qformer.num_query_tokens]
+
+    def encode_video(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """``frames [B, T, H, W, 3]`` -> video tokens ``[B, 32, D]``."""
+        return self.llama_proj(self.connector_queries(frames, frame_mask))  # [B, 32, D]
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array | None = None) -> jax.Array:
         """``audio [B, C, 128, 204]`` fbank clips -> audio tokens ``[B, 8, D]``."""
@@ -201,4 +205,5 @@ SPEC = ModelSpec(
                                     Visual("audio", "num_audio_tokens", when="audio_branch")),
     preprocess=Preprocess("square", "decord", source="Video-LLaMA load_video: decord at 224x224"),
     stop_strings=("###", "</s>"), sampler="uniform_floor", marker_tokens={"placeholder_id": "<ImageHere>"},
-    conversion="vjax.convert.video_llama", audio="audio_input")
+    conversion="vjax.convert.video_llama", audio="audio_input",
+    connector=("qformer", "video_frame_position_embedding", "video_qformer"))

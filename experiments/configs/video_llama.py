@@ -27,7 +27,7 @@ def get_config(variant: str = "tiny"):
     c.model_overrides.audio_branch = True  # --config.model_overrides.audio_branch=False --config.data.load_audio=False
     c.data.load_audio = True
     # stage 2 runs ~4.5 steps/s here with the audio decoded (10 without): 3000 steps, where 1300 never read the
-    # video (docs/results.md, "Video-LLaMA with a pretrained connector")
+    # video (docs/results.md, "Video-LLaMA and MA-LMM with a pretrained connector")
     c.total_steps = 3000
     if variant == "tiny":
         # the papers' stages at tiny size: stage 0 the pretrained tower, LLM and connector (experiments/pretrain.py,

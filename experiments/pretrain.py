@@ -40,7 +40,7 @@ Every part is cached once per machine, like the synthetic set: ``~/.cache/vjax/p
 covers the part's config, the synthetic set, the template, the recipe and ``RECIPE_VERSION``, so a change to any of
 them builds a new one and an unchanged recipe is found again. Why cached rather than shipped: the parts depend on
 the run's config (tower patch size, LLM width, vocabulary, template), which any ``--config.`` override may change;
-a build takes about 12 minutes on two cores (tower 2, LLM 10), and a shipped file would fit one config only.
+a build takes about 12 minutes on two cores (tower 2, LLM 10; a connector 1.5 more), and a shipped file would fit one config only.
 """
 
 from __future__ import annotations
@@ -113,11 +113,10 @@ def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, 
     config but its LLM, and the key of the tower it is trained on."""
     if part == "connector":
         sub = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "llm"}
-        key = {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
-               "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
-               "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
-                                                          "warmup_steps", "seed")}}
-        return key
+        return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
+                "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
+                "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
+                                                           "warmup_steps", "seed")}}
     sub = dataclasses.asdict(getattr(model_config, part))
     fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
         "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")

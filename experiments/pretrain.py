@@ -588,9 +588,11 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
     from vjax.data.synthetic import SyntheticConfig, _sample_scene, every_question, read_scenes  # noqa: PLC0415
 
     recipe = Recipe.from_config(c.stage0)
-    syn_hash = SyntheticConfig(**c.data.synthetic.to_dict()).params_hash()
+    syn = SyntheticConfig(**c.data.synthetic.to_dict())
+    syn_hash = syn.params_hash()
     template = json.dumps([spec.template, spec.template_variant, sorted(dict(spec.template_options).items())])
     fmt = formats.VideoQAFormat(spec, tokenizer)
+    scenes = {}  # the set's ground truth: read at the first build, shared by every part this call builds
     out = {}
     for part in parse_parts(c.stage0.parts):
         key = part_key(part, model_config, recipe, syn_hash, template)
@@ -598,12 +600,13 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
         cached = load_part(directory)
         if cached is None:
             t0 = time.perf_counter()
-            syn = SyntheticConfig(**c.data.synthetic.to_dict())
-            scenes = {"train": read_scenes(paths, "train"),
-                      "val": [_sample_scene(syn, "val", i) for i in range(HELD_OUT)]}
+            if not scenes:
+                scenes = {"train": read_scenes(paths, "train"),
+                          "val": [_sample_scene(syn, "val", i) for i in range(HELD_OUT)]}
             if not scenes["train"]:
                 raise ValueError("the tower recipe renders the set's training scenes: data.synthetic.num_train is 0")
-            frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
+            if part in ("vision", "connector"):
+                frames_fn = FrameProcessor.for_model(model, model_config, native=False, size=c.data.image_size)
             if part == "vision":
                 params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
                                                  recipe, progress)

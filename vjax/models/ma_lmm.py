@@ -29,6 +29,9 @@ from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM
 
 
+_FINETUNE = (r"^vision/ln_vision/", r"^qformer/", r"^llm_proj/")  # the run scripts' trainable set
+
+
 @dataclasses.dataclass(frozen=True)
 class MALMMConfig:
     vision: EncoderConfig = EncoderConfig.tiny("eva")
@@ -77,8 +80,8 @@ class MALMMConfig:
 
     # Trainable per the run scripts (spec §4.1, §4.4): all but EVA and the LLM.
     STAGES = {
-        "finetune": (r"^vision/ln_vision/", r"^qformer/", r"^llm_proj/"),
-        "finetune_llm": (r"^vision/ln_vision/", r"^qformer/", r"^llm_proj/", r"^llm/"),  # + the LLM; EVA frozen
+        "finetune": _FINETUNE,
+        "finetune_llm": (*_FINETUNE, r"^llm/"),  # + the LLM; EVA frozen
         "full": None,
     }
 

@@ -32,6 +32,11 @@ from vjax.models.spec import ModelSpec, Preprocess, Visual
 from vjax.models.video_llm import VideoLLM, example_text
 
 
+# everything between the towers and the LLM, both branches (the tiny recipe's stages)
+_CONNECTORS = (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
+               r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/")
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoLLaMAConfig:
     vision: EncoderConfig = EncoderConfig.tiny("eva")
@@ -114,11 +119,9 @@ class VideoLLaMAConfig:
         "al_finetune": (r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
         # the tiny recipe's stage 1 (no pretrained Q-Former exists at tiny size): both branches' Q-Formers, positions
         # and projections train; the towers and the LLM stay frozen
-        "connectors": (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
-                       r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/"),
+        "connectors": _CONNECTORS,
         # the connectors and the LLM; both towers (EVA with ln_vision, ImageBind) frozen, as in every paper stage
-        "connectors_llm": (r"^qformer/", r"^video_frame_position_embedding/", r"^video_qformer/", r"^llama_proj/",
-                           r"^audio_position_embedding/", r"^audio_qformer/", r"^audio_llama_proj/", r"^llm/"),
+        "connectors_llm": (*_CONNECTORS, r"^llm/"),
         "full": None,
     }
 

@@ -10,6 +10,7 @@ libtpu for them. Nothing runs; XLA's own accounting of the compiled program give
 
     parameters, optimizer state, batch     the step's arguments, by their shardings
     temporaries                            XLA's scratch (activations kept for the backward, attention, ...)
+    host_temporaries                       what an offloading remat policy keeps in host memory (when any)
     total                                  arguments + outputs - donated (aliased) + temporaries, vs HBM
     FLOPs                                  compiled FLOPs per step (all chips) vs the model FLOPs: the same
                                            step lowered without rematerialisation (what autodiff needs)
@@ -53,7 +54,8 @@ _MESH = flags.DEFINE_string("mesh", None, "(data, fsdp, tensor) mesh, e.g. 1,-1,
 _DTYPE = flags.DEFINE_string("dtype", None, "compute dtype of every module (default: the recipe's compute_dtype; "
                                             "parameters stay float32)")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "model config field, e.g. --set=llm.remat_policy=full "
-                                                  "(a dotted path into the model config; repeatable)")
+                                                  "(a dotted path into the model config), or an optimizer "
+                                                  "field: --set=optim.grad_dtype=bfloat16; repeatable")
 _DECODE = flags.DEFINE_boolean("decode", False, "also compile one decode step over a cache of --tokens slots")
 _OUT = flags.DEFINE_string("out", None, "write the plan as JSON here")
 _STEPS = flags.DEFINE_integer("steps", 5, "--topology=local: timed steps (after 2 warm-up steps)")
@@ -171,7 +173,8 @@ def set_fields(cfg: Any, assignments: list[str]) -> Any:
 def recipe(spec: str, frames: int | None = None, dtype: str | None = None, assignments: list[str] = ()):
     """``(experiment config, model spec, model config)`` of ``<name>:<variant>`` at ``frames`` with compute
     ``dtype`` (default the recipe's ``compute_dtype``) and the ``--set`` assignments (no path checks: a plan
-    needs no data and no weights)."""
+    needs no data and no weights): ``optim.<field>=<value>`` sets the recipe's optimizer, anything else a model
+    config field."""
     name, _, variant = spec.partition(":")
     if name == "decoder":  # a bare LLM: --config=decoder:<DecoderConfig preset>, e.g. decoder:llama2_7b
         import ml_collections  # noqa: PLC0415
@@ -198,7 +201,13 @@ def recipe(spec: str, frames: int | None = None, dtype: str | None = None, assig
         mcfg = config.with_compute_dtype(preset(), c.compute_dtype)
     else:
         model, mcfg = config.model_config(c)
-    mcfg = set_fields(mcfg, list(assignments))
+    optim = [a for a in assignments if a.startswith("optim.")]
+    if optim:
+        from vjax.train.optim import OptimConfig  # noqa: PLC0415
+
+        tuned = set_fields(config.from_config(OptimConfig, c.optim, "optim"), [a[len("optim."):] for a in optim])
+        c.optim.update(dataclasses.asdict(tuned))
+    mcfg = set_fields(mcfg, [a for a in assignments if not a.startswith("optim.")])
     return c, model, mcfg
 
 
@@ -340,7 +349,9 @@ def plan_train(c, model, mcfg, devices: list, sl: Slice, *, global_batch: int, t
     return {
         "step": "train", "parameters": _count(state.params), "trainable_parameters": trainable,
         "per_chip": {"parameters": params_b, "optimizer_state": opt_b, "batch": batch_b,
-                     **{k: mem[k] for k in ("arguments", "outputs", "aliased", "temporaries")}, "total": total},
+                     **{k: mem[k] for k in ("arguments", "outputs", "aliased", "temporaries")}, "total": total,
+                     # in the host's memory, not HBM (remat_policy="full_offload" / "offload"): not in the total
+                     **({"host_temporaries": mem["host_temporaries"]} if mem.get("host_temporaries") else {})},
         "hbm_per_chip": sl.hbm, "fraction_of_hbm": total / sl.hbm, "fits": compiled is not None and total <= sl.hbm,
         "compiler_error": mem.get("error", ""),
         "compiled_flops": compiled_flops, "model_flops": model_flops, "flops_basis": flops_basis,
@@ -472,7 +483,8 @@ def compile_for_memory(lowered) -> tuple[Any, dict[str, Any], float]:
         return None, {"temporaries": temps, "error": msg.strip().splitlines()[0][:300]}, time.perf_counter() - t0
     m = compiled.memory_analysis()
     mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "host_temporaries": getattr(m, "host_temp_size_in_bytes", 0) or 0}
     return compiled, mem, time.perf_counter() - t0
 
 

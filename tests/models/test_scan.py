@@ -151,6 +151,8 @@ def test_offload_without_pinned_host_names_the_backend(monkeypatch):
     monkeypatch.setattr(scan_lib, "has_pinned_host", lambda device=None: False)
     with pytest.raises(ValueError, match=f"offload.*{jax.default_backend()}"):
         scan_lib.checkpoint_policy("offload")
+    with pytest.raises(ValueError, match=f"'full_offload'.*{jax.default_backend()}.*use 'full'"):
+        scan_lib.checkpoint_policy("full_offload")
 
 
 # ----------------------------------------------------------------------------- ViT towers

@@ -50,3 +50,45 @@ def test_mu_dtype_sets_the_first_moment_only():
     assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
     with pytest.raises(ValueError, match="mu_dtype='int8'"):
         OptimConfig(mu_dtype="int8")
+
+
+def test_bfloat16_gradients_are_the_gradients_at_the_rounded_matrices():
+    """``grad_dtype="bfloat16"``: the step differentiates with respect to the matrices rounded to bfloat16 and
+    updates the float32 master weights with those gradients. Reference: the same model's gradient taken here at
+    the rounded matrices (vectors kept float32), cast up, then the step's AdamW with clipping."""
+    from tests.train.common import fixed_batches  # noqa: PLC0415
+    from vjax.models import registry  # noqa: PLC0415
+    from vjax.pytree import flatten_params  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    cfg_cls, module_cls = registry.get("decoder")
+    module = module_cls(cfg_cls.tiny())
+    base = dict(learning_rate=1e-2, warmup_steps=1, total_steps=10, eps=1e-3, grad_clip=0.05)
+    mesh = make_mesh((1, 1, 1))
+    exact, rounded = (Trainer(module, OptimConfig(**base, grad_dtype=g), mesh) for g in ("", "bfloat16"))
+    batch = next(fixed_batches(module, 1, batch=2))
+    params = jax.device_get(exact.init_state(0).params)
+    exact_norm = float(exact.train_step(exact.init_state(0), batch)[1]["grad_norm"])
+    state, metrics = rounded.train_step(rounded.init_state(0), batch)
+    got = flatten_params(jax.device_get(state.params))
+
+    def loss(p):
+        return module.apply({"params": p}, {k: jnp.asarray(v) for k, v in batch.items()}, method="loss",
+                            rngs={"dropout": jax.random.key(0), "merge": jax.random.key(1)})[0]
+
+    low = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), jax.grad(loss)(low))
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(jax.grad(loss)(low)) if g.ndim >= 2)
+    norm = optax.tree.norm(grads)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-5)
+    assert abs(float(norm) - exact_norm) > 1e-4 * exact_norm  # the rounding is real: other gradients than float32's
+    assert float(norm) > base["grad_clip"]  # the clip is exercised
+    tx = make_optimizer(OptimConfig(**base))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = flatten_params(jax.device_get(optax.apply_updates(params, updates)))
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+        assert got[k].dtype == np.float32, k  # the master weights stay float32
+    with pytest.raises(ValueError, match="grad_dtype='int8'"):
+        OptimConfig(grad_dtype="int8")

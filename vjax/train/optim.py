@@ -34,11 +34,40 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     mu_dtype: str = ""  # AdamW's first moment: "" = the parameters' dtype, or e.g. "bfloat16" (half its memory)
+    grad_dtype: str = ""  # the gradients of the matrices: "" = the parameters' dtype, or "bfloat16" (see grad_inputs)
 
     def __post_init__(self):
-        if self.mu_dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"mu_dtype={self.mu_dtype!r}: expected '' (the parameters' dtype), 'float32', "
-                             f"'bfloat16' or 'float16'")
+        for name in ("mu_dtype", "grad_dtype"):
+            if getattr(self, name) not in ("", "float32", "bfloat16", "float16"):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected '' (the parameters' dtype), 'float32', "
+                                 f"'bfloat16' or 'float16'")
+
+
+def grad_inputs(trainable: Any, grad_dtype: str) -> Any:
+    """What the train step differentiates: ``trainable`` itself, or with ``grad_dtype`` its matrices (``ndim >=
+    2``) cast to that dtype, so the backward pass produces and holds their gradients in it.
+
+    With bfloat16 compute every matrix is rounded to bfloat16 where it is used anyway; taking the gradient with
+    respect to the rounded copy halves the memory the gradients hold until the update (Llama-2-7B on 4 chips:
+    6.0 -> 3.0 GiB per chip), as a bfloat16 gradient reduction does in other frameworks. Vectors (norm scales,
+    biases) keep the parameters' dtype. The norm, the clipping, the moments and the update stay in float32:
+    :func:`to_params` casts each gradient back as it is read (XLA fuses the cast into its consumers).
+
+    >>> import numpy as np
+    >>> tree = grad_inputs({"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}, "bfloat16")
+    >>> str(tree["w"].dtype), str(tree["b"].dtype)
+    ('bfloat16', 'float32')
+    """
+    if not grad_dtype:
+        return trainable
+    dt = jax.numpy.dtype(grad_dtype)
+    return jax.tree_util.tree_map(lambda x: x.astype(dt) if x.ndim >= 2 else x, trainable)
+
+
+def to_params(grads: Any, params: Any) -> Any:
+    """Each gradient in its parameter's dtype (the inverse of :func:`grad_inputs`; a no-op when they agree)."""
+    return jax.tree_util.tree_map(lambda g, p: g if g.dtype == p.dtype else g.astype(p.dtype), grads, params)
+
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:

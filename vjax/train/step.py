@@ -117,7 +117,9 @@ class Trainer:
         def loss_fn(tp):
             return self._loss(optim.merge_trainable(tp, frozen), batch, sub)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            optim.grad_inputs(trainable, self.optim_config.grad_dtype))
+        grads = optim.to_params(grads, trainable)
         grad_norm = optax.tree.norm(grads)  # computed once: reported, checked, and clipped with
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

@@ -353,6 +353,12 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any, model: Any) -> None:
         if "connector" in parts and not model.connector:
             raise ConfigError("stage0.parts", f"{c.model} has no connector to pretrain (only the Q-Former models "
                                               "do: video_llama, ma_lmm)")
+        if "audio" in parts and not (model.audio_tower and getattr(mcfg, "audio_branch", True)
+                                     and c.data.load_audio):
+            raise ConfigError("stage0.parts", f"the audio part pretrains an audio tower on the run's audio: "
+                                              f"{c.model} has none" if not model.audio_tower else
+                              "the audio part pretrains the audio tower on the run's audio: it needs "
+                              "model_overrides.audio_branch=True and data.load_audio=True")
         for f in dataclasses.fields(Recipe):
             v = c.stage0.get(f.name, f.default)
             low = 0 if f.name in ("text_weight", "tower_position_weight", "seed") else 1e-12

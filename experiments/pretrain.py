@@ -13,6 +13,16 @@ from a pretrained CLIP/EVA tower and a pretrained LLM.
   and shape alone, a linear probe reads the column back with R^2 0.02; with the head, 0.97; docs/results.md). The
   heads are dropped afterwards. Qwen2-VL's ViT reads each frame as a still image (both temporal patches the same
   frame, as the release packs images), its per-patch features (before the merger) brought back to row-major order.
+* **audio tower** (``audio``): for a model with an audio branch (Video-LLaMA: ``ModelSpec.audio_tower``), its audio
+  tower (ImageBind's at tiny size) with one linear head on the pooled embedding the model reads, trained to name, for
+  each 2 s fbank window the model reads, the pitch of the window's first, second, ... beep or "none"
+  (:func:`beep_slots`), so that how many beeps a window holds and which are high are both linear in its embedding,
+  as the image tower's patches name their objects. The audio is rendered from the training clips' ground truth with
+  fresh noise each time and turned into the model's input by the run's format (``prepare_audio``: the release's
+  ImageBind fbank), as training does with the decoded track. The papers start from ImageBind, pretrained on
+  audio-image pairs; at tiny size the beeps stand in for what it hears. With this part the connector learns the audio
+  branch too: the audio Q-Former's token ``k`` names the pitch of the clip's ``k``-th beep or "none", on the frozen
+  stage-0 audio tower.
 * **LLM** (``llm``): the model's own decoder trained on text: each training question of the set with its clip
   described in words (``vjax.data.synthetic.description``: objects in order of appearance, motion, appearance time,
   beeps, subtitle) where the video would be, rendered by the model's chat template exactly as in training (visual
@@ -56,9 +66,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 RECIPE_VERSION = 1
-# "vision" and "llm": the attribute names of the tower and the decoder in every model of vjax.models; "connector": the
-# attributes its spec's ``connector`` names. Built in this order (the connector is trained on the built tower).
-PARTS = ("vision", "llm", "connector")
+# "vision" and "llm": the attribute names of the tower and the decoder in every model of vjax.models; "audio": the
+# audio tower, under the attribute its spec's ``audio_tower`` names; "connector": the attributes its spec's
+# ``connector`` (and, with the audio part, ``audio_connector``) names. Built in this order (the connector is trained
+# on the built towers).
+PARTS = ("vision", "audio", "llm", "connector")
 TOWERS = ("clip", "eva", "eva2", "qwen2_vl")  # towers the tower recipe trains (Qwen2-VL's: each frame a still image)
 HELD_OUT = 32  # held-out scenes: the first clips of the val seed stream (the set's val clips, however many it has)
 
@@ -79,6 +91,10 @@ class Recipe:
     lm_scenes: int = 6000  # fresh scenes described (beyond the set's training clips, from the same seed stream)
     lm_lr: float = 2e-3
     text_weight: float = 0.1  # loss weight of the non-answer tokens of the LLM's texts
+    audio_steps: int = 1500
+    audio_batch: int = 32  # clips per step (each of their fbank windows a training example)
+    audio_lr: float = 2e-3
+    audio_connector_steps: int = 1000  # the audio branch's connector, with the audio part (its own loop)
     connector_steps: int = 3000
     connector_batch: int = 16  # clips per step
     connector_lr: float = 2e-3
@@ -108,18 +124,28 @@ def parse_parts(value: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, template: str) -> dict:
+def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, template: str,
+             audio: bool = False) -> dict:
     """What a part's parameters are a function of (hashed into its cache directory). The connector's: the model's
-    config but its LLM, and the key of the tower it is trained on."""
+    config but its LLM, and the key of the tower it is trained on (``audio``: and of the audio tower, when the
+    connector learns the audio branch too)."""
     if part == "connector":
         sub = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "llm"}
-        return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
-                "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
-                "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
-                                                           "warmup_steps", "seed")}}
-    sub = dataclasses.asdict(getattr(model_config, part))
-    fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
-        "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
+        key = {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
+               "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
+               "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
+                                                          "warmup_steps", "seed")}}
+        if audio:  # added with the audio part: a connector without it keeps the key it had before
+            key["audio_tower"] = part_key("audio", model_config, recipe, synthetic_hash, template)
+            key["recipe"]["audio_connector_steps"] = recipe.audio_connector_steps
+        return key
+    if part == "audio":
+        sub = {"audio": dataclasses.asdict(model_config.audio), "clips": model_config.num_audio_clips}
+        fields = ("audio_steps", "audio_batch", "audio_lr")
+    else:
+        sub = dataclasses.asdict(getattr(model_config, part))
+        fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
+            "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
     if part == "vision" and recipe.tower_position_weight:  # added later: at 0, towers cached before it stay valid
         fields += ("tower_position_weight",)
     return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
@@ -345,6 +371,101 @@ def pretrain_tower(vision_config, train_scenes: list[dict], held_out: list[dict]
     return params["vision"], figures
 
 
+# ------------------------------------------------------------------------------------------------ audio tower
+def beep_slots(beeps: list[dict], start: float, end: float, slots: int) -> np.ndarray:
+    """``int32 [slots]``: the pitch of the ``k``-th beep (in time) whose middle lies in ``[start, end)`` seconds,
+    as ``1 + index`` in ``PITCHES`` (low 1, high 2), 0 past the last one."""
+    from vjax.data.synthetic import PITCHES  # noqa: PLC0415
+
+    inside = [b for b in sorted(beeps, key=lambda b: b["start_s"])
+              if start <= b["start_s"] + b["duration_s"] / 2 < end][:slots]
+    out = np.zeros(slots, np.int32)
+    for k, b in enumerate(inside):
+        out[k] = 1 + list(PITCHES).index(b["pitch"])
+    return out
+
+
+WINDOW_SLOTS = 4  # beeps a 2 s audio window can hold (one per 0.5 s slot of the synthetic set)
+
+
+def audio_batches(scenes: list[dict], fmt, batch: int, seed: int, clip_slots: int = 0) -> Iterator[dict]:
+    """Endless batches of random clips' audio, rendered with fresh noise and turned into the model's input by the
+    run's format (``fmt.prepare_audio``: ImageBind fbank windows): ``audio`` float32 ``[B, C, mel, frames]``,
+    ``window`` int32 ``[B, C, WINDOW_SLOTS]`` (each window's beeps, :func:`beep_slots`) and, with ``clip_slots``,
+    ``beeps`` int32 ``[B, clip_slots]`` (the whole clip's)."""
+    from vjax.data.synthetic import render_audio  # noqa: PLC0415
+    from vjax.layers.audio import clip_bounds  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    rate, clips = fmt.spec.audio_sample_rate, fmt.spec.audio_clips
+    while True:
+        audio, window, whole = [], [], []
+        for k in rng.integers(len(scenes), size=batch):
+            scene = scenes[int(k)]
+            audio.append(fmt.prepare_audio(render_audio(scene, rate, int(rng.integers(2**31)))))
+            bounds = clip_bounds(scene["num_frames"] / scene["fps"], clips, 2.0)
+            window.append(np.stack([beep_slots(scene["beeps"], a, b, WINDOW_SLOTS) for a, b in bounds]))
+            whole.append(beep_slots(scene["beeps"], 0.0, float("inf"), clip_slots))
+        out = {"audio": np.stack(audio).astype(np.float32), "window": np.stack(window)}
+        if clip_slots:
+            out["beeps"] = np.stack(whole)
+        yield out
+
+
+def pretrain_audio(audio_config, train_scenes: list[dict], held_out: list[dict], fmt, recipe: Recipe,
+                   progress: bool = True) -> tuple[dict, dict]:
+    """Train the audio tower: its pooled embedding of each 2 s fbank window, through one linear head, names the
+    pitch of the window's ``k``-th beep for ``k < WINDOW_SLOTS`` (or none), as the image tower names each patch's
+    object. Returns ``(tower params, figures)``, on windows of the held-out clips: ``pitch_accuracy`` over the slots
+    that hold a beep, ``count_accuracy`` (windows whose predicted beep count is right), the loss curve."""
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.data.synthetic import PITCHES  # noqa: PLC0415
+    from vjax.models.encoders import Encoder  # noqa: PLC0415
+
+    if not fmt.spec.audio_clips:
+        raise ValueError("the audio part trains on the run's audio input: set data.load_audio=True")
+    classes = 1 + len(PITCHES)
+
+    class AudioProbe(nn.Module):
+        @nn.compact
+        def __call__(self, audio):  # [N, mel, frames] -> logits [N, WINDOW_SLOTS, classes]
+            feats = Encoder(audio_config, name="tower")(audio).features
+            return nn.Dense(WINDOW_SLOTS * classes, name="head")(feats).reshape(-1, WINDOW_SLOTS, classes)
+
+    probe = AudioProbe()
+    batches = audio_batches(train_scenes, fmt, recipe.audio_batch, recipe.seed)
+
+    def flat(b):
+        a = b["audio"]
+        return a.reshape(-1, *a.shape[2:]), b["window"].reshape(-1, WINDOW_SLOTS)
+
+    params = probe.init(jax.random.key(recipe.seed), flat(next(batches))[0][:1])["params"]
+
+    def loss_fn(p, b):
+        audio, labels = flat(b)
+        return _cross_entropy(probe.apply({"params": p}, audio), labels, jnp.ones(labels.shape)), None
+
+    params, curve = fit(loss_fn, params, batches, recipe.audio_steps, recipe.audio_lr, recipe.warmup_steps,
+                        "stage 0: audio tower", progress)
+    predict = jax.jit(lambda p, x: jnp.argmax(probe.apply({"params": p}, x), -1))
+    held = audio_batches(held_out, fmt, 64, recipe.seed + 1)
+    right = total = count_right = windows = 0
+    for _ in range(4):
+        audio, labels = flat(next(held))
+        got = np.asarray(predict(params, audio))
+        beep = labels > 0
+        right += int((got == labels)[beep].sum())
+        total += int(beep.sum())
+        count_right += int(((got > 0).sum(-1) == beep.sum(-1)).sum())
+        windows += len(labels)
+    figures = {"pitch_accuracy": right / max(total, 1), "count_accuracy": count_right / max(windows, 1),
+               "held_out_windows": windows, "loss_curve": curve}
+    return params["tower"], figures
+
+
 # ------------------------------------------------------------------------------------------------ connector
 def object_slots(scene: dict, slots: int) -> dict:
     """What token ``k`` of the connector is trained to say about the clip's ``k``-th object (in order of appearance):
@@ -394,12 +515,14 @@ def connector_batches(scenes: list[dict], fmt, frames_fn, num_frames: int, slots
 
 
 def pretrain_connector(model_spec, model_config, vision_params: dict, train_scenes: list[dict],
-                       held_out: list[dict], fmt, frames_fn, recipe: Recipe, progress: bool = True
-                       ) -> tuple[dict, dict]:
+                       held_out: list[dict], fmt, frames_fn, recipe: Recipe, progress: bool = True,
+                       audio_params: dict | None = None) -> tuple[dict, dict]:
     """Train the modules ``model_spec.connector`` on the frozen tower ``vision_params`` (module docstring); returns
     ``({attribute: params}, figures)``, the figures on clips of the held-out scenes: ``colour_accuracy``,
     ``shape_accuracy``, ``motion_accuracy`` over the slots that hold an object, ``empty`` (slots past the clip's
-    objects called empty), ``appear_error`` (seconds), the loss curve."""
+    objects called empty), ``appear_error`` (seconds), the loss curve. With ``audio_params`` (the stage-0 audio
+    tower) the modules ``model_spec.audio_connector`` are trained after them by :func:`pretrain_audio_connector`,
+    whose figures join these."""
     import flax.linen as nn  # noqa: PLC0415
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -438,16 +561,21 @@ def pretrain_connector(model_spec, model_config, vision_params: dict, train_scen
 
     params, curve = fit(loss_fn, params, batches, recipe.connector_steps, recipe.connector_lr, recipe.warmup_steps,
                         "stage 0: connector", progress)
-    # modules the frames never reach keep their random init (MA-LMM's Q-Former's text embeddings: the question
+    # modules the inputs never reach keep their random init (MA-LMM's Q-Former's text embeddings: the question
     # enters it only in the later stages), so each module's tree is whole
     from vjax.pretrained import init_params  # noqa: PLC0415
     from vjax.pytree import flatten_params, unflatten_params  # noqa: PLC0415
 
     whole = init_params(module, recipe.seed)
+    learned = dict(params["connector"])
+    if audio_params is not None:
+        audio_connector, heard = pretrain_audio_connector(model_spec, module, audio_params, train_scenes, held_out,
+                                                          fmt, recipe, progress)
+        learned.update(audio_connector)
     trained = {}
-    for name in model_spec.connector:
+    for name, sub in learned.items():
         flat = flatten_params(whole[name])
-        flat.update(flatten_params(params["connector"][name]))
+        flat.update(flatten_params(sub))
         trained[name] = unflatten_params(flat)
 
     predict = jax.jit(outputs)
@@ -465,7 +593,58 @@ def pretrain_connector(model_spec, model_config, vision_params: dict, train_scen
     figures = {"colour_accuracy": float(acc[0]), "shape_accuracy": float(acc[1]), "motion_accuracy": float(acc[2]),
                "empty": float(acc[3]), "appear_error": float(np.concatenate(appear).mean()),
                "held_out_clips": 4 * 32, "loss_curve": curve}
+    if audio_params is not None:
+        figures.update(heard)
     return trained, figures
+
+
+def pretrain_audio_connector(model_spec, module, audio_params: dict, train_scenes: list[dict], held_out: list[dict],
+                             fmt, recipe: Recipe, progress: bool = True) -> tuple[dict, dict]:
+    """Train the modules ``model_spec.audio_connector`` of ``module`` on the frozen stage-0 audio tower: audio token
+    ``k`` names, through one linear head shared by the tokens, the pitch of the clip's ``k``-th beep or "none"
+    (:func:`beep_slots` over the whole clip), so that how many tokens are not "none" is the beep count. Its own loop
+    (``audio_connector_steps``), so that the video connector's training is the same with or without it. Returns
+    ``({attribute: params}, figures)``: ``beep_pitch_accuracy`` over the tokens that hold a beep and
+    ``beep_count_accuracy`` (clips whose beeps the tokens count right) on held-out clips, ``audio_loss_curve``."""
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from vjax.data.synthetic import PITCHES  # noqa: PLC0415
+
+    if not model_spec.audio_connector:
+        raise ValueError(f"{model_spec.name} has no audio connector to pretrain (its spec names none)")
+    head = nn.Dense(1 + len(PITCHES))
+    key_model, key_head = jax.random.split(jax.random.key(recipe.seed + 1))
+    silent = fmt.prepare_audio(None)[None]  # [1, C, mel, frames]
+    init = module.init(key_model, silent, method="audio_connector_queries")["params"]
+    tower = {model_spec.audio_tower: audio_params}
+    tokens = module.apply({"params": {**init, **tower}}, silent, method="audio_connector_queries")
+    params = {"connector": {name: init[name] for name in model_spec.audio_connector},
+              "head": head.init(key_head, tokens.astype(jnp.float32))["params"]}
+
+    def outputs(p, audio):
+        a = module.apply({"params": {**p["connector"], **tower}}, audio, method="audio_connector_queries")
+        return head.apply({"params": p["head"]}, a.astype(jnp.float32))  # [B, tokens, 1 + pitches]
+
+    def loss_fn(p, b):  # every token, "none" included: the count is how many are not
+        return _cross_entropy(outputs(p, b["audio"]), b["beeps"], jnp.ones(b["beeps"].shape)), None
+
+    batches = audio_batches(train_scenes, fmt, recipe.connector_batch, recipe.seed, clip_slots=tokens.shape[1])
+    params, curve = fit(loss_fn, params, batches, recipe.audio_connector_steps, recipe.connector_lr,
+                        recipe.warmup_steps, "stage 0: audio connector", progress)
+    predict = jax.jit(lambda p, x: jnp.argmax(outputs(p, x), -1))
+    held = audio_batches(held_out, fmt, 32, recipe.seed + 1, clip_slots=tokens.shape[1])
+    right = beeps = counted = clips = 0
+    for _ in range(4):
+        b = next(held)
+        got, want = np.asarray(predict(params, b["audio"])), b["beeps"]
+        right += int((got == want)[want > 0].sum())
+        beeps += int((want > 0).sum())
+        counted += int(((got > 0).sum(-1) == (want > 0).sum(-1)).sum())
+        clips += len(want)
+    return params["connector"], {"beep_pitch_accuracy": right / max(beeps, 1),
+                                 "beep_count_accuracy": counted / max(clips, 1), "audio_loss_curve": curve}
 
 
 # ------------------------------------------------------------------------------------------------ LLM
@@ -594,8 +773,9 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
     fmt = formats.VideoQAFormat(spec, tokenizer)
     scenes = {}  # the set's ground truth: read at the first build, shared by every part this call builds
     out = {}
-    for part in parse_parts(c.stage0.parts):
-        key = part_key(part, model_config, recipe, syn_hash, template)
+    parts = parse_parts(c.stage0.parts)
+    for part in parts:
+        key = part_key(part, model_config, recipe, syn_hash, template, audio="audio" in parts)
         directory = part_dir(key)
         cached = load_part(directory)
         if cached is None:
@@ -610,9 +790,13 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
             if part == "vision":
                 params, figures = pretrain_tower(model_config.vision, scenes["train"], scenes["val"], fmt, frames_fn,
                                                  recipe, progress)
+            elif part == "audio":
+                params, figures = pretrain_audio(model_config.audio, scenes["train"], scenes["val"], fmt, recipe,
+                                                 progress)
             elif part == "connector":
                 params, figures = pretrain_connector(model, model_config, out["vision"], scenes["train"],
-                                                     scenes["val"], fmt, frames_fn, recipe, progress)
+                                                     scenes["val"], fmt, frames_fn, recipe, progress,
+                                                     out.get(model.audio_tower) if "audio" in parts else None)
             else:
                 train, fresh = text_scenes(syn, recipe.lm_scenes, recipe.seed, recipe.lm_turns)
                 rng = np.random.default_rng([recipe.seed, 1])
@@ -636,7 +820,7 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
         if part == "connector":
             out.update(params)  # its modules, each under its own attribute name
         else:
-            out[part] = params
+            out[model.audio_tower if part == "audio" else part] = params
     return out
 
 

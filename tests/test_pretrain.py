@@ -215,7 +215,7 @@ def test_parse_parts_names_an_unknown_part():
     assert pretrain.parse_parts(" vision , llm") == ("vision", "llm") and pretrain.parse_parts("") == ()
     # built in PARTS order whatever the order given: the connector trains on the tower built before it
     assert pretrain.parse_parts("connector,llm,vision") == ("vision", "llm", "connector")
-    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]; known: vision, llm, connector"):
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]; known: vision, audio, llm, connector"):
         pretrain.parse_parts("vision,tower")
     with pytest.raises(ValueError, match="connector part is trained on the stage-0 tower: list 'vision' too"):
         pretrain.parse_parts("llm,connector")
@@ -244,6 +244,29 @@ def test_object_slots_name_the_objects_in_order_of_appearance_then_none():
     assert pretrain.object_slots(scene, 2)["present"].tolist() == [1, 1]  # more objects than tokens: the first ones
 
 
+def test_beep_slots_name_the_beeps_of_a_window_in_time_order_then_none():
+    """Reference: the scene's beeps read directly (a beep belongs to the window its middle lies in)."""
+    beeps = [{"start_s": 2.6, "duration_s": 0.2, "pitch": "low"}, {"start_s": 0.1, "duration_s": 0.2, "pitch": "high"},
+             {"start_s": 1.85, "duration_s": 0.2, "pitch": "low"}]
+    assert pretrain.beep_slots(beeps, 0.0, 2.0, 4).tolist() == [2, 1, 0, 0]  # high at 0.2 s, low at 1.95 s
+    assert pretrain.beep_slots(beeps, 1.0, 3.0, 4).tolist() == [1, 1, 0, 0]
+    assert pretrain.beep_slots(beeps, 2.0, 4.0, 4).tolist() == [1, 0, 0, 0]  # 1.95 s is the previous window's
+    assert pretrain.beep_slots(beeps, 0.0, float("inf"), 2).tolist() == [2, 1]  # more beeps than slots: the first
+    assert pretrain.beep_slots([], 0.0, 2.0, 3).tolist() == [0, 0, 0]
+
+
+def test_an_audio_part_is_refused_without_an_audio_tower_or_its_audio():
+    c = chat_univi.get_config()
+    c.stage0.parts = "vision,audio,llm"
+    with pytest.raises(cfg.ConfigError, match="chat_univi has none") as err:
+        cfg.validate(c)
+    assert err.value.key == "stage0.parts"
+    c = cfg.config_from_file(cfg.config_path("video_llama")[0], "tiny")
+    c.stage0.parts, c.data.load_audio = "vision,audio,llm", False
+    with pytest.raises(cfg.ConfigError, match="needs model_overrides.audio_branch=True and data.load_audio=True"):
+        cfg.validate(c)
+
+
 def test_a_connector_is_refused_for_a_model_without_one():
     c = chat_univi.get_config()
     c.stage0.parts = "vision,llm,connector"
@@ -252,21 +275,25 @@ def test_a_connector_is_refused_for_a_model_without_one():
     assert err.value.key == "stage0.parts"
 
 
-@pytest.mark.parametrize("model, steps", [("video_llama", 400), ("ma_lmm", 20)])
+@pytest.mark.parametrize("model, steps", [("video_llama", 300), ("ma_lmm", 20)])
 def test_the_connector_learns_to_name_the_objects_from_its_tokens_and_fits_the_model(model, steps, tiny_run,
                                                                                       monkeypatch):
-    """The Q-Former models' connector, on the stage-0 tower: its loss falls and (Video-LLaMA, 400 steps) its tokens
+    """The Q-Former models' connector, on the stage-0 tower: its loss falls and (Video-LLaMA, 300 steps) its tokens
     name the held-out clips' objects' colours above chance; the modules it returns (each under its own attribute)
-    replace the model's, whole (MA-LMM's Q-Former's text embeddings, which frames never reach, at their init)."""
+    replace the model's, whole (MA-LMM's Q-Former's text embeddings, which frames never reach, at their init).
+    Video-LLaMA also builds the audio part (its audio tower learns to hear each window's beeps) and its audio
+    connector (tokens that count the clip's beeps), both above chance on held-out clips."""
     from vjax.pretrained import init_params  # noqa: PLC0415
 
     d, base, _ = tiny_run
     monkeypatch.setenv("VJAX_CACHE", str(d / "connector_cache"))  # both models' towers are one part: built once
     c = cfg.config_from_file(cfg.config_path(model)[0], "tiny")
-    c.data.root, c.data.load_audio = base.data.root, False
+    c.data.root = base.data.root
     c.data.synthetic.update(RUN_SET)
-    c.stage0.update(parts="vision,connector", tower_steps=100, tower_batch=64, connector_steps=steps,
-                    connector_batch=16, warmup_steps=10)
+    heard = model == "video_llama"
+    c.stage0.update(parts="vision,audio,connector" if heard else "vision,connector", tower_steps=100, tower_batch=64,
+                    connector_steps=steps, connector_batch=16, audio_steps=200, audio_batch=16,
+                    audio_connector_steps=200, warmup_steps=10)
     plan = cfg.validate(c)
     paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
     tok = formats.TextTokenizer(paths.tokenizer_dir)
@@ -275,16 +302,22 @@ def test_the_connector_learns_to_name_the_objects_from_its_tokens_and_fits_the_m
     lines = []
     got = pretrain.ensure_parts(c, spec, mcfg, cfg.data_format(spec, mcfg, c), tok, paths, progress=False,
                                 log=lines.append)
-    assert sorted(got) == sorted(("vision", *spec.connector)) and len(lines) == 2
-    assert "stage 0 connector" in lines[1]
+    want = ("vision", *spec.connector) + ((spec.audio_tower, *spec.audio_connector) if heard else ())
+    assert sorted(got) == sorted(want) and len(lines) == 2 + heard
+    assert "stage 0 connector" in lines[-1]
     recipe = pretrain.Recipe.from_config(c.stage0)
     syn_hash = SyntheticConfig(**c.data.synthetic.to_dict()).params_hash()
-    key = pretrain.part_key("connector", mcfg, recipe, syn_hash, "")
+    key = pretrain.part_key("connector", mcfg, recipe, syn_hash, "", audio=heard)
     figures = json.loads((Path(pretrain.part_dir(key)) / "manifest.json").read_text())["figures"]
     assert figures["loss_curve"][-1] < 0.9 * figures["loss_curve"][0], figures
-    if steps >= 400:
+    if heard:
         # slots that hold an object: colour right more often than 1.5x a guess among the palette
         assert figures["colour_accuracy"] > 1.5 / len(PALETTE), figures
+        # 0-3 beeps a clip: saying the commonest count scores about a quarter
+        assert figures["beep_count_accuracy"] > 0.45 and figures["audio_loss_curve"][-1] < figures["audio_loss_curve"][0]
+        audio = pretrain.part_key("audio", mcfg, recipe, syn_hash, "")
+        tower = json.loads((Path(pretrain.part_dir(audio)) / "manifest.json").read_text())["figures"]
+        assert tower["count_accuracy"] > 0.6 and tower["pitch_accuracy"] > 0.6, tower  # chance: ~0.3 and 0.5
     init = init_params(spec.module(mcfg), 0)
     params = pretrain.with_parts(init, got)
     if model == "ma_lmm":
@@ -292,9 +325,14 @@ def test_the_connector_learns_to_name_the_objects_from_its_tokens_and_fits_the_m
         assert np.array_equal(flatten_params(params)[words], flatten_params(init)[words])
         assert not np.array_equal(flatten_params(params)["qformer/query_tokens"],
                                   flatten_params(init)["qformer/query_tokens"])
-    # trained on that tower: another tower recipe is another connector
-    other = pretrain.part_key("connector", mcfg, pretrain.Recipe(**{**recipe.__dict__, "tower_steps": 7}), syn_hash, "")
+    # trained on that tower: another tower recipe is another connector (and another audio tower, with audio)
+    other = pretrain.part_key("connector", mcfg, pretrain.Recipe(**{**recipe.__dict__, "tower_steps": 7}), syn_hash, "",
+                              audio=heard)
     assert pretrain.part_dir(key) != pretrain.part_dir(other)
+    if heard:
+        deaf = pretrain.part_key("connector", mcfg, pretrain.Recipe(**{**recipe.__dict__, "audio_steps": 7}), syn_hash,
+                                 "", audio=True)
+        assert pretrain.part_dir(key) != pretrain.part_dir(deaf)
 
 
 def test_a_tower_the_recipe_cannot_build_is_refused_naming_the_key(monkeypatch):

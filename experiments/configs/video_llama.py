@@ -5,8 +5,9 @@ COMMAND: python -m experiments.train --config=video_llama[:tiny|stage1|stage2|au
 Variants:
   tiny    2-layer 128-wide LLM; EVA-style tower at 56 px + image Q-Former (4 queries) + video Q-Former
           (6 queries); ImageBind-style audio tower on 2 clips of 2 s (36 mel x 204 frames) + audio
-          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Staged: the stage-0 tower and LLM (as chat_univi's)
-          and connector (image + video Q-Formers trained to name the clip's objects, one per token), stage 1
+          Q-Former (3 queries): 3 + 6 = 9 visual tokens. Staged: the stage-0 tower and LLM (as chat_univi's),
+          audio tower (trained to hear each window's beeps) and connector (image + video Q-Formers trained to
+          name the clip's objects, the audio Q-Former its beeps, one per token), stage 1
           (800 steps) the Q-Formers and projections on captions, stage 2 (3000) everything.
   stage1  VL pre-training: frame position embedding, video Q-Former, ``llama_proj`` train (EVA, image
           Q-Former, LLM frozen); lr 1e-4 -> 8e-5 cosine, warmup 2500, 5 x 2500 iterations, 8 GPUs x 32,
@@ -30,11 +31,12 @@ def get_config(variant: str = "tiny"):
     # video (docs/results.md, "Video-LLaMA and MA-LMM with a pretrained connector")
     c.total_steps = 3000
     if variant == "tiny":
-        # the papers' stages at tiny size: stage 0 the pretrained tower, LLM and connector (experiments/pretrain.py,
-        # cached; the connector is the image and video Q-Formers, as the paper's image Q-Former is BLIP-2's,
-        # pretrained; the audio tower has no recipe and starts random), stage 1 both branches' Q-Formers and
-        # projections on the captions (``connectors``), stage 2 everything on the questions
-        common.staged(c, align_steps=800, align_stage="connectors", stage="full", parts="vision,llm,connector")
+        # the papers' stages at tiny size: stage 0 the pretrained towers, LLM and connector (experiments/pretrain.py,
+        # cached; the image tower as chat_univi's, the audio tower trained to hear the beeps as ImageBind comes
+        # pretrained, the connector both branches' Q-Formers, as the paper's image Q-Former is BLIP-2's), stage 1
+        # both branches' Q-Formers and projections on the captions (``connectors``), stage 2 everything on the
+        # questions
+        common.staged(c, align_steps=800, align_stage="connectors", stage="full", parts="vision,audio,llm,connector")
         return c
     args = dict(preset="video_llama2_7b", frames=8, image_size=224, text_len=512, weight_decay=0.05,
                 tokenizer="~/models/Llama-2-7b-chat-hf", init_params="~/models/Video-LLaMA-2-7B")

@@ -139,6 +139,10 @@ class ModelSpec:
       connector: the module's attributes between the tower and the LLM's input projection that stage 0 of the
         tiny recipe pretrains as one part (``experiments.pretrain``'s ``connector``: Video-LLaMA's two Q-Formers,
         MA-LMM's memory-bank Q-Former); the module's ``connector_queries(frames, frame_mask)`` returns their output.
+      audio_tower / audio_connector: the module's attribute holding its audio tower (``""``: none) and the
+        attributes between that tower and the LLM's input projection, which stage 0 pretrains as the part
+        ``audio`` and with the ``connector`` (Video-LLaMA's audio position embedding and audio Q-Former); the
+        module's ``audio_connector_queries(audio, audio_mask)`` returns their output.
       token_baseline: config attribute with the visual tokens per clip of the baseline the paper compares
         against, printed beside the model's own (Chat-UniVi: Video-ChatGPT-style pooling of the same features).
       llm: config attribute holding the language model's ``DecoderConfig`` (``""``: the config is one).
@@ -170,6 +174,8 @@ class ModelSpec:
     image_size: str = "vision.image_size"
     token_baseline: str = ""
     connector: tuple[str, ...] = ()
+    audio_tower: str = ""
+    audio_connector: tuple[str, ...] = ()
     llm: str = "llm"
     preprocess: Preprocess = Preprocess()
     frame_shape: str = ""

@@ -169,13 +169,18 @@ class VideoLLaMA(VideoLLM):
         """``frames [B, T, H, W, 3]`` -> video tokens ``[B, 32, D]``."""
         return self.llama_proj(self.connector_queries(frames, frame_mask))  # [B, 32, D]
 
-    def encode_audio(self, audio: jax.Array, audio_mask: jax.Array | None = None) -> jax.Array:
-        """``audio [B, C, 128, 204]`` fbank clips -> audio tokens ``[B, 8, D]``."""
+    def audio_connector_queries(self, audio: jax.Array, audio_mask: jax.Array | None = None) -> jax.Array:
+        """``audio [B, C, 128, 204]`` fbank clips -> the audio Q-Former's query outputs ``[B, 8, 768]`` (before
+        ``audio_llama_proj``)."""
         b, n = audio.shape[:2]
         emb = self.audio_encoder(audio.reshape(b * n, *audio.shape[2:])).features  # [B*C, 1024]
         emb = emb.reshape(b, n, -1) + self.audio_position_embedding(jnp.arange(n))[None].astype(emb.dtype)
         a = self.audio_qformer(emb, encoder_mask=audio_mask)  # [B, 8, 768]
-        return self.audio_llama_proj(a[:, : self.config.audio_qformer.num_query_tokens])  # [B, 8, D]
+        return a[:, : self.config.audio_qformer.num_query_tokens]
+
+    def encode_audio(self, audio: jax.Array, audio_mask: jax.Array | None = None) -> jax.Array:
+        """``audio [B, C, 128, 204]`` fbank clips -> audio tokens ``[B, 8, D]``."""
+        return self.audio_llama_proj(self.audio_connector_queries(audio, audio_mask))  # [B, 8, D]
 
     def encode(self, frames: jax.Array | None = None, frame_mask: jax.Array | None = None,
                audio: jax.Array | None = None, audio_mask: jax.Array | None = None) -> jax.Array:
@@ -209,4 +214,5 @@ SPEC = ModelSpec(
     preprocess=Preprocess("square", "decord", source="Video-LLaMA load_video: decord at 224x224"),
     stop_strings=("###", "</s>"), sampler="uniform_floor", marker_tokens={"placeholder_id": "<ImageHere>"},
     conversion="vjax.convert.video_llama", audio="audio_input",
-    connector=("qformer", "video_frame_position_embedding", "video_qformer"))
+    connector=("qformer", "video_frame_position_embedding", "video_qformer"),
+    audio_tower="audio_encoder", audio_connector=("audio_position_embedding", "audio_qformer"))

@@ -111,11 +111,12 @@ def test_tiny_recipe_compiles_for_a_v5p_slice(tmp_path):
     assert config.config_names()  # the command and the test read the same configs
 
 
-def test_offloaded_block_inputs_and_bfloat16_gradients_leave_the_chip():
+def test_offloaded_block_inputs_leave_the_chip():
     """``remat_policy="full_offload"`` moves every block's input to host memory: exactly layers x (samples per chip)
-    x tokens x width bfloat16 values there (an independent count; with ``full`` none: measured 67.1 -> 62.3 MB of
-    HBM temporaries); ``optim.grad_dtype=bfloat16`` then holds the matrices' gradients in half the bytes. A scanned
-    8-layer decoder compiled for 4 v5p chips."""
+    x tokens x width bfloat16 values there (an independent count), with bfloat16 gradients (``optim.grad_dtype``)
+    compiled in. A scanned 8-layer decoder for 4 v5p chips. Measured on it (one compile each, not asserted: the suite's
+    time): HBM temporaries 67.1 MB with ``full``, 62.3 with ``full_offload``, 55.4 with bfloat16 gradients too;
+    bfloat16 gradients' numerics are tested in tests/train/test_optim.py."""
     if importlib.util.find_spec("libtpu") is None:
         pytest.fail("libtpu is missing: the test extra installs it (pip install -e '.[test]' pulls '.[plan]')")
     from vjax.train.sharding import make_mesh  # noqa: PLC0415
@@ -129,11 +130,8 @@ def test_offloaded_block_inputs_and_bfloat16_gradients_leave_the_chip():
         c, model, mcfg = plan.recipe("decoder:tiny", None, "bfloat16", sets + list(extra))
         return plan.compile_for_memory(plan.lower_train(c, model, mcfg, mesh, 4, tokens)[3])[1]
 
-    off, both = memory("remat_policy=full_offload"), memory("remat_policy=full_offload", "optim.grad_dtype=bfloat16")
-    host = layers * 1 * tokens * width * 2  # one sample per chip, bfloat16
-    assert off["host_temporaries"] == both["host_temporaries"] == host, (off, both)
-    matrices = layers * (4 * width * width + 3 * width * inner) // 4  # per chip (FSDP over 4)
-    assert both["temporaries"] < off["temporaries"] - matrices * 2 // 4, (off, both)  # f32 -> bf16: 2 bytes each
+    both = memory("remat_policy=full_offload", "optim.grad_dtype=bfloat16")
+    assert both["host_temporaries"] == layers * 1 * tokens * width * 2, both  # one sample per chip, bfloat16
 
 
 def test_compute_dtype_reaches_every_module_and_keeps_float32_weights():

@@ -292,8 +292,8 @@ def test_the_connector_learns_to_name_the_objects_from_its_tokens_and_fits_the_m
     c.data.synthetic.update(RUN_SET)
     heard = model == "video_llama"
     c.stage0.update(parts="vision,audio,connector" if heard else "vision,connector", tower_steps=100, tower_batch=64,
-                    connector_steps=steps, connector_batch=16, audio_steps=100, audio_batch=16,
-                    audio_connector_steps=120, warmup_steps=10)
+                    connector_steps=steps, connector_batch=16, audio_steps=100, audio_batch=8,
+                    audio_connector_steps=100, warmup_steps=10)
     plan = cfg.validate(c)
     paths = ensure_synthetic_dataset(c.data.root, SyntheticConfig(**c.data.synthetic.to_dict()))
     tok = formats.TextTokenizer(paths.tokenizer_dir)

@@ -48,7 +48,8 @@ def pytest_sessionfinish(session, exitstatus):
 # every model) sort last alphabetically, so one worker used to run them alone at the end while the other idled.
 # Longest first (seconds of the 2026-12-05 suite's slowest tests per file), then the other tests/train files (each
 # compiles or starts training processes), then the rest in collection order: short tests fill the workers' tails.
-LONGEST_FILES = ("tests/train/test_train_cli.py", "tests/test_pretrain.py", "tests/train/test_train_faults.py",
+LONGEST_FILES = ("tests/train/test_train_cli.py", "tests/test_pretrain.py", "tests/test_pretrain_connector.py",
+                 "tests/train/test_train_faults.py",
                  "tests/train/test_sharded.py", "tests/train/test_train_faults_data.py", "tests/test_notebooks.py",
                  "tests/train/test_frame_buckets.py", "tests/test_bench.py", "tests/test_plan.py",
                  "tests/convert/test_convert_cli.py", "tests/test_quant.py", "tests/train/test_loop.py")

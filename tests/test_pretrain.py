@@ -255,22 +255,15 @@ def test_beep_slots_name_the_beeps_of_a_window_in_time_order_then_none():
     assert pretrain.beep_slots([], 0.0, 2.0, 3).tolist() == [0, 0, 0]
 
 
-def test_an_audio_part_is_refused_without_an_audio_tower_or_its_audio():
-    c = chat_univi.get_config()
-    c.stage0.parts = "vision,audio,llm"
-    with pytest.raises(cfg.ConfigError, match="chat_univi has none") as err:
-        cfg.validate(c)
-    assert err.value.key == "stage0.parts"
-    c = cfg.config_from_file(cfg.config_path("video_llama")[0], "tiny")
-    c.stage0.parts, c.data.load_audio = "vision,audio,llm", False
-    with pytest.raises(cfg.ConfigError, match="needs model_overrides.audio_branch=True and data.load_audio=True"):
-        cfg.validate(c)
-
-
-def test_a_connector_is_refused_for_a_model_without_one():
-    c = chat_univi.get_config()
-    c.stage0.parts = "vision,llm,connector"
-    with pytest.raises(cfg.ConfigError, match="chat_univi has no connector to pretrain") as err:
+@pytest.mark.parametrize("model, parts, audio, match", [
+    ("chat_univi", "vision,llm,connector", True, "chat_univi has no connector to pretrain"),
+    ("chat_univi", "vision,audio,llm", True, "chat_univi has none"),
+    ("video_llama", "vision,audio,llm", False, "needs model_overrides.audio_branch=True and data.load_audio=True")])
+def test_a_part_is_refused_for_a_model_without_it(model, parts, audio, match):
+    """A connector or an audio tower the model lacks, or an audio part without the run's audio."""
+    c = cfg.config_from_file(cfg.config_path(model)[0], "tiny")
+    c.stage0.parts, c.data.load_audio = parts, audio
+    with pytest.raises(cfg.ConfigError, match=match) as err:
         cfg.validate(c)
     assert err.value.key == "stage0.parts"
 

@@ -50,7 +50,8 @@ Every part is cached once per machine, like the synthetic set: ``~/.cache/vjax/p
 covers the part's config, the synthetic set, the template, the recipe and ``RECIPE_VERSION``, so a change to any of
 them builds a new one and an unchanged recipe is found again. Why cached rather than shipped: the parts depend on
 the run's config (tower patch size, LLM width, vocabulary, template), which any ``--config.`` override may change;
-a build takes about 12 minutes on two cores (tower 2, LLM 10; a connector 1.5 more), and a shipped file would fit one config only.
+a build takes about 12 minutes on two cores (tower 2, LLM 10; a connector 1.5 more; Video-LLaMA's audio tower 2.5 and
+audio connector 1 more), and a shipped file would fit one config only.
 """
 
 from __future__ import annotations

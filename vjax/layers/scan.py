@@ -43,7 +43,6 @@ from vjax.layers.partitioning import target_platform
 from vjax.pytree import flatten_params, unflatten_params
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload", "full_offload")
-OFFLOADING = ("offload", "full_offload")  # the policies that need a pinned_host memory space
 BLOCK_INPUT = "block_input"  # the checkpoint name of a block's input (:func:`named_input`)
 SCAN_GROUPS = ("layers", "blocks")
 LAYER_AXIS = "layers"  # the logical name of the stacked axis (replicated by vjax.train.sharding.RULES)

@@ -389,6 +389,13 @@ def beep_slots(beeps: list[dict], start: float, end: float, slots: int) -> np.nd
 WINDOW_SLOTS = 4  # beeps a 2 s audio window can hold (one per 0.5 s slot of the synthetic set)
 
 
+def _beep_hits(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """``[pitches right, beeps, counts right, rows]`` of predicted beep slots ``got`` against ``want`` (``[N, slots]``,
+    0 = none): the pitch over the slots that hold a beep, the count (slots not "none") per row."""
+    beep = want > 0
+    return np.array([(got == want)[beep].sum(), beep.sum(), ((got > 0).sum(-1) == beep.sum(-1)).sum(), len(want)])
+
+
 def audio_batches(scenes: list[dict], fmt, batch: int, seed: int, clip_slots: int = 0) -> Iterator[dict]:
     """Endless batches of random clips' audio, rendered with fresh noise and turned into the model's input by the
     run's format (``fmt.prepare_audio``: ImageBind fbank windows): ``audio`` float32 ``[B, C, mel, frames]``,
@@ -406,7 +413,8 @@ def audio_batches(scenes: list[dict], fmt, batch: int, seed: int, clip_slots: in
             audio.append(fmt.prepare_audio(render_audio(scene, rate, int(rng.integers(2**31)))))
             bounds = clip_bounds(scene["num_frames"] / scene["fps"], clips, 2.0)
             window.append(np.stack([beep_slots(scene["beeps"], a, b, WINDOW_SLOTS) for a, b in bounds]))
-            whole.append(beep_slots(scene["beeps"], 0.0, float("inf"), clip_slots))
+            if clip_slots:
+                whole.append(beep_slots(scene["beeps"], 0.0, float("inf"), clip_slots))
         out = {"audio": np.stack(audio).astype(np.float32), "window": np.stack(window)}
         if clip_slots:
             out["beeps"] = np.stack(whole)
@@ -453,15 +461,11 @@ def pretrain_audio(audio_config, train_scenes: list[dict], held_out: list[dict],
                         "stage 0: audio tower", progress)
     predict = jax.jit(lambda p, x: jnp.argmax(probe.apply({"params": p}, x), -1))
     held = audio_batches(held_out, fmt, 64, recipe.seed + 1)
-    right = total = count_right = windows = 0
+    hits = np.zeros(4, np.int64)
     for _ in range(4):
         audio, labels = flat(next(held))
-        got = np.asarray(predict(params, audio))
-        beep = labels > 0
-        right += int((got == labels)[beep].sum())
-        total += int(beep.sum())
-        count_right += int(((got > 0).sum(-1) == beep.sum(-1)).sum())
-        windows += len(labels)
+        hits += _beep_hits(np.asarray(predict(params, audio)), labels)
+    right, total, count_right, windows = (int(x) for x in hits)
     figures = {"pitch_accuracy": right / max(total, 1), "count_accuracy": count_right / max(windows, 1),
                "held_out_windows": windows, "loss_curve": curve}
     return params["tower"], figures
@@ -636,14 +640,11 @@ def pretrain_audio_connector(model_spec, module, audio_params: dict, train_scene
                         recipe.warmup_steps, "stage 0: audio connector", progress)
     predict = jax.jit(lambda p, x: jnp.argmax(outputs(p, x), -1))
     held = audio_batches(held_out, fmt, 32, recipe.seed + 1, clip_slots=tokens.shape[1])
-    right = beeps = counted = clips = 0
+    hits = np.zeros(4, np.int64)
     for _ in range(4):
         b = next(held)
-        got, want = np.asarray(predict(params, b["audio"])), b["beeps"]
-        right += int((got == want)[want > 0].sum())
-        beeps += int((want > 0).sum())
-        counted += int(((got > 0).sum(-1) == (want > 0).sum(-1)).sum())
-        clips += len(want)
+        hits += _beep_hits(np.asarray(predict(params, b["audio"])), b["beeps"])
+    right, beeps, counted, clips = (int(x) for x in hits)
     return params["connector"], {"beep_pitch_accuracy": right / max(beeps, 1),
                                  "beep_count_accuracy": counted / max(clips, 1), "audio_loss_curve": curve}
 

@@ -326,7 +326,7 @@ def validate(c, *, num_devices: int | None = None, num_processes: int = 1) -> di
 def _check_recipe_stages(c, stages: dict, mcfg: Any, model: Any) -> None:
     """``data.train_records``, ``stage0.*`` (pretrained parts of model config ``mcfg``, spec ``model``) and
     ``align.*`` (the alignment stage)."""
-    from experiments.pretrain import TOWERS, Recipe, parse_parts  # noqa: PLC0415
+    from experiments.pretrain import LM_LAYOUTS, TOWERS, Recipe, parse_parts  # noqa: PLC0415
 
     kind = c.data.get("train_records", "questions")
     if kind not in ("questions", "captions"):
@@ -359,7 +359,11 @@ def _check_recipe_stages(c, stages: dict, mcfg: Any, model: Any) -> None:
                                               f"{c.model} has none" if not model.audio_tower else
                               "the audio part pretrains the audio tower on the run's audio: it needs "
                               "model_overrides.audio_branch=True and data.load_audio=True")
+        if c.stage0.get("lm_layout", "question") not in LM_LAYOUTS:
+            raise ConfigError("stage0.lm_layout", f"must be one of {LM_LAYOUTS}, got {c.stage0.lm_layout!r}")
         for f in dataclasses.fields(Recipe):
+            if f.name == "lm_layout":
+                continue
             v = c.stage0.get(f.name, f.default)
             low = 0 if f.name in ("text_weight", "tower_position_weight", "seed") else 1e-12
             if not isinstance(v, (int, float)) or v < low:

@@ -72,6 +72,7 @@ RECIPE_VERSION = 1
 # ``connector`` (and, with the audio part, ``audio_connector``) names. Built in this order (the connector is trained
 # on the built towers).
 PARTS = ("vision", "audio", "llm", "connector")
+LM_LAYOUTS = ("question", "slots")  # Recipe.lm_layout
 TOWERS = ("clip", "eva", "eva2", "qwen2_vl")  # towers the tower recipe trains (Qwen2-VL's: each frame a still image)
 HELD_OUT = 32  # held-out scenes: the first clips of the val seed stream (the set's val clips, however many it has)
 
@@ -92,6 +93,9 @@ class Recipe:
     lm_scenes: int = 6000  # fresh scenes described (beyond the set's training clips, from the same seed stream)
     lm_lr: float = 2e-3
     text_weight: float = 0.1  # loss weight of the non-answer tokens of the LLM's texts
+    # where the LLM's texts describe the clip (LM_LAYOUTS): "question", where the record's <video> marker stands
+    # (before the question); "slots", where the model's visual tokens go (lm_texts)
+    lm_layout: str = "question"
     audio_steps: int = 1500
     audio_batch: int = 32  # clips per step (each of their fbank windows a training example)
     audio_lr: float = 2e-3
@@ -149,6 +153,8 @@ def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, 
             "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
     if part == "vision" and recipe.tower_position_weight:  # added later: at 0, towers cached before it stay valid
         fields += ("tower_position_weight",)
+    if part == "llm" and recipe.lm_layout != "question":  # added later: LLMs cached before it stay valid
+        fields += ("lm_layout",)
     return {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
             "template": template if part == "llm" else "",
             "recipe": {k: getattr(recipe, k) for k in fields + ("warmup_steps", "seed")}}
@@ -676,17 +682,57 @@ def text_scenes(syn_config, count: int, seed: int, turns: int) -> tuple[list[dic
     return merge_turns(records, turns, seed=seed), scenes
 
 
-def lm_texts(records: list[dict], scenes, fmt) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every record described and tokenized by ``fmt`` (the run's template) with no frames; visual placeholders
-    dropped. ``records`` name their clip by ``video`` (``videos/<split>/<index>.mp4``), ``scenes[index]`` is its
-    ground truth (a list in index order or a dict)."""
+def lm_texts(records: list[dict], scenes, fmt, layout: str = "question") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every record with its clip described in words, rendered by ``fmt`` (the run's template) and tokenized, no
+    visual placeholder left. ``layout`` (:data:`LM_LAYOUTS`): ``"question"`` puts the whole
+    :func:`~vjax.data.synthetic.description` where the record's ``<video>`` marker stands, at the start of the
+    question; ``"slots"`` puts each part of it where the model's tokens that carry it go (:func:`slotted_pieces`).
+    ``records`` name their clip by ``video`` (``videos/<split>/<index>.mp4``), ``scenes[index]`` is its ground
+    truth (a list in index order or a dict)."""
+    from vjax.data import templates  # noqa: PLC0415
+
+    if layout not in LM_LAYOUTS:
+        raise ValueError(f"lm_layout={layout!r} is not one of {LM_LAYOUTS}")
     placeholders = {pid for _, pid, _ in fmt.spec.visual}
     out = []
     for r in records:
-        index = int(os.path.splitext(os.path.basename(r["video"]))[0])
-        ids, mask = fmt.text(described(r, scenes[index]), 0)
+        scene = scenes[int(os.path.splitext(os.path.basename(r["video"]))[0])]
+        if layout == "slots":
+            out.append(templates.tokenize(slotted_pieces(r, scene, fmt), fmt.tokenizer, {}))
+            continue
+        ids, mask = fmt.text(described(r, scene), 0)
         keep = ~np.isin(ids, list(placeholders))
         out.append((ids[keep], mask[keep]))
+    return out
+
+
+def slotted_pieces(record: dict, scene: dict, fmt) -> list[tuple[str, str]]:
+    """The template's pieces of ``record`` (its ``spec.num_frames`` frames, no subtitles) with its clip in words in
+    the visual slots: the audio slot holds what the clip sounds like, the first other slot what it shows (and,
+    without an audio slot, what it sounds like), then its subtitle; further slots (per-frame pieces) are dropped.
+    Video-LLaMA's audio-visual prompt, for one, puts the audio tokens and the video tokens in two sentences before
+    the question: an LLM trained on this layout reads each fact where stage 2 puts the tokens that carry it."""
+    from vjax.data import templates  # noqa: PLC0415
+    from vjax.data.formats import question_answer  # noqa: PLC0415
+    from vjax.data.synthetic.questions import caption, sound_description, subtitle_description  # noqa: PLC0415
+
+    history, question, answer = question_answer(record)
+    ctx = dataclasses.replace(fmt.context(record, fmt.spec.num_frames), subtitles=None)
+    pieces = templates.render(fmt.spec.template, question, answer, history=history, context=ctx,
+                              variant=fmt.spec.template_variant, options=dict(fmt.spec.template_options))
+    heard = ("visual", "audio") in pieces
+    shown = caption(scene) + ("" if heard else " " + sound_description(scene)) + subtitle_description(scene)
+    out, placed = [], False
+    for kind, value in pieces:
+        if kind != "visual":
+            out.append((kind, value))
+        elif value == "audio":
+            out.append(("text", sound_description(scene)))
+        elif not placed:
+            out.append(("text", shown))
+            placed = True
+    if not placed:
+        raise ValueError(f"template {fmt.spec.template!r} renders no visual slot for the description")
     return out
 
 
@@ -805,8 +851,9 @@ def ensure_parts(c, model, model_config, spec, tokenizer, paths, *, progress: bo
                 val = [r for s in scenes["val"]
                        for r in every_question(s, syn, rng, f"videos/val/{s['index']:06d}.mp4")]
                 kinds = [f"{r['question_type']}/{'choice' if r.get('choices') else 'open'}" for r in val]
-                params, figures = pretrain_lm(model_config.llm, lm_texts(train, fresh, fmt),
-                                              lm_texts(val, scenes["val"], fmt), recipe, progress, kinds)
+                params, figures = pretrain_lm(model_config.llm, lm_texts(train, fresh, fmt, recipe.lm_layout),
+                                              lm_texts(val, scenes["val"], fmt, recipe.lm_layout), recipe,
+                                              progress, kinds)
             manifest = {"key": key, "figures": figures, "seconds": time.perf_counter() - t0,
                         "built": time.strftime("%Y-%m-%d %H:%M:%S")}
             save_part(directory, params, manifest)

@@ -3,6 +3,7 @@ they learn from, the cache of the pretrained parts, and a staged training comman
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from experiments import config as cfg
 from experiments import pretrain
-from experiments.configs import chat_univi
+from experiments.configs import chat_univi, video_llama
 from vjax.data import formats
 from vjax.data.synthetic import (
     PALETTE,
@@ -29,8 +30,9 @@ from vjax.data.synthetic import (
     patch_labels,
     render_frames,
 )
-from vjax.data.synthetic.questions import _candidates
+from vjax.data.synthetic.questions import _candidates, sound_description
 from vjax.data.synthetic.scene import _clip_rng
+from vjax.data.templates import VIDEO_LLAMA_AUDIO_MIDDLE, VIDEO_LLAMA_AUDIO_PREFIX, VIDEO_LLAMA_AUDIO_SUFFIX
 from vjax.pytree import flatten_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +161,45 @@ def test_parts_are_built_once_then_read_from_the_cache(tiny_run, monkeypatch):
     key = pretrain.part_key("vision", args[1], pretrain.Recipe.from_config(c.stage0), "h", "")
     other = pretrain.part_key("vision", args[1], pretrain.Recipe(tower_steps=61), "h", "")
     assert pretrain.part_dir(key) != pretrain.part_dir(other)
+
+
+def test_the_slots_layout_describes_the_sound_and_the_sight_where_their_tokens_go(tiny_run):
+    """``stage0.lm_layout=slots``: Video-LLaMA's LLM reads the beeps in the audio sentence and the objects between
+    <Video> and </Video>, where stage 2 puts the audio and video tokens; the text after the last slot (the rest of
+    the prompt, the question, the answer) is stage 2's, token for token. The default layout writes the whole
+    description after the prompt, before the question."""
+    tok = tiny_run[2][3]
+    c = video_llama.get_config()
+    plan = cfg.validate(c)
+    spec = plan["model"]
+    fmt = formats.VideoQAFormat(cfg.data_format(spec, cfg.resolve_markers(spec, plan["model_config"], tok), c), tok)
+    syn = SyntheticConfig(subtitle_fraction=0.0)
+    index = next(i for i in range(50) if len(_sample_scene(syn, "train", i)["beeps"]) == 2)
+    scene = _sample_scene(syn, "train", index)
+    record = every_question(scene, syn, np.random.default_rng(0), f"videos/train/{index:06d}.mp4")[0]
+    (ids, mask), = pretrain.lm_texts([record], {index: scene}, fmt, "slots")
+    (old_ids, _), = pretrain.lm_texts([record], {index: scene}, fmt)
+    stage2, stage2_mask = fmt.text(record, fmt.spec.num_frames)
+    placeholders = [pid for _, pid, _ in fmt.spec.visual]
+    assert not np.isin(ids, placeholders).any() and np.isin(stage2, placeholders).any()
+    tail = stage2[np.flatnonzero(np.isin(stage2, placeholders))[-1] + 1:]
+    assert ids[-len(tail):].tolist() == tail.tolist()
+    assert ids[mask > 0].tolist() == stage2[stage2_mask > 0].tolist()
+    text, old_text = tok.decode(ids.tolist()), tok.decode(old_ids.tolist())
+    heard = text.split(VIDEO_LLAMA_AUDIO_PREFIX.strip())[1].split(VIDEO_LLAMA_AUDIO_MIDDLE.strip())[0]
+    seen = text.split("<Video>")[1].split("</Video>")[0]
+    assert heard.strip(" .") == sound_description(scene).rstrip(".") and "It beeps two times" in heard
+    assert seen.strip() == caption(scene)
+    question = record["conversations"][0]["value"].replace("<video>", "").strip()
+    assert old_text.split(VIDEO_LLAMA_AUDIO_SUFFIX.strip())[1].strip().startswith(description(scene))
+    assert description(scene) not in text and question.splitlines()[0] in text.split("</Video>")[1]
+    with pytest.raises(ValueError, match="lm_layout='words'"):
+        pretrain.lm_texts([record], {index: scene}, fmt, "words")
+    # another layout is another LLM; the default's key is the one it had before the field existed
+    recipe = pretrain.Recipe.from_config(c.stage0)
+    keys = [pretrain.part_key("llm", plan["model_config"], dataclasses.replace(recipe, lm_layout=x), "h", "t")
+            for x in ("question", "slots")]
+    assert "lm_layout" not in keys[0]["recipe"] and pretrain.part_dir(keys[0]) != pretrain.part_dir(keys[1])
 
 
 def test_qwen2_vl_tower_learns_the_patches_it_packs(tmp_path, monkeypatch):
@@ -335,12 +376,17 @@ def test_an_llm_with_visual_experts_gets_them_as_copies_of_the_text_trained_lang
         np.testing.assert_array_equal(np.asarray(flatten_params(cached)[some]), np.asarray(trained[some]))
 
 
-def test_negative_recipe_values_are_refused_naming_the_key():
+def test_bad_recipe_values_are_refused_naming_the_key():
     c = chat_univi.get_config()
     c.stage0.text_weight = -0.1
     with pytest.raises(cfg.ConfigError, match="must be >= 0") as err:
         cfg.validate(c)
     assert err.value.key == "stage0.text_weight"
+    c = chat_univi.get_config()
+    c.stage0.lm_layout = "after"
+    with pytest.raises(cfg.ConfigError, match="must be one of") as err:
+        cfg.validate(c)
+    assert err.value.key == "stage0.lm_layout"
 
 
 # --------------------------------------------------------------------------------------------- end to end

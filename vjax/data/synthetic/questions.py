@@ -121,16 +121,21 @@ def description(scene: dict) -> str:
     """Everything a clip shows and sounds, as text: :func:`caption`, then its beeps and its subtitle, e.g.
     ``"A red circle moves left. It beeps two times: high, then low. The subtitle says: The red circle is called
     Alice."`` (the context of the tiny LLM's text pretraining, ``experiments.pretrain``)."""
-    out = caption(scene)
+    return f"{caption(scene)} {sound_description(scene)}{subtitle_description(scene)}"
+
+
+def sound_description(scene: dict) -> str:
+    """What a clip sounds like, e.g. ``"It beeps two times: high, then low."``, or ``"There is no beep."``."""
     beeps = scene["beeps"]
-    if beeps:
-        pitches = ", then ".join(b["pitch"] for b in beeps)
-        out += f" It beeps {NUMBER_WORDS[len(beeps)]} time{'s' if len(beeps) > 1 else ''}: {pitches}."
-    else:
-        out += " There is no beep."
-    if scene["subtitle"] is not None:
-        out += f" The subtitle says: {scene['subtitle']['text']}"
-    return out
+    if not beeps:
+        return "There is no beep."
+    pitches = ", then ".join(b["pitch"] for b in beeps)
+    return f"It beeps {NUMBER_WORDS[len(beeps)]} time{'s' if len(beeps) > 1 else ''}: {pitches}."
+
+
+def subtitle_description(scene: dict) -> str:
+    """``" The subtitle says: <text>"`` for a clip with a subtitle, else ``""``."""
+    return f" The subtitle says: {scene['subtitle']['text']}" if scene["subtitle"] is not None else ""
 
 
 def _record(c: dict, rec_id: str, cfg: SyntheticConfig, rng: np.random.Generator, video_rel: str,

@@ -25,8 +25,9 @@ from a pretrained CLIP/EVA tower and a pretrained LLM.
   stage-0 audio tower.
 * **LLM** (``llm``): the model's own decoder trained on text: each training question of the set with its clip
   described in words (``vjax.data.synthetic.description``: objects in order of appearance, motion, appearance time,
-  beeps, subtitle) where the video would be, rendered by the model's chat template exactly as in training (visual
-  placeholders left out), plus "Describe the video." -> the caption. It learns to look an attribute up in its
+  beeps, subtitle) where the record's ``<video>`` marker stands (``lm_layout="slots"``: each part where the model's
+  tokens that carry it go, :func:`slotted_pieces`), rendered by the model's chat template exactly as in training
+  (visual placeholders left out), plus "Describe the video." -> the caption. It learns to look an attribute up in its
   context and to answer with an option's letter before it ever sees a video. Loss: the answer tokens (weight 1)
   and every other token (weight ``text_weight``). An LLM with visual experts (CogVLM2-Video's) trains only its
   language experts on text; the model gets its vision experts as copies of them (CogVLM's initialisation,

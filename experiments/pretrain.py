@@ -713,14 +713,9 @@ def slotted_pieces(record: dict, scene: dict, fmt) -> list[tuple[str, str]]:
     without an audio slot, what it sounds like), then its subtitle; further slots (per-frame pieces) are dropped.
     Video-LLaMA's audio-visual prompt, for one, puts the audio tokens and the video tokens in two sentences before
     the question: an LLM trained on this layout reads each fact where stage 2 puts the tokens that carry it."""
-    from vjax.data import templates  # noqa: PLC0415
-    from vjax.data.formats import question_answer  # noqa: PLC0415
     from vjax.data.synthetic.questions import caption, sound_description, subtitle_description  # noqa: PLC0415
 
-    history, question, answer = question_answer(record)
-    ctx = dataclasses.replace(fmt.context(record, fmt.spec.num_frames), subtitles=None)
-    pieces = templates.render(fmt.spec.template, question, answer, history=history, context=ctx,
-                              variant=fmt.spec.template_variant, options=dict(fmt.spec.template_options))
+    pieces = fmt.pieces(record, fmt.spec.num_frames, subtitles=False)
     heard = ("visual", "audio") in pieces
     shown = caption(scene) + ("" if heard else " " + sound_description(scene)) + subtitle_description(scene)
     out, placed = [], False

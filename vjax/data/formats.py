@@ -233,12 +233,18 @@ class VideoQAFormat:
         return templates.VisualContext(num_frames=t, frame_times=times, subtitles=subs,
                                        has_audio=self.spec.audio_clips > 0)
 
+    def pieces(self, record: Mapping[str, Any], t: int, subtitles: bool = True) -> list[templates.Piece]:
+        """The template's pieces of ``record`` for ``t`` real frames (visual slots as ``("visual", name)``);
+        ``subtitles=False`` renders no subtitle (none is read)."""
+        history, question, answer = question_answer(record)
+        context = self.context(record if subtitles else {k: v for k, v in record.items() if k != "subtitles"}, t)
+        return templates.render(self.spec.template, question, "" if self.prompt_only else answer,
+                                history=history, context=context,
+                                variant=self.spec.template_variant, options=dict(self.spec.template_options))
+
     def text(self, record: Mapping[str, Any], t: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and loss mask ``int32 [L]`` for ``t`` real frames."""
-        history, question, answer = question_answer(record)
-        pieces = templates.render(self.spec.template, question, "" if self.prompt_only else answer,
-                                  history=history, context=self.context(record, t),
-                                  variant=self.spec.template_variant, options=dict(self.spec.template_options))
+        pieces = self.pieces(record, t)
         if self.prompt_only:  # everything before the last answer: the text that precedes it (" ") included,
             last = max(i for i, (kind, _) in enumerate(pieces) if kind == "target")  # exactly as in training
             pieces = pieces[:last]

@@ -660,8 +660,10 @@ def slice_config(cfg: Any, blocks: int) -> Any:
         v = getattr(cfg, f.name)
         if f.name in ("num_layers", "depth") and isinstance(v, int):
             kw[f.name] = min(v, blocks)
-        elif f.name == "scan_layers":
+        elif f.name in ("scan_layers", "grads_in_place"):  # the unrolled slice has no stack to scan
             kw[f.name] = False
+        elif f.name == "mlp_chunks":  # XLA would count one chunk of the MLP (a loop body) for all of them
+            kw[f.name] = 1
         elif dataclasses.is_dataclass(v):
             kw[f.name] = slice_config(v, blocks)
     return dataclasses.replace(cfg, **kw)
@@ -670,7 +672,8 @@ def slice_config(cfg: Any, blocks: int) -> Any:
 def reference_config(cfg: Any) -> Any:
     """The config with every ``remat``/``remat_policy`` switched off and layers unrolled (``scan_layers``): the
     model-FLOPs reference, in which XLA counts every layer and no recompute."""
-    return config.set_everywhere(cfg, remat=False, remat_policy="none", scan_layers=False)
+    return config.set_everywhere(cfg, remat=False, remat_policy="none", scan_layers=False, grads_in_place=False,
+                                 mlp_chunks=1)
 
 
 def main(argv: list[str]) -> int:

@@ -134,6 +134,31 @@ def test_offloaded_block_inputs_leave_the_chip():
     assert both["host_temporaries"] == layers * 1 * tokens * width * 2, both  # one sample per chip, bfloat16
 
 
+def test_gradients_in_place_free_a_gradient_stack_of_temporaries():
+    """``grads_in_place`` with the elementwise finite guard (``optim.finite_guard=select``): the step compiled for
+    4 v5p chips holds at least one bfloat16 gradient stack of the layers less in temporaries than the default step
+    (both with bfloat16 gradients and ``full`` remat): the backward pass writes the gradients over the bfloat16
+    weight copy instead of a stack of their own. The stack's size is counted here from the shapes (layers x (4 x
+    width^2 + 3 x width x inner) x 2 bytes / 4 chips: 16 MiB). Measured on this 8-layer decoder (not asserted): 60.4
+    MiB default, 40.0 in place with the branch guard, 28.3 with the select guard, 26.4 with ``mlp_chunks=4`` too."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.fail("libtpu is missing: the test extra installs it (pip install -e '.[test]' pulls '.[plan]')")
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+
+    layers, width, inner, tokens = 8, 512, 2048, 512
+    sets = ["scan_layers=True", f"hidden_size={width}", f"intermediate_size={inner}", f"num_layers={layers}",
+            "num_heads=4", "num_kv_heads=4", "vocab_size=512", "remat_policy=full", "optim.grad_dtype=bfloat16"]
+    mesh = make_mesh((1, 4, 1), plan.tpu_devices(plan.parse_slice("v5p-8")))
+
+    def temporaries(*extra):
+        c, model, mcfg = plan.recipe("decoder:tiny", None, "bfloat16", sets + list(extra))
+        return plan.compile_for_memory(plan.lower_train(c, model, mcfg, mesh, 4, tokens)[3])[1]["temporaries"]
+
+    stack = layers * (4 * width * width + 3 * width * inner) * 2 // 4
+    default, in_place = temporaries(), temporaries("grads_in_place=True", "optim.finite_guard=select")
+    assert in_place <= default - stack, (default, in_place, stack)
+
+
 def test_compute_dtype_reaches_every_module_and_keeps_float32_weights():
     """The experiment's mixed-precision policy: ``compute_dtype`` sets every module config's ``dtype``; the
     parameters (master weights) stay float32. The published recipes compute in bfloat16."""

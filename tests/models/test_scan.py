@@ -155,6 +155,59 @@ def test_offload_without_pinned_host_names_the_backend(monkeypatch):
         scan_lib.checkpoint_policy("full_offload")
 
 
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_gradients_in_place_equal_those_of_the_unrolled_decoder(kind):
+    """``grads_in_place`` (the scanned stack's backward pass writes each layer's gradients over its weights:
+    :func:`vjax.layers.scan.scan_grads_in_place`) gives the logits and the gradients of the unrolled decoder without
+    remat, with ``full`` and, where this backend has pinned host memory, ``full_offload``; the LLaMA block also with
+    its MLP over 3 pieces of the 9-token sequence (``mlp_chunks``)."""
+    unrolled, _, params, _, inputs = decoder_pair(kind)
+    weights = jax.random.normal(jax.random.key(5), (B, L, DECODERS[kind].vocab_size))
+    want = jax.grad(_loss, argnums=1)(unrolled, params, inputs, weights)
+    logits = unrolled.apply({"params": params}, **inputs).logits
+    runs = [dict(remat_policy="full")] + ([dict(remat_policy="full_offload")] if scan_lib.has_pinned_host() else [])
+    if kind == "llama":
+        runs.append(dict(remat_policy="full", mlp_chunks=3))
+    for fields in runs:
+        module = CausalLM(DECODERS[kind].replace(scan_layers=True, grads_in_place=True, **fields))
+        p = with_layer_layout(params, module)
+        assert_close(module.apply({"params": p}, **inputs).logits, logits, what=f"{fields} logits")
+        got = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(module, p, inputs, weights)
+        assert_trees_close(scan_lib.unstack_all(got), want, what=f"{kind} {fields}: ")
+        # the rule really runs: the gradient program updates the stacked carry in place, and no remat'd scan of the
+        # blocks is left (with mlp_chunks, each MLP piece is rematerialised)
+        text = str(jax.make_jaxpr(jax.grad(_loss, argnums=1), static_argnums=0)(module, p, inputs, weights))
+        assert "dynamic_update_slice" in text and ("remat" not in text or "mlp_chunks" in fields), fields
+
+
+def test_mlp_chunks_equal_the_whole_sequence_and_decode_one_token_whole():
+    """``mlp_chunks``: the MLP over pieces of the sequence gives the whole-sequence logits and gradients; a length
+    that does not split (one-token decoding from a cache) runs whole, with the same parameters."""
+    unrolled, scanned, params, stacked, inputs = decoder_pair("llama")
+    weights = jax.random.normal(jax.random.key(6), (B, L, DECODERS["llama"].vocab_size))
+    chunked = CausalLM(DECODERS["llama"].replace(mlp_chunks=3))
+    assert_close(chunked.apply({"params": params}, **inputs).logits, unrolled.apply({"params": params}, **inputs).logits)
+    grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
+    assert_trees_close(grad(chunked, params, inputs, weights), grad(unrolled, params, inputs, weights), what="chunks ")
+    a = generate(unrolled, params, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=4)
+    b = generate(chunked, params, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    assert jax.tree_util.tree_structure(chunked.init(jax.random.key(0), inputs["input_ids"])) == \
+        jax.tree_util.tree_structure(unrolled.init(jax.random.key(0), inputs["input_ids"]))
+
+
+def test_bad_in_place_and_chunk_settings_are_named():
+    with pytest.raises(ValueError, match="grads_in_place=True needs scan_layers=True"):
+        DecoderConfig.tiny(grads_in_place=True, remat_policy="full")
+    with pytest.raises(ValueError, match="remat_policy='dots_saveable'"):
+        DecoderConfig.tiny(grads_in_place=True, scan_layers=True, remat_policy="dots_saveable")
+    with pytest.raises(ValueError, match="remat_policy='none'"):
+        DecoderConfig.tiny(grads_in_place=True, scan_layers=True)
+    assert DecoderConfig.tiny(grads_in_place=True, scan_layers=True, remat=True).grads_in_place  # remat=True: full
+    with pytest.raises(ValueError, match="mlp_chunks=0"):
+        DecoderConfig.tiny(mlp_chunks=0)
+
+
 # ----------------------------------------------------------------------------- ViT towers
 def _tower_pair(config: EncoderConfig):
     unrolled, scanned = Encoder(config), Encoder(config.replace(scan_layers=True, remat_policy="full"))

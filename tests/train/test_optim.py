@@ -93,3 +93,35 @@ def test_bfloat16_gradients_are_the_gradients_at_the_rounded_matrices():
         assert got[k].dtype == np.float32, k  # the master weights stay float32
     with pytest.raises(ValueError, match="grad_dtype='int8'"):
         OptimConfig(grad_dtype="int8")
+
+
+def test_the_select_guard_updates_as_the_branch_and_keeps_the_state_on_a_non_finite_step():
+    """``finite_guard="select"`` (the update always computed, each new value chosen elementwise): a finite step gives
+    the branch's state exactly; a step with a NaN loss leaves parameters, moments and step count as they were."""
+    from tests.train.common import fixed_batches  # noqa: PLC0415
+    from vjax.models import registry  # noqa: PLC0415
+    from vjax.train.sharding import make_mesh  # noqa: PLC0415
+    from vjax.train.step import Trainer  # noqa: PLC0415
+
+    cfg_cls, module_cls = registry.get("decoder")
+    module = module_cls(cfg_cls.tiny())
+    base = dict(learning_rate=1e-2, warmup_steps=0, total_steps=10, grad_clip=0.05)  # the first update moves
+    branch, select = (Trainer(module, OptimConfig(**base, finite_guard=g), make_mesh((1, 1, 1)))
+                      for g in ("branch", "select"))
+    batch = next(fixed_batches(module, 1, batch=2))
+    start = jax.device_get(branch.init_state(0))
+    (a, ma), (b, mb) = branch.train_step(start, batch), select.train_step(start, batch)
+    assert bool(ma["finite"]) and bool(mb["finite"]) and int(b.step) == 1
+    for x, y, z in zip(jax.tree_util.tree_leaves(jax.device_get(b)), jax.tree_util.tree_leaves(jax.device_get(a)),
+                       jax.tree_util.tree_leaves(start)):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(jax.tree_util.tree_leaves(jax.device_get(b.params)),
+                                                        jax.tree_util.tree_leaves(start.params)))
+    nan = {**batch, "loss_mask": np.asarray(batch["loss_mask"], np.float32) * np.nan}
+    kept, metrics = select.train_step(start, nan)
+    assert not bool(metrics["finite"]) and int(kept.step) == 0
+    kept = jax.device_get((kept.params, kept.opt_state))  # the RNG moves on either way
+    for x, z in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves((start.params, start.opt_state))):
+        np.testing.assert_array_equal(x, z)
+    with pytest.raises(ValueError, match="finite_guard='maybe'"):
+        OptimConfig(finite_guard="maybe")

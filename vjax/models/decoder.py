@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 
 from vjax.layers.attention import Attention, Cache, check_impl, init_cache, structured_mask
-from vjax.layers.mlp import GatedMlp, dense
+from vjax.layers.mlp import GatedMlp, dense, over_sequence_chunks
 from vjax.layers.mrope import mrope_cos_sin
 from vjax.layers.norm import RMSNorm
 from vjax.layers.quant import Embed
 from vjax.layers.partitioning import ACTIVATION, constrain
 from vjax.layers.rope import rope_cos_sin, rope_inv_freq
-from vjax.layers.scan import check_remat_policy, remat_block, resolve_remat, scan_block
+from vjax.layers.scan import (IN_PLACE_POLICIES, check_remat_policy, remat_block, resolve_remat, scan_block,
+                              scan_grads_in_place)
 from vjax.layers.visual_expert import VisualExpertConfig, VisualExpertDecoderLayer
 from vjax.models.losses import next_token_head_loss, next_token_loss
 from vjax.models.spec import ModelSpec
@@ -76,6 +77,12 @@ class DecoderConfig:
     remat: bool = False  # alias of remat_policy="full" (kept for existing configs)
     remat_policy: str = "none"  # vjax.layers.scan.REMAT_POLICIES: none | full | dots_saveable | ... | offload
     scan_layers: bool = False  # nn.scan over one block: params `layers` [num_layers, ...], stacked KV cache
+    # with scan_layers, training: each layer's gradients overwrite its weights' buffer in the backward pass
+    # (vjax.layers.scan.scan_grads_in_place; remat_policy "full" or "full_offload")
+    grads_in_place: bool = False
+    # the MLP over this many pieces of the sequence, one after the other, each rematerialised (same values; the
+    # intermediates of one piece live at a time: vjax.layers.mlp.over_sequence_chunks); 1 = whole sequence
+    mlp_chunks: int = 1
     # LoRA adapters on attention projections (MiniGPT4-video: r 64, alpha 16 on q_proj, v_proj); 0 = off
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -95,6 +102,17 @@ class DecoderConfig:
                 f"but must equal head_dim // 2 = {self.resolved_head_dim // 2}"
             )
         check_remat_policy(self.remat_policy)
+        if not isinstance(self.mlp_chunks, int) or self.mlp_chunks < 1:
+            raise ValueError(f"mlp_chunks={self.mlp_chunks!r} must be an int >= 1")
+        if self.grads_in_place:
+            policy = resolve_remat(self.remat, self.remat_policy)
+            if not self.scan_layers:
+                raise ValueError("grads_in_place=True needs scan_layers=True (it rewrites the scanned stack's "
+                                 "backward pass)")
+            if policy not in IN_PLACE_POLICIES:
+                raise ValueError(f"grads_in_place=True recomputes every layer from its input, as remat_policy "
+                                 f"{' or '.join(map(repr, IN_PLACE_POLICIES))} does; remat_policy={policy!r} "
+                                 f"asks otherwise")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -326,8 +344,13 @@ class DecoderLayer(nn.Module):
         )(RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(h), cos=cos, sin=sin, mask=mask,
           cache=cache, cache_index=cache_index)
         h = h + attn_out
-        mlp = GatedMlp(c.hidden_size, c.intermediate_size, c.hidden_act, dtype=dt, param_dtype=pdt, name="mlp")
-        h = h + mlp(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(h))
+        x = RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(h)
+        kw = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, act=c.hidden_act, dtype=dt,
+                  param_dtype=pdt, name="mlp")
+        # in pieces only where the sequence splits evenly (training and prefill, not one-token decoding); the
+        # parameters are created by the whole-sequence form
+        pieces = c.mlp_chunks > 1 and x.shape[1] % c.mlp_chunks == 0 and not self.is_initializing()
+        h = h + (over_sequence_chunks(GatedMlp, c.mlp_chunks, **kw) if pieces else GatedMlp(**kw))(x)
         return constrain(h, ACTIVATION), cache
 
 
@@ -346,6 +369,11 @@ def visual_expert_block(config: "DecoderConfig", name: str, lift: Callable[[type
 
 def _identity(cls: type) -> type:
     return cls
+
+
+def _unbound(cls: type) -> Callable[..., nn.Module]:
+    """The block class built outside any parent module (a pure function of the parameters it is applied to)."""
+    return functools.partial(cls, parent=None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -477,7 +505,10 @@ class CausalLM(nn.Module):
         if c.scan_layers:
             inputs = dict(cos=cos, sin=sin, mask=mask, cache_index=cache_index, **block_inputs)
             h0 = h
-            h, (new_cache, stacked) = self.layers(h, cache, inputs)  # stacked: [num_layers, B, L, D]
+            if c.grads_in_place and cache is None and not return_hidden and not self.is_initializing():
+                h, new_cache = self.layers_in_place(h, inputs), None
+            else:
+                h, (new_cache, stacked) = self.layers(h, cache, inputs)  # stacked: [num_layers, B, L, D]
             hidden = [h0, *stacked] if return_hidden else [h]
         else:
             hidden, new_cache = [h], []
@@ -498,6 +529,21 @@ class CausalLM(nn.Module):
             next_position=next_position(position_ids, q_valid),
             head_input=None if head else h,
         )
+
+    def layers_in_place(self, h: jax.Array, inputs: dict[str, Any]) -> jax.Array:
+        """The scanned layers without a cache (``grads_in_place``): the same block, applied layer by layer to
+        the stacked parameters by :func:`vjax.layers.scan.scan_grads_in_place`, whose backward pass writes
+        the gradients over the weights' buffer."""
+        c = self.config
+        block = self.block or (visual_expert_block if c.visual_experts else decoder_block)
+        one = block(c, "layer", _unbound)
+        stacked = nn.meta.unbox(self.layers.variables["params"])
+
+        def layer(p, x, shared):
+            return one.apply({"params": p}, x, cache=None, **shared)[0]
+
+        return scan_grads_in_place(layer, stacked, h, inputs,
+                                   offload=resolve_remat(c.remat, c.remat_policy) == "full_offload")
 
     def head(self, h: jax.Array) -> jax.Array:
         """float32 logits ``[..., V]`` of the final normed hidden states ``h [..., D]``."""

@@ -19,6 +19,9 @@ import optax
 from vjax.pytree import flatten_params, unflatten_params
 
 
+FINITE_GUARDS = ("branch", "select")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Hyper-parameters of the optimizer and its schedule."""
@@ -35,8 +38,14 @@ class OptimConfig:
     grad_accum: int = 1
     mu_dtype: str = ""  # AdamW's first moment: "" = the parameters' dtype, or e.g. "bfloat16" (half its memory)
     grad_dtype: str = ""  # the gradients of the matrices: "" = the parameters' dtype, or "bfloat16" (see grad_inputs)
+    # how a step with a non-finite loss or gradient keeps the state: "branch" (lax.cond: the update is skipped) or
+    # "select" (the update always computed and each new value chosen elementwise, which XLA fuses into the update
+    # and writes over the donated state: no temporaries of the update's size; see vjax.train.step.Trainer)
+    finite_guard: str = "branch"
 
     def __post_init__(self):
+        if self.finite_guard not in FINITE_GUARDS:
+            raise ValueError(f"finite_guard={self.finite_guard!r}: expected one of {FINITE_GUARDS}")
         for name in ("mu_dtype", "grad_dtype"):
             if getattr(self, name) not in ("", "float32", "bfloat16", "float16"):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected '' (the parameters' dtype), 'float32', "

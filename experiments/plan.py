@@ -651,8 +651,17 @@ def _has_scan(cfg: Any) -> bool:
                for f in dataclasses.fields(cfg))
 
 
+# the model-config fields whose loops XLA's FLOP count would see once: the layer scan (and its in-place backward)
+# and the MLP's sequence pieces; the FLOP counts run on the straight-line form (the same values)
+UNLOOPED = dict(scan_layers=False, grads_in_place=False, mlp_chunks=1)
+
+
 def slice_config(cfg: Any, blocks: int) -> Any:
     """The config with every block stack (``num_layers``, ``depth``) cut to at most ``blocks`` and unrolled."""
+    return config.set_everywhere(_cut_stacks(cfg, blocks), **UNLOOPED)
+
+
+def _cut_stacks(cfg: Any, blocks: int) -> Any:
     if not dataclasses.is_dataclass(cfg):
         return cfg
     kw = {}
@@ -660,20 +669,15 @@ def slice_config(cfg: Any, blocks: int) -> Any:
         v = getattr(cfg, f.name)
         if f.name in ("num_layers", "depth") and isinstance(v, int):
             kw[f.name] = min(v, blocks)
-        elif f.name in ("scan_layers", "grads_in_place"):  # the unrolled slice has no stack to scan
-            kw[f.name] = False
-        elif f.name == "mlp_chunks":  # XLA would count one chunk of the MLP (a loop body) for all of them
-            kw[f.name] = 1
         elif dataclasses.is_dataclass(v):
-            kw[f.name] = slice_config(v, blocks)
+            kw[f.name] = _cut_stacks(v, blocks)
     return dataclasses.replace(cfg, **kw)
 
 
 def reference_config(cfg: Any) -> Any:
     """The config with every ``remat``/``remat_policy`` switched off and layers unrolled (``scan_layers``): the
     model-FLOPs reference, in which XLA counts every layer and no recompute."""
-    return config.set_everywhere(cfg, remat=False, remat_policy="none", scan_layers=False, grads_in_place=False,
-                                 mlp_chunks=1)
+    return config.set_everywhere(cfg, remat=False, remat_policy="none", **UNLOOPED)
 
 
 def main(argv: list[str]) -> int:

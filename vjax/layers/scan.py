@@ -216,12 +216,8 @@ def scan_grads_in_place(layer: Callable[[Any, jax.Array, Any], jax.Array], stack
     leaves, treedef = jax.tree_util.tree_flatten(inputs)
     dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
 
-    def rebuild(dyn: Sequence[Any]) -> Any:
-        it = iter(dyn)
-        return jax.tree_util.tree_unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-
     def apply(p: Any, x: jax.Array, dyn: Sequence[Any]) -> jax.Array:
-        return layer(p, x, rebuild(dyn))
+        return layer(p, x, jax.tree_util.tree_unflatten(treedef, _splice(dynamic, dyn, leaves)))
 
     def run(params: Any, x: jax.Array, dyn: Sequence[Any]) -> jax.Array:
         return jax.lax.scan(lambda c, p: (apply(p, c, dyn), None), x, params)[0]
@@ -229,12 +225,8 @@ def scan_grads_in_place(layer: Callable[[Any, jax.Array, Any], jax.Array], stack
     seen: dict[str, Any] = {}  # what the forward rule learnt about its inputs, for the backward rule
 
     def fwd(params, x, dyn):
-        unwrap = functools.partial(jax.tree_util.tree_map, lambda a: a.value,
-                                   is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
-        perturbed = functools.partial(jax.tree_util.tree_map, lambda a: a.perturbed,
-                                      is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
-        seen.update(params=perturbed(params), x=x.perturbed, dyn=perturbed(list(dyn)))
-        params, x, dyn = unwrap(params), unwrap(x), unwrap(list(dyn))
+        seen.update(params=_primal(params, "perturbed"), x=x.perturbed, dyn=_primal(list(dyn), "perturbed"))
+        params, x, dyn = _primal(params, "value"), x.value, _primal(list(dyn), "value")
 
         def body(c, p):
             kept = jax.device_put(c, jax.memory.Space.Host) if offload else c
@@ -260,34 +252,46 @@ def scan_grads_in_place(layer: Callable[[Any, jax.Array, Any], jax.Array], stack
             x = take(saved)
             if offload:
                 x = jax.device_put(x, jax.memory.Space.Device)
-            it_g = iter(grads)
-            layer_p = [take(next(it_g) if t else a) for a, t in zip(flat, trained)]
+            layer_p = [take(a) for a in _splice(trained, grads, flat)]  # layer i's weights: still in the carry
 
             def f(tp, xx, td):
-                it_p, it_d = iter(tp), iter(td)
-                p = [next(it_p) if t else a for a, t in zip(layer_p, trained)]
-                d = [next(it_d) if w else a for a, w in zip(dyn, wants)]
-                return apply(jax.tree_util.tree_unflatten(ptree, p), xx, d)
+                return apply(jax.tree_util.tree_unflatten(ptree, _splice(trained, tp, layer_p)), xx,
+                             _splice(wants, td, dyn))
 
-            tp = [a for a, t in zip(layer_p, trained) if t]
-            td = [a for a, w in zip(dyn, wants) if w]
-            _, vjp = jax.vjp(f, tp, x, td)
+            _, vjp = jax.vjp(f, _pick(trained, layer_p), x, _pick(wants, dyn))
             dp, dh, dd = vjp(dh)
             grads = [jax.lax.dynamic_update_index_in_dim(buf, d.astype(buf.dtype), i, 0)
                      for buf, d in zip(grads, dp)]
             return dh, grads, [s + d.astype(s.dtype) for s, d in zip(sums, dd)]
 
-        grads0 = [a for a, t in zip(flat, trained) if t]  # the weights' own buffers, overwritten layer by layer
-        sums0 = [jnp.zeros_like(a) for a, w in zip(dyn, wants) if w]
+        grads0 = _pick(trained, flat)  # the weights' own buffers, overwritten layer by layer
+        sums0 = [jnp.zeros_like(a) for a in _pick(wants, dyn)]
         dh, grads, sums = jax.lax.fori_loop(0, n, body, (g, grads0, sums0))
-        it_g, it_s = iter(grads), iter(sums)
-        dparams = jax.tree_util.tree_unflatten(ptree, [next(it_g) if t else None for t in trained])
-        ddyn = [next(it_s) if w else None for w in wants]
-        return dparams, dh if seen["x"] else None, ddyn
+        dparams = jax.tree_util.tree_unflatten(ptree, _splice(trained, grads, [None] * len(flat)))
+        return dparams, dh if seen["x"] else None, _splice(wants, sums, [None] * len(dyn))
 
     stack = jax.custom_vjp(run)
     stack.defvjp(fwd, bwd, symbolic_zeros=True)
-    return stack(stacked, h, [x for x, d in zip(leaves, dynamic) if d])
+    return stack(stacked, h, _pick(dynamic, leaves))
+
+
+def _pick(mask: Sequence[bool], xs: Sequence[Any]) -> list[Any]:
+    """The ``xs`` whose ``mask`` is true, in order."""
+    return [x for x, m in zip(xs, mask) if m]
+
+
+def _splice(mask: Sequence[bool], chosen: Sequence[Any], rest: Sequence[Any]) -> list[Any]:
+    """``rest`` with the places where ``mask`` is true taken, in order, from ``chosen`` (the inverse of
+    :func:`_pick`)."""
+    it = iter(chosen)
+    return [next(it) if m else x for x, m in zip(rest, mask)]
+
+
+def _primal(tree: Any, field: str) -> Any:
+    """``value`` or ``perturbed`` of every ``CustomVJPPrimal`` in ``tree`` (a ``symbolic_zeros`` forward rule's
+    arguments)."""
+    return jax.tree_util.tree_map(lambda a: getattr(a, field), tree,
+                                  is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
 
 
 # ----------------------------------------------------------------------------- stacked <-> unrolled trees

@@ -417,7 +417,7 @@ class CausalLM(nn.Module):
             c.vocab_size, c.hidden_size, param_dtype=pdt, dtype=jnp.dtype(c.dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        block = self.block or (visual_expert_block if c.visual_experts else decoder_block)
+        block = self.block_factory()
         policy = resolve_remat(c.remat, c.remat_policy)
         if c.scan_layers:  # one block scanned over the layers: params `layers` [num_layers, ...]
             def lift(cls):
@@ -430,6 +430,10 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, pdt)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), param_dtype=pdt)
+
+    def block_factory(self) -> Callable[..., nn.Module]:
+        """``block``, or the config's own block (:func:`visual_expert_block` with ``visual_experts``)."""
+        return self.block or (visual_expert_block if self.config.visual_experts else decoder_block)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings ``[B, L, D]`` (video models splice visual tokens into these)."""
@@ -535,8 +539,7 @@ class CausalLM(nn.Module):
         the stacked parameters by :func:`vjax.layers.scan.scan_grads_in_place`, whose backward pass writes
         the gradients over the weights' buffer."""
         c = self.config
-        block = self.block or (visual_expert_block if c.visual_experts else decoder_block)
-        one = block(c, "layer", _unbound)
+        one = self.block_factory()(c, "layer", _unbound)
         stacked = nn.meta.unbox(self.layers.variables["params"])
 
         def layer(p, x, shared):

@@ -7,6 +7,7 @@ r"""Chat about a video: ``python -m experiments.chat --workdir=DIR --video=FILE 
     --temperature=0 --top_p=1 --top_k=0 --max_new_tokens=256 --seed=0    sampling, as in transformers
                          (temperature 0: greedy)
     --quantize=int8      int8 weights with per-channel scales (vjax.layers.quant), about half of bf16's memory
+    --step=N             a training run's checkpoint of step N (default: the newest that restores)
 
 The model, its config, the frame sampler, the chat template and the tokenizer come from the checkpoint's
 saved config; frames are preprocessed as the model's release does (``vjax.data.preprocess``; a converted
@@ -283,7 +284,7 @@ def main(argv: list[str]) -> int:
     from vjax.generate import ContextOverflow  # noqa: PLC0415
 
     try:
-        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config, quantize=FLAGS.quantize)
+        run = config.load_run_from_flags()
     except (NotACheckpoint, config.ConfigError) as err:
         cli.fail(str(err))
     try:

@@ -453,14 +453,25 @@ def define_checkpoint_flags() -> None:
 
     flags.DEFINE_enum("quantize", "", list(MODES), "int8: weight-only int8 (per-channel scales, "
                       "dequantised in the matmuls; vjax.layers.quant) — about half of bf16's memory")
+    flags.DEFINE_integer("step", None, "a training run's checkpoint of this step (default: the newest that "
+                         "restores); e.g. to score a run's learning curve")
+
+
+def load_run_from_flags():
+    """:func:`load_run` of the flags :func:`define_checkpoint_flags` defined (``--workdir``, ``--tokenizer``,
+    ``--config``, ``--quantize``, ``--step``)."""
+    from absl import flags  # noqa: PLC0415
+
+    f = flags.FLAGS
+    return load_run(f.workdir, tokenizer=f.tokenizer, config=f.config, quantize=f.quantize, step=f.step)
 
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None,
-             quantize: str = ""):
+             quantize: str = "", step: int | None = None):
     """:func:`vjax.pretrained.load_run`, a converted checkpoint's data settings taken from the experiment config
     ``config`` = ``name[:variant]`` or ``path.py[:variant]`` (default: the model's ``tiny``); ``quantize="int8"``
-    quantises the weights (:func:`vjax.layers.quant.quantize_params`). An unknown ``quantize`` raises
-    :class:`ConfigError`."""
+    quantises the weights (:func:`vjax.layers.quant.quantize_params`); ``step``: a training run's checkpoint of that
+    step instead of the newest. An unknown ``quantize`` raises :class:`ConfigError`."""
     from vjax import pretrained  # noqa: PLC0415
     from vjax.layers.quant import check_mode  # noqa: PLC0415
 
@@ -484,4 +495,4 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None, config
             raise ConfigError("config", f"{config!r} is not a config of the checkpoint's model {name!r}")
         return experiment_config(name, variant or "tiny")
 
-    return pretrained.load_run(workdir, tokenizer=tokenizer, experiment=experiment, quantize=quantize)
+    return pretrained.load_run(workdir, tokenizer=tokenizer, experiment=experiment, quantize=quantize, step=step)

@@ -7,6 +7,8 @@ r"""Evaluate a checkpoint: ``python -m experiments.eval --workdir=DIR [--data=FI
                       video, question, candidates, answer) | open_qa (MSVD/MSRVTT-QA: video, question,
                       answer); auto picks by the first record's keys
     --limit=N         the first N records only (0: all)
+    --step=N          a training run's checkpoint of step N (default the newest; the report is <data name>_stepN.json,
+                      so ``python -m experiments.results --curve=DIR`` tabulates a run's learning curve)
     --out=FILE        the JSON report (default <workdir>/eval/<data name>.json; <data name>_int8.json quantised)
     --quantize=int8   int8 weights with per-channel scales (vjax.layers.quant); the report records it
     --blind           control: every clip replaced by a constant grey clip of its shape (silent, no subtitles)
@@ -464,13 +466,16 @@ def evaluate(run: Run, records: Sequence[dict], *, batch_size: int, max_new_toke
     return report
 
 
-def write_report(run: Run, report: dict, data: str, data_name: str, out: str | None = None) -> Path:
+def write_report(run: Run, report: dict, data: str, data_name: str, out: str | None = None, *,
+                 at_step: bool = False) -> Path:
     """Writes ``report`` (with the run's name, step, data and quantisation) as JSON to ``out``, by default
-    ``<workdir>/eval/<data_name>[_int8][_blind|_shuffled].json``; returns the path."""
+    ``<workdir>/eval/<data_name>[_step<N>][_int8][_blind|_shuffled].json`` (``_step<N>`` with ``at_step``: a
+    checkpoint chosen by ``--step``, so a learning curve's reports stand beside the final one); returns the path."""
     report = {"workdir": run.workdir, "model": run.name, "step": run.step, "data": data,
               "quantize": run.quantize or None, **report}
-    # an int8 report, or a control's, beside the plain one
-    suffix = (f"_{run.quantize}" if run.quantize else "") + (f"_{report['control']}" if report.get("control") else "")
+    # an earlier step's report, an int8 one, or a control's, beside the plain one
+    suffix = ((f"_step{run.step}" if at_step else "") + (f"_{run.quantize}" if run.quantize else "")
+              + (f"_{report['control']}" if report.get("control") else ""))
     path = Path(out) if out else Path(run.workdir) / "eval" / f"{data_name}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
@@ -509,7 +514,7 @@ def main(argv: list[str]) -> int:
     from vjax.data.validate import TooManyBadRecords  # noqa: PLC0415
 
     try:
-        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config, quantize=FLAGS.quantize)
+        run = config.load_run_from_flags()
     except (NotACheckpoint, config.ConfigError) as err:
         cli.fail(str(err))
     try:
@@ -542,7 +547,7 @@ def main(argv: list[str]) -> int:
                           likelihood=FLAGS.likelihood, control=control)
     except TooManyBadRecords as err:
         cli.fail(str(err))
-    out = write_report(run, report, FLAGS.data or data_name, data_name, FLAGS.out)
+    out = write_report(run, report, FLAGS.data or data_name, data_name, FLAGS.out, at_step=FLAGS.step is not None)
     print(table(report))
     print(f"{report['evaluated']} evaluated, {report['skipped_unreadable']} unreadable skipped, "
           f"{report['seconds']:.1f} s; report {out}", flush=True)

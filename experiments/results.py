@@ -11,6 +11,10 @@ without audio, no subtitle facts without subtitles), the open questions a model 
 (colour, shape, count), motion, multiple choice by letter and by likelihood, and the model's own skill from the
 training issue (``OWN_SKILL``); every figure with its chance level in brackets.
 
+``--curve=WORKDIR`` prints one run's learning curve instead: a row per test report of its checkpoints (``python -m
+experiments.eval --workdir=WORKDIR --step=N``, with ``--blind`` / ``--shuffled`` rows for the controls), with the
+mean training loss since the previous row and the validation loss logged at its step.
+
 ``--readme`` replaces what lies between the lines ``<!-- results:begin -->`` and ``<!-- results:end -->`` of that
 file (a missing marker is an error naming it). A workdir without a test report is one line and exit code 2.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable
 
 from absl import flags
@@ -99,8 +104,18 @@ def load(workdir: str) -> dict[str, Any]:
     return {"report": report, "summary": summary, "train_questions": questions}
 
 
-COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens", "all", "answerable", "colour (open)",
-           "shape (open)", "count (open)", "motion", "MC by letter", "MC by likelihood", "own skill")
+FIGURES = ("all", "answerable", "colour (open)", "shape (open)", "count (open)", "motion", "MC by letter",
+           "MC by likelihood", "own skill")
+COLUMNS = ("model (tiny)", "steps (stage 1 + 2)", "wall", "visual tokens") + FIGURES
+
+
+def figures(r: dict) -> list[str]:
+    """The :data:`FIGURES` cells of one test report, each with its chance level."""
+    skill = OWN_SKILL.get(r.get("model", "?"))
+    acc = r["accuracy"]
+    return [_fig(acc.get("all")), _fig(acc.get("answerable", acc.get("all"))), _fig(_open(r, "colour")),
+            _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")), _multiple_choice(r, "letter"),
+            _multiple_choice(r, "likelihood"), skill(r) if skill else "-"]
 
 
 def row(run: dict[str, Any]) -> list[str]:
@@ -118,12 +133,7 @@ def row(run: dict[str, Any]) -> list[str]:
         tokens = str(s.get("visual_tokens", "-"))
     else:
         steps, wall, tokens = str(r.get("step", "-")), "-", "-"
-    model = r.get("model", "?")
-    skill = OWN_SKILL.get(model)
-    acc = r["accuracy"]
-    return [model, steps, wall, tokens, _fig(acc.get("all")), _fig(acc.get("answerable", acc.get("all"))),
-            _fig(_open(r, "colour")), _fig(_open(r, "shape")), _fig(_open(r, "count")), _fig(_task(r, "motion")),
-            _multiple_choice(r, "letter"), _multiple_choice(r, "likelihood"), skill(r) if skill else "-"]
+    return [r.get("model", "?"), steps, wall, tokens] + figures(r)
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -144,6 +154,58 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + note + "."
 
 
+# A test report of experiments.train / experiments.eval: the final one, one of ``--step=N``, or a control's.
+_CURVE_REPORT = re.compile(r"synthetic_test(?:_step(\d+))?(?:_(blind|shuffled))?\.json")
+
+
+def curve(workdir: str) -> list[dict[str, Any]]:
+    """A run's learning curve: its test reports (``eval/synthetic_test.json`` and the ``_step<N>`` ones that
+    ``python -m experiments.eval --step=N`` wrote, with their ``_blind`` / ``_shuffled`` controls) as
+    ``[{"step", "control", "report", "train_loss", "val_loss"}]`` by step, the plain report first; ``train_loss`` is
+    the mean of the training losses logged in ``metrics.jsonl`` since the previous step of the curve, ``val_loss`` the
+    validation loss logged at that step (each None where none was logged).
+    FileNotFoundError when the run has no test report."""
+    from vjax.train.metrics import read_metrics  # noqa: PLC0415
+
+    folder = os.path.join(workdir, "eval")
+    points: dict[tuple[int, str], dict] = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = _CURVE_REPORT.fullmatch(name)
+        if not m:
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            report = json.load(f)
+        step = int(m.group(1)) if m.group(1) else report.get("step")
+        if step is None:
+            continue  # a converted checkpoint's report: no step to place it at
+        points.setdefault((int(step), m.group(2) or ""), report)  # the final report and its --step twin agree
+    if not points:
+        raise FileNotFoundError(f"{workdir}: no test report in {folder} (python -m experiments.eval "
+                                f"--workdir={workdir} --step=N writes one per checkpoint)")
+    logged = read_metrics(workdir)
+    losses = [(r["step"], r["loss"]) for r in logged if r["split"] == "train" and "loss" in r]
+    validation = {r["step"]: r["loss"] for r in logged if r["split"] == "val" and "loss" in r}
+    steps = sorted({s for s, _ in points})
+    out = []
+    for (step, control), report in sorted(points.items()):
+        previous = max((s for s in steps if s < step), default=0)
+        window = [loss for s, loss in losses if previous < s <= step]
+        out.append({"step": step, "control": control or None, "report": report,
+                    "train_loss": sum(window) / len(window) if window else None, "val_loss": validation.get(step)})
+    return out
+
+
+def curve_table(points: list[dict[str, Any]]) -> str:
+    """The Markdown table of :func:`curve`: step, control, training and validation loss, then the figures of the
+    results table."""
+    head = ("step", "control", "train loss", "val loss") + FIGURES
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        losses = ["-" if p[k] is None else f"{p[k]:.3f}" for k in ("train_loss", "val_loss")]
+        lines.append("| " + " | ".join([str(p["step"]), p["control"] or "-", *losses] + figures(p["report"])) + " |")
+    return "\n".join(lines)
+
+
 def write_readme(path: str, text: str) -> None:
     """Replace the block between :data:`BEGIN` and :data:`END` of ``path`` by ``text``; ValueError naming a missing
     marker."""
@@ -161,6 +223,14 @@ def write_readme(path: str, text: str) -> None:
 
 def main(argv: list[str]) -> int:
     workdirs = argv[1:]
+    if FLAGS.curve:
+        if workdirs or FLAGS.readme:
+            cli.fail("--curve=WORKDIR tabulates one run's learning curve: pass no other workdir and no --readme")
+        try:
+            print(curve_table(curve(FLAGS.curve)), flush=True)
+        except (FileNotFoundError, json.JSONDecodeError) as err:
+            cli.fail(str(err))
+        return 0
     if not workdirs:
         cli.fail("name at least one training workdir, e.g. python -m experiments.results workdirs/chat_univi_tiny")
     try:
@@ -180,4 +250,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     flags.DEFINE_string("readme", None, "also write the table between the results markers of this file")
+    flags.DEFINE_string("curve", None, "a run's learning curve instead: its test reports by step (python -m "
+                        "experiments.eval --workdir=DIR --step=N writes them)")
     cli.run(main)

@@ -7,6 +7,7 @@ r"""Serve a video LLM over HTTP: ``python -m experiments.serve --workdir=DIR [--
     --max_context=0        tokens per slot's KV cache (0: as chat)
     --max_upload_mb=64     the largest video accepted, uploaded or inline as a ``data:`` URL
     --quantize=int8        int8 weights with per-channel scales (vjax.layers.quant), about half of bf16's memory
+    --step=N               a training run's checkpoint of step N (default: the newest that restores)
 
 Endpoints (OpenAI's chat format; errors are ``{"error": {"message": ..., "type": ...}}`` with a 4xx status):
 
@@ -545,7 +546,7 @@ def main(argv: list[str]) -> int:
     from vjax.pretrained import NotACheckpoint  # noqa: PLC0415
 
     try:
-        run = config.load_run(FLAGS.workdir, tokenizer=FLAGS.tokenizer, config=FLAGS.config, quantize=FLAGS.quantize)
+        run = config.load_run_from_flags()
     except (NotACheckpoint, config.ConfigError) as err:
         cli.fail(str(err))
     if run.quantize:

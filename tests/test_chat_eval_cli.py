@@ -133,7 +133,8 @@ def test_eval_fails_when_too_few_records_were_evaluated(converted, tmp_path, bad
     ("chat", ["--question= ", "--video=x.mp4"], "--question is empty"),
     ("chat", ["--vidoe=x.mp4"], "Unknown command line flag 'vidoe'"),
     ("eval", ["--max_bad_fraction=2"], "--max_bad_fraction must be in [0, 1]"),
-], ids=["empty_question", "chat_unknown_flag", "eval_bad_fraction"])
+    ("chat", ["--step=3", "--video=x.mp4"], "is a converted checkpoint, which has no steps: leave out step (3)"),
+], ids=["empty_question", "chat_unknown_flag", "eval_bad_fraction", "converted_has_no_step"])
 def test_usage_errors_exit_2_in_one_line(converted, name, args, needle, tmp_path):
     d, tok, env = converted
     data = [f"--data={tmp_path / 'none.json'}"] if name == "eval" else []  # never the default synthetic set

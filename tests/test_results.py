@@ -109,3 +109,41 @@ def test_the_readme_has_one_results_block_with_the_generated_header():
     assert text.count(results.BEGIN) == 1 and text.count(results.END) == 1
     block = text.split(results.BEGIN, 1)[1].split(results.END, 1)[0]
     assert block.strip().startswith("| " + " | ".join(results.COLUMNS) + " |")
+
+
+def test_curve_orders_a_runs_step_reports_with_their_controls_and_the_loss_since_the_previous_step(tmp_path):
+    d = _workdir(tmp_path, "a", "chat_univi")  # eval/synthetic_test.json: the final report, step 9000
+    final = json.loads((d / "eval" / "synthetic_test.json").read_text())
+
+    def at(step: int, accuracy: float, suffix: str = "") -> None:
+        r = json.loads(json.dumps(final))
+        r["step"], r["accuracy"]["all"]["accuracy"] = step, accuracy
+        (d / "eval" / f"synthetic_test{suffix}.json").write_text(json.dumps(r))
+
+    at(1000, 0.25, "_step1000")
+    at(1000, 0.2, "_step1000_blind")
+    at(9000, 0.3, "_blind")  # the final checkpoint's control, written without --step
+    at(5000, 0.9, "_step5000_int8")  # a quantised report is no point of the curve
+    (d / "eval" / "other.json").write_text("{}")  # nor is an annotation file of another name
+    # losses logged every 500 steps; a resumed run's later record of a step replaces the earlier one
+    lines = [{"step": s, "split": "train", "loss": s / 1000} for s in range(500, 9001, 500)]
+    lines += [{"step": 1000, "split": "train", "loss": 3.0}, {"step": 1000, "split": "val", "accuracy": 0.1},
+              {"step": 9000, "split": "val", "loss": 0.75}]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    points = results.curve(str(d))
+    assert [(p["step"], p["control"]) for p in points] == [(1000, None), (1000, "blind"), (9000, None),
+                                                           (9000, "blind")]
+    assert points[0]["train_loss"] == pytest.approx((0.5 + 3.0) / 2)  # steps 500 and 1000 (resumed)
+    assert points[2]["train_loss"] == pytest.approx(sum(s / 1000 for s in range(1500, 9001, 500)) / 16)
+    table = results.curve_table(points).splitlines()
+    assert points[0]["val_loss"] is None and points[2]["val_loss"] == 0.75  # at 1000 a val record without a loss
+    assert table[0] == "| " + " | ".join(("step", "control", "train loss", "val loss") + results.FIGURES) + " |"
+    assert table[2].startswith("| 1000 | - | 1.750 | - | 0.250 [0.31] |")
+    assert table[3].startswith("| 1000 | blind | 1.750 | - | 0.200 [0.31] |")
+    assert table[4].startswith("| 9000 | - | 5.250 | 0.750 | 0.412 [0.31] |")
+    r = subprocess.run([sys.executable, "-m", "experiments.results", f"--curve={d}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines()[2] == table[2], r.stderr
+    r = subprocess.run([sys.executable, "-m", "experiments.results", f"--curve={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no test report" in r.stderr

@@ -299,7 +299,7 @@ class Run:
 
 
 def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
-             experiment: Callable[[str], Any] | None = None, quantize: str = "") -> Run:
+             experiment: Callable[[str], Any] | None = None, quantize: str = "", step: int | None = None) -> Run:
     """Load a training workdir (``config.json`` of ``experiments.train`` + the newest Orbax checkpoint that
     restores; its parameters only) or a converted checkpoint (``vjax_config.json`` of ``experiments.convert``;
     ``experiment(model name)`` gives its data settings — an experiment config whose frames and image size are
@@ -314,6 +314,10 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
 
     ``quantize="int8"``: the weights are quantised after loading (:func:`vjax.layers.quant.quantize_params`:
     int8 Dense kernels and embedding tables with per-channel float32 scales, dequantised inside the matmuls).
+
+    ``step``: a training run's checkpoint of that step (e.g. to score a run's learning curve), rather than the
+    newest; a step that was not saved, or that does not restore, raises :class:`NotACheckpoint` naming the saved
+    ones. A converted checkpoint has no steps: ``step`` must be ``None`` there.
     """
     import ml_collections  # noqa: PLC0415
 
@@ -332,14 +336,18 @@ def load_run(workdir: str | os.PathLike, *, tokenizer: str | None = None,
             meta = json.loads((p / "config.json").read_text())
         except ValueError:
             meta = {}
-    step = None
+    wanted, step = step, None
+    if wanted is not None and (not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 0):
+        raise NotACheckpoint(f"step must be a non-negative integer, got {wanted!r}")
     if meta.get("format") == "vjax-experiment":
         name = meta["model"]
         cfg_cls, module_cls = registry.get(name)
         module = module_cls(registry.config_from_dict(cfg_cls, meta["model_config"]))
         c = ml_collections.ConfigDict(meta["experiment"])
-        params, step = _newest_params(p, name, module)
+        params, step = _run_params(p, name, module, wanted)
     elif (p / VJAX_CONFIG).is_file():
+        if wanted is not None:
+            raise NotACheckpoint(f"{p} is a converted checkpoint, which has no steps: leave out step ({wanted})")
         try:
             module, params = from_pretrained(p)
         except (ValueError, KeyError) as err:
@@ -393,8 +401,9 @@ def quantize_weights(params: Any, mode: str) -> Any:
     return quantize_params(params) if mode else params
 
 
-def _newest_params(p: Path, name: str, module: nn.Module) -> tuple[dict[str, Any], int]:
-    """The parameters of the newest checkpoint of a training run that restores (the others named on stderr)."""
+def _run_params(p: Path, name: str, module: nn.Module, step: int | None) -> tuple[dict[str, Any], int]:
+    """The parameters of a training run's checkpoint ``step``, or with ``None`` of the newest that restores (the
+    newer ones that do not named on stderr)."""
     import sys  # noqa: PLC0415
 
     from vjax.train.checkpoint import Checkpoints, NoRestorableCheckpoint  # noqa: PLC0415
@@ -404,10 +413,19 @@ def _newest_params(p: Path, name: str, module: nn.Module) -> tuple[dict[str, Any
         raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
                              f"experiments.train --config={name} --workdir={p}) or wait for its first save")
     target = abstract_params(module)
+    saved = ckpt.all_steps()
+    if step is not None and step not in saved:
+        ckpt.close()
+        raise NotACheckpoint(f"{p} has no checkpoint of step {step}; saved steps: {', '.join(map(str, sorted(saved)))}")
     try:
-        params, step, passed_over = ckpt.restore_newest(lambda s: ckpt.restore_params(target, step=s))
+        params, step, passed_over = ckpt.restore_newest(lambda s: ckpt.restore_params(target, step=s),
+                                                        steps=None if step is None else [step])
     except NoRestorableCheckpoint as err:
-        raise NotACheckpoint(str(err)) from None
+        if step is None:
+            raise NotACheckpoint(str(err)) from None
+        others = ", ".join(str(s) for s in sorted(saved) if s != step) or "none"
+        raise NotACheckpoint(f"checkpoint step {step} in {ckpt.directory} does not restore ({err.failures[0][1]}); "
+                             f"choose another step (saved: {others}) or none for the newest that restores") from None
     finally:
         ckpt.close()
     for bad, reason in passed_over:

@@ -13,6 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from tests.train.faults_common import (
@@ -121,3 +123,36 @@ def test_a_truncated_latest_checkpoint_is_passed_over_kept_and_named(reference):
     assert step == 6 and steps(w) == [4, 6]
     assert_bitwise_equal(params, ref_params)
     assert not [ln for ln in error_lines(r) if ln.startswith("error:")]
+
+
+def test_a_chosen_step_loads_that_checkpoint_or_fails_naming_the_saved_ones(reference, tmp_path):
+    """``load_run(step=N)`` (chat / eval / serve ``--step``): that checkpoint and no other, even where a newer one
+    restores or it does not; a learning curve's reports are written beside the final one."""
+    from experiments import config  # noqa: PLC0415
+    from experiments.eval import write_report  # noqa: PLC0415
+    from vjax.pretrained import NotACheckpoint  # noqa: PLC0415
+
+    d, _, _, (_, ref_params) = reference
+    w = tmp_path / "pinned"
+    shutil.copytree(d / "reference", w)
+    run6 = config.load_run(w, step=6)
+    assert run6.step == 6
+    assert_bitwise_equal([np.asarray(x) for x in jax.tree_util.tree_leaves(run6.params)], ref_params)
+    run4 = config.load_run(w, step=4)
+    assert run4.step == 4
+    assert any(not np.array_equal(a, b) for a, b in
+               zip([np.asarray(x) for x in jax.tree_util.tree_leaves(run4.params)], ref_params))
+    assert write_report(run4, {"accuracy": {}}, "synthetic_test", "synthetic_test", at_step=True) == \
+        w / "eval" / "synthetic_test_step4.json"
+    assert write_report(run4, {"accuracy": {}, "control": "blind"}, "synthetic_test", "synthetic_test",
+                        at_step=True).name == "synthetic_test_step4_blind.json"
+    with pytest.raises(NotACheckpoint, match=r"has no checkpoint of step 5; saved steps: 4, 6$"):
+        config.load_run(w, step=5)
+    for bad in (-1, True, "6"):
+        with pytest.raises(NotACheckpoint, match="step must be a non-negative integer"):
+            config.load_run(w, step=bad)
+    _truncate_arrays(w / "checkpoints" / "6")  # the chosen step does not restore: no fallback to step 4
+    with pytest.raises(NotACheckpoint, match=r"^checkpoint step 6 in .* does not restore \(.*OUT_OF_RANGE.*\); "
+                       r"choose another step \(saved: 4\) or none for the newest that restores$"):
+        config.load_run(w, step=6)
+    assert steps(w) == [4, 6]  # nothing moved

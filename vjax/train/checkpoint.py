@@ -22,7 +22,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -229,15 +229,15 @@ class Checkpoints:
                                       partial_restore=True)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
-    def restore_newest(self, restore: Callable[[int], Any], *, set_aside: bool = False
-                       ) -> tuple[Any, int, list[tuple[int, str]]]:
+    def restore_newest(self, restore: Callable[[int], Any], *, set_aside: bool = False,
+                       steps: Sequence[int] | None = None) -> tuple[Any, int, list[tuple[int, str]]]:
         """``restore(step)`` of the newest step that restores with finite values, trying older ones after a
         failure -> ``(restored, step, failures)``, ``failures`` = ``[(step, reason)]`` of the newer steps
         passed over. With ``set_aside=True`` (a training run that will save again) those are moved to
         ``<directory>_unreadable/<step>`` — kept for inspection, never deleted — once an older one restored.
         Raises :class:`NoRestorableCheckpoint` (nothing moved) if none restores, ``FileNotFoundError`` if
-        there is no checkpoint."""
-        steps = self.all_steps()
+        there is no checkpoint. ``steps``: only these of the saved steps are tried (newest first)."""
+        steps = [s for s in self.all_steps() if steps is None or s in steps]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, str]] = []

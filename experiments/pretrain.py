@@ -130,13 +130,27 @@ def parse_parts(value: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ cache
+# Config fields that change how a model runs (its memory) but not what it computes, added after parts were first
+# cached: left out of a part's key, so that the parts cached before they existed are found again. (Older fields of
+# that kind, such as remat_policy or scan_layers, stay in: leaving them out now would lose every part cached since.)
+EXECUTION_ONLY_FIELDS = ("grads_in_place", "mlp_chunks")
+
+
+def _config_key(config: Any) -> dict:
+    """``dataclasses.asdict(config)`` without :data:`EXECUTION_ONLY_FIELDS` (at any depth)."""
+    def strip(d):
+        return {k: strip(v) for k, v in d.items() if k not in EXECUTION_ONLY_FIELDS} if isinstance(d, dict) else d
+
+    return strip(dataclasses.asdict(config))
+
+
 def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, template: str,
              audio: bool = False) -> dict:
     """What a part's parameters are a function of (hashed into its cache directory). The connector's: the model's
     config but its LLM, and the key of the tower it is trained on (``audio``: and of the audio tower, when the
     connector learns the audio branch too)."""
     if part == "connector":
-        sub = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "llm"}
+        sub = {k: v for k, v in _config_key(model_config).items() if k != "llm"}
         key = {"part": part, "recipe_version": RECIPE_VERSION, "config": sub, "synthetic": synthetic_hash,
                "tower": part_key("vision", model_config, recipe, synthetic_hash, template),
                "recipe": {k: getattr(recipe, k) for k in ("connector_steps", "connector_batch", "connector_lr",
@@ -146,10 +160,10 @@ def part_key(part: str, model_config: Any, recipe: Recipe, synthetic_hash: str, 
             key["recipe"]["audio_connector_steps"] = recipe.audio_connector_steps
         return key
     if part == "audio":
-        sub = {"audio": dataclasses.asdict(model_config.audio), "clips": model_config.num_audio_clips}
+        sub = {"audio": _config_key(model_config.audio), "clips": model_config.num_audio_clips}
         fields = ("audio_steps", "audio_batch", "audio_lr")
     else:
-        sub = dataclasses.asdict(getattr(model_config, part))
+        sub = _config_key(getattr(model_config, part))
         fields = ("tower_steps", "tower_batch", "tower_lr") if part == "vision" else (
             "lm_steps", "lm_batch", "lm_lr", "text_weight", "lm_turns", "lm_scenes")
     if part == "vision" and recipe.tower_position_weight:  # added later: at 0, towers cached before it stay valid

@@ -239,6 +239,25 @@ def test_patch_positions_are_row_major_rows_and_columns_in_minus_one_to_one():
     assert "tower_position_weight" not in keys[1]["recipe"] and keys[0]["recipe"]["tower_position_weight"] == 1.0
 
 
+def test_how_the_decoder_runs_is_not_part_of_a_parts_key():
+    """``grads_in_place`` and ``mlp_chunks`` change the LLM's memory, not its values: another setting finds the same
+    cached LLM, and the key is the one parts were cached under before the fields existed (none of their names)."""
+    mc = _tiny_model_config()
+    recipe = pretrain.Recipe()
+    base = pretrain.part_key("llm", mc, recipe, "h", "t")
+    assert not {"grads_in_place", "mlp_chunks"} & set(base["config"]) and "num_layers" in base["config"]
+    def key(**changed):
+        return pretrain.part_dir(pretrain.part_key("llm", dataclasses.replace(mc, llm=dataclasses.replace(
+            mc.llm, **changed)), recipe, "h", "t"))
+
+    assert key(mlp_chunks=4) == pretrain.part_dir(base)
+    # (scan_layers and remat_policy were in the key before: they stay in it)
+    assert key(scan_layers=True, remat_policy="full", grads_in_place=True) == \
+        key(scan_layers=True, remat_policy="full") != pretrain.part_dir(base)
+    wider = dataclasses.replace(mc, llm=dataclasses.replace(mc.llm, hidden_size=2 * mc.llm.hidden_size))
+    assert pretrain.part_dir(pretrain.part_key("llm", wider, recipe, "h", "t")) != pretrain.part_dir(base)
+
+
 def _tiny_model_config(model: str = "chat_univi"):
     c = cfg.config_from_file(cfg.config_path(model)[0], "tiny")
     return cfg.validate(c)["model_config"]

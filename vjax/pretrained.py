@@ -409,21 +409,20 @@ def _run_params(p: Path, name: str, module: nn.Module, step: int | None) -> tupl
     from vjax.train.checkpoint import Checkpoints, NoRestorableCheckpoint  # noqa: PLC0415
 
     ckpt = Checkpoints(p / "checkpoints", async_save=False)
-    if ckpt.latest_step() is None:
-        raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
-                             f"experiments.train --config={name} --workdir={p}) or wait for its first save")
-    target = abstract_params(module)
-    saved = ckpt.all_steps()
-    if step is not None and step not in saved:
-        ckpt.close()
-        raise NotACheckpoint(f"{p} has no checkpoint of step {step}; saved steps: {', '.join(map(str, sorted(saved)))}")
     try:
+        saved = sorted(ckpt.all_steps())  # one listing: the checks below and the steps named in their messages
+        if not saved:
+            raise NotACheckpoint(f"{p} is a training run without a checkpoint yet: train it (python -m "
+                                 f"experiments.train --config={name} --workdir={p}) or wait for its first save")
+        if step is not None and step not in saved:
+            raise NotACheckpoint(f"{p} has no checkpoint of step {step}; saved steps: {', '.join(map(str, saved))}")
+        target = abstract_params(module)
         params, step, passed_over = ckpt.restore_newest(lambda s: ckpt.restore_params(target, step=s),
                                                         steps=None if step is None else [step])
     except NoRestorableCheckpoint as err:
         if step is None:
             raise NotACheckpoint(str(err)) from None
-        others = ", ".join(str(s) for s in sorted(saved) if s != step) or "none"
+        others = ", ".join(str(s) for s in saved if s != step) or "none"
         raise NotACheckpoint(f"checkpoint step {step} in {ckpt.directory} does not restore ({err.failures[0][1]}); "
                              f"choose another step (saved: {others}) or none for the newest that restores") from None
     finally:

@@ -237,11 +237,11 @@ class Checkpoints:
         ``<directory>_unreadable/<step>`` — kept for inspection, never deleted — once an older one restored.
         Raises :class:`NoRestorableCheckpoint` (nothing moved) if none restores, ``FileNotFoundError`` if
         there is no checkpoint. ``steps``: only these of the saved steps are tried (newest first)."""
-        steps = [s for s in self.all_steps() if steps is None or s in steps]
-        if not steps:
+        tried = [s for s in self.all_steps() if steps is None or s in steps]
+        if not tried:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, str]] = []
-        for step in steps:
+        for step in tried:
             try:
                 restored = restore(step)
                 bad = _non_finite_leaf(restored)
